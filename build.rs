@@ -1,0 +1,15 @@
+//! Compiles the gRPC contract with the vendored protoc, so no system protoc is needed.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // prost-build finds protoc through PROTOC; a build script runs on one thread.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("channelgate_descriptor.bin"))
+        .compile_protos(&["proto/channelgate/v1/gateway.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! Settings: flags, `CHANNELGATE_*` environment variables and a TOML config file.
+//!
+//! Flags win over the environment, the environment over the file. All three are read
+//! into the same [`Options`] shape; [`Settings::resolve`] checks them once and fills in
+//! defaults, so the rest of the node only sees valid, complete settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::pages::{PageRegistry, PageSpec};
+
+/// channelgate: a real-time WebSocket gateway speaking Baserow's `/ws/core/` protocol.
+///
+/// Browsers subscribe to pages over one WebSocket; the backend publishes events over
+/// gRPC (service channelgate.v1.Gateway). Every option below can also be given as the
+/// environment variable shown, or as a key of the same name (with underscores) in the
+/// file given by --config. Flags win over the environment, the environment over the file.
+#[derive(Parser, Debug, Default, Clone, Serialize, Deserialize)]
+#[command(name = "channelgate", version, max_term_width = 100)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// TOML config file. Besides these options it may replace the page table with
+    /// [[pages]] entries (see README).
+    #[arg(long, env = "CHANNELGATE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Development mode: a generated JWT secret printed with a sample token, no API key,
+    /// the static authorizer, loud warnings. Never in production.
+    #[arg(long, env = "CHANNELGATE_DEV", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub dev: Option<bool>,
+
+    /// Address of the WebSocket and HTTP listener (/ws/core/, /metrics, /healthz, /readyz)
+    /// [default: 127.0.0.1:8080]
+    #[arg(long, env = "CHANNELGATE_WS_ADDR", value_name = "ADDR")]
+    pub ws_addr: Option<SocketAddr>,
+
+    /// Address of the gRPC API [default: 127.0.0.1:50051]
+    #[arg(long, env = "CHANNELGATE_GRPC_ADDR", value_name = "ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+
+    /// HS256 key the backend signs its access tokens with. Required unless --dev.
+    #[arg(
+        long,
+        env = "CHANNELGATE_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// Name of the token claim that holds the user id [default: user_id]
+    #[arg(long, env = "CHANNELGATE_JWT_USER_ID_CLAIM", value_name = "CLAIM")]
+    pub jwt_user_id_claim: Option<String>,
+
+    /// Bearer key every gRPC call must carry (`authorization: Bearer <key>`). Required
+    /// unless --dev.
+    #[arg(
+        long,
+        env = "CHANNELGATE_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+
+    /// Who decides subscriptions: `static` allows every authenticated user every page
+    /// (anonymous users only anonymous-ok pages) [default: static]
+    #[arg(long, env = "CHANNELGATE_AUTHORIZER", value_name = "KIND")]
+    pub authorizer: Option<String>,
+
+    /// This node's id in Info [default: generated]
+    #[arg(long, env = "CHANNELGATE_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// Comma-separated browser Origins allowed to open /ws/core/; a handshake with another
+    /// Origin gets HTTP 403, one without an Origin header is allowed [default: any, warned]
+    #[arg(
+        long,
+        env = "CHANNELGATE_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Bytes a connection may have queued for sending; a client that falls further behind
+    /// is closed with code 4008 (slow consumer) [default: 1048576]
+    #[arg(long, env = "CHANNELGATE_MAX_QUEUE_BYTES", value_name = "BYTES")]
+    pub max_queue_bytes: Option<usize>,
+
+    /// Largest frame a client may send; a larger one closes it with code 1009
+    /// [default: 65536]
+    #[arg(long, env = "CHANNELGATE_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+
+    /// Largest event payload the gRPC API accepts [default: 1048576]
+    #[arg(long, env = "CHANNELGATE_MAX_PAYLOAD_BYTES", value_name = "BYTES")]
+    pub max_payload_bytes: Option<usize>,
+
+    /// Pages one connection may hold; more get `too_many_pages` [default: 100]
+    #[arg(long, env = "CHANNELGATE_MAX_PAGES", value_name = "N")]
+    pub max_pages: Option<usize>,
+
+    /// Open WebSocket connections the node accepts; more wait in the listen backlog
+    /// [default: 100000]
+    #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Frames a client may send in a burst before the rate limit applies [default: 100]
+    #[arg(long, env = "CHANNELGATE_INBOUND_BURST", value_name = "N")]
+    pub inbound_burst: Option<u32>,
+
+    /// Sustained frames per second a client may send; faster closes it with code 1008
+    /// [default: 200]
+    #[arg(long, env = "CHANNELGATE_INBOUND_RATE", value_name = "N")]
+    pub inbound_rate: Option<u32>,
+
+    /// Seconds a shutdown waits for sockets to close and gRPC calls to finish
+    /// [default: 10]
+    #[arg(long, env = "CHANNELGATE_SHUTDOWN_TIMEOUT", value_name = "SECS")]
+    pub shutdown_timeout: Option<u64>,
+
+    /// The page table (config file only); Baserow's five page types when absent.
+    #[arg(skip)]
+    pub pages: Option<Vec<PageSpec>>,
+}
+
+/// Which authorizer decides subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthorizerKind {
+    Static,
+}
+
+/// Complete, checked settings of one node.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub dev: bool,
+    pub ws_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub jwt_secret: String,
+    /// Whether `jwt_secret` was generated (dev mode without a secret).
+    pub jwt_secret_generated: bool,
+    pub jwt_user_id_claim: String,
+    pub api_key: Option<String>,
+    pub authorizer: AuthorizerKind,
+    pub node_id: String,
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_queue_bytes: usize,
+    pub max_message_bytes: usize,
+    pub max_payload_bytes: usize,
+    pub max_pages: usize,
+    pub max_connections: usize,
+    pub inbound_burst: u32,
+    pub inbound_rate: u32,
+    pub shutdown_timeout: Duration,
+    pub pages: Vec<PageSpec>,
+}
+
+impl Options {
+    /// Reads the config file named by `--config`, if any, beneath these options.
+    pub fn with_file(self) -> Result<Options, String> {
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        let file: Options =
+            toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        self.over(file)
+    }
+
+    /// These options, with the gaps filled from `lower`: both become JSON objects, and
+    /// every value these options set replaces the lower one.
+    fn over(self, lower: Options) -> Result<Options, String> {
+        let to_map = |o: &Options| match serde_json::to_value(o) {
+            Ok(serde_json::Value::Object(map)) => Ok(map),
+            other => Err(format!("cannot merge options: {other:?}")),
+        };
+        let mut merged = to_map(&lower)?;
+        for (key, value) in to_map(&self)? {
+            if !value.is_null() {
+                merged.insert(key, value);
+            }
+        }
+        let mut options: Options = serde_json::from_value(serde_json::Value::Object(merged))
+            .map_err(|e| format!("cannot merge options: {e}"))?;
+        options.config = self.config;
+        Ok(options)
+    }
+}
+
+impl Settings {
+    /// Checks options and fills in defaults.
+    pub fn resolve(options: Options) -> Result<Settings, String> {
+        let dev = options.dev.unwrap_or(false);
+        let (jwt_secret, jwt_secret_generated) = match options.jwt_secret {
+            Some(secret) if secret.is_empty() => return Err("--jwt-secret is empty".into()),
+            Some(secret) => (secret, false),
+            None if dev => (uuid::Uuid::new_v4().simple().to_string(), true),
+            None => {
+                return Err("--jwt-secret (CHANNELGATE_JWT_SECRET) is required; use --dev to try channelgate without one".into());
+            }
+        };
+        let api_key = match options.api_key {
+            Some(key) if key.is_empty() => return Err("--api-key is empty".into()),
+            Some(key) => Some(key),
+            None if dev => None,
+            None => {
+                return Err("--api-key (CHANNELGATE_API_KEY) is required outside --dev: the gRPC API must not be open".into());
+            }
+        };
+        let authorizer = match options.authorizer.as_deref().unwrap_or("static") {
+            "static" => AuthorizerKind::Static,
+            other => {
+                return Err(format!(
+                    "--authorizer {other:?} is not known; expected \"static\""
+                ));
+            }
+        };
+        let pages = options.pages.unwrap_or_else(PageRegistry::baserow_specs);
+        PageRegistry::new(&pages).map_err(|e| format!("page table: {e}"))?;
+        let positive = |name: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(format!("--{name} must be at least 1")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let inbound_rate = options.inbound_rate.unwrap_or(200);
+        let inbound_burst = options.inbound_burst.unwrap_or(100);
+        if inbound_rate == 0 || inbound_burst == 0 {
+            return Err("--inbound-rate and --inbound-burst must be at least 1".into());
+        }
+        Ok(Settings {
+            dev,
+            ws_addr: options.ws_addr.unwrap_or(([127, 0, 0, 1], 8080).into()),
+            grpc_addr: options.grpc_addr.unwrap_or(([127, 0, 0, 1], 50051).into()),
+            jwt_secret,
+            jwt_secret_generated,
+            jwt_user_id_claim: options
+                .jwt_user_id_claim
+                .unwrap_or_else(|| "user_id".into()),
+            api_key,
+            authorizer,
+            node_id: options.node_id.unwrap_or_else(|| {
+                format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+            }),
+            allowed_origins: options.allowed_origins.map(|list| {
+                list.into_iter()
+                    .map(|o| o.trim().to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            }),
+            max_queue_bytes: positive("max-queue-bytes", options.max_queue_bytes, 1 << 20)?,
+            max_message_bytes: positive("max-message-bytes", options.max_message_bytes, 64 << 10)?,
+            max_payload_bytes: positive("max-payload-bytes", options.max_payload_bytes, 1 << 20)?,
+            max_pages: positive("max-pages", options.max_pages, 100)?,
+            max_connections: positive("max-connections", options.max_connections, 100_000)?,
+            inbound_burst,
+            inbound_rate,
+            shutdown_timeout: Duration::from_secs(options.shutdown_timeout.unwrap_or(10)),
+            pages,
+        })
+    }
+
+    /// Parses command-line arguments (and the environment and config file they name).
+    pub fn from_args<I, T>(args: I) -> Result<Settings, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let options = Options::try_parse_from(args).map_err(|e| e.to_string())?;
+        Settings::resolve(options.with_file()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn production_needs_a_secret_and_an_api_key() {
+        let err = Settings::from_args(["channelgate"]).unwrap_err();
+        assert!(err.contains("--jwt-secret"), "{err}");
+        let err = Settings::from_args(["channelgate", "--jwt-secret", "s"]).unwrap_err();
+        assert!(err.contains("--api-key"), "{err}");
+        let ok =
+            Settings::from_args(["channelgate", "--jwt-secret", "s", "--api-key", "k"]).unwrap();
+        assert!(!ok.dev);
+        assert_eq!(ok.pages.len(), 5);
+    }
+
+    #[test]
+    fn dev_generates_a_secret() {
+        let s = Settings::from_args(["channelgate", "--dev"]).unwrap();
+        assert!(s.dev && s.jwt_secret_generated && s.api_key.is_none());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_fills_gaps() {
+        let dir = std::env::temp_dir().join(format!("cg-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("channelgate.toml");
+        std::fs::write(
+            &path,
+            r#"
+dev = true
+max_pages = 7
+ws_addr = "127.0.0.1:9999"
+
+[[pages]]
+name = "doc"
+group = "doc-{doc_id}"
+parameters = [{ name = "doc_id", kind = "id" }]
+"#,
+        )
+        .unwrap();
+        let s = Settings::from_args([
+            "channelgate",
+            "--config",
+            path.to_str().unwrap(),
+            "--ws-addr",
+            "127.0.0.1:1234",
+        ])
+        .unwrap();
+        assert_eq!(s.ws_addr.port(), 1234);
+        assert_eq!(s.max_pages, 7);
+        assert!(s.dev);
+        assert_eq!(s.pages.len(), 1);
+        assert_eq!(s.pages[0].name, "doc");
+        std::fs::write(&path, "no_such_key = 1\n").unwrap();
+        let err =
+            Settings::from_args(["channelgate", "--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.contains("no_such_key"), "{err}");
+    }
+}

@@ -1,0 +1,279 @@
+//! Published events: a publish request checked and turned into frames ready to send.
+//!
+//! Pure. Each payload is validated once here and becomes one shared [`Frame`]; the hub
+//! and the bus never look inside it again.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use crate::outbox::Frame;
+use crate::proto::{self, publish_request};
+
+/// The group that means every connection, as in Baserow.
+pub const EVERYONE_GROUP: &str = "users";
+
+/// Longest accepted group name, in bytes.
+const MAX_GROUP_LEN: usize = 255;
+
+/// An event ready for delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub target: Target,
+    /// The socket that caused the event; it does not receive it.
+    pub ignore_web_socket_id: Option<String>,
+}
+
+/// Who receives an event, with its frame(s).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// Members of one channel group, but not these users.
+    Group {
+        group: String,
+        exclude_user_ids: Vec<i64>,
+        frame: Frame,
+    },
+    /// Every connection (the `users` group, or `all_users`), but not these users.
+    Everyone {
+        exclude_user_ids: Vec<i64>,
+        frame: Frame,
+    },
+    /// Every connection of these users (sorted, without duplicates).
+    Users { user_ids: Vec<i64>, frame: Frame },
+    /// A frame of its own for each user.
+    Individual { payloads: Vec<(i64, Frame)> },
+}
+
+/// A publish request that cannot be delivered; `field` names the culprit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidEvent {
+    pub field: String,
+    pub message: String,
+}
+
+impl InvalidEvent {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        InvalidEvent {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Prefixes the field, for events inside a batch: `events[3].payload`.
+    pub fn within(self, prefix: &str) -> Self {
+        InvalidEvent {
+            field: format!("{prefix}.{}", self.field),
+            message: self.message,
+        }
+    }
+}
+
+impl std::fmt::Display for InvalidEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Checks a publish request and encodes its frame(s).
+pub fn from_request(
+    request: proto::PublishRequest,
+    max_payload_bytes: usize,
+) -> Result<Event, InvalidEvent> {
+    let proto::PublishRequest {
+        target,
+        payload,
+        ignore_web_socket_id,
+        exclude_user_ids,
+    } = request;
+    let frame = |field: &str, payload: String| check_payload(field, payload, max_payload_bytes);
+    let exclusions_unused = |target: &str| {
+        if exclude_user_ids.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidEvent::new(
+                "exclude_user_ids",
+                format!("applies to a group target only, not to {target}"),
+            ))
+        }
+    };
+    let target = match target {
+        None => {
+            return Err(InvalidEvent::new(
+                "target",
+                "one of group, users or individual is required",
+            ));
+        }
+        Some(publish_request::Target::Group(group)) => {
+            check_group(&group)?;
+            let frame = frame("payload", payload)?;
+            if group == EVERYONE_GROUP {
+                Target::Everyone {
+                    exclude_user_ids,
+                    frame,
+                }
+            } else {
+                Target::Group {
+                    group,
+                    exclude_user_ids,
+                    frame,
+                }
+            }
+        }
+        Some(publish_request::Target::Users(users)) => {
+            exclusions_unused("users")?;
+            let frame = frame("payload", payload)?;
+            if users.all_users {
+                Target::Everyone {
+                    exclude_user_ids: Vec::new(),
+                    frame,
+                }
+            } else {
+                let mut user_ids = users.user_ids;
+                if user_ids.is_empty() {
+                    return Err(InvalidEvent::new(
+                        "users.user_ids",
+                        "is empty and all_users is false",
+                    ));
+                }
+                if let Some(bad) = user_ids.iter().find(|id| **id < 0) {
+                    return Err(InvalidEvent::new(
+                        "users.user_ids",
+                        format!("{bad} is not a user id"),
+                    ));
+                }
+                user_ids.sort_unstable();
+                user_ids.dedup();
+                Target::Users { user_ids, frame }
+            }
+        }
+        Some(publish_request::Target::Individual(individual)) => {
+            exclusions_unused("individual")?;
+            if individual.payloads.is_empty() {
+                return Err(InvalidEvent::new(
+                    "individual.payloads",
+                    "must not be empty",
+                ));
+            }
+            let mut payloads = Vec::with_capacity(individual.payloads.len());
+            for (user_id, payload) in individual.payloads {
+                let field = format!("individual.payloads[{user_id}]");
+                if user_id < 0 {
+                    return Err(InvalidEvent::new(field, "is not a user id"));
+                }
+                payloads.push((user_id, frame(&field, payload)?));
+            }
+            payloads.sort_unstable_by_key(|(user_id, _)| *user_id);
+            Target::Individual { payloads }
+        }
+    };
+    Ok(Event {
+        target,
+        ignore_web_socket_id: Some(ignore_web_socket_id).filter(|id| !id.is_empty()),
+    })
+}
+
+fn check_group(group: &str) -> Result<(), InvalidEvent> {
+    if group.is_empty() {
+        return Err(InvalidEvent::new("group", "must not be empty"));
+    }
+    if group.len() > MAX_GROUP_LEN {
+        return Err(InvalidEvent::new(
+            "group",
+            format!("is {} bytes; the limit is {MAX_GROUP_LEN}", group.len()),
+        ));
+    }
+    if !group.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(InvalidEvent::new(
+            "group",
+            "must be printable ASCII without spaces",
+        ));
+    }
+    Ok(())
+}
+
+/// Only `type` is read; the rest of the object is checked for syntax and then ignored.
+#[derive(Deserialize)]
+struct TypedObject<'a> {
+    #[serde(rename = "type", borrow)]
+    _kind: Cow<'a, str>,
+}
+
+/// A payload must be a JSON object with a string `type`; it is then sent verbatim.
+fn check_payload(field: &str, payload: String, max_bytes: usize) -> Result<Frame, InvalidEvent> {
+    if payload.len() > max_bytes {
+        return Err(InvalidEvent::new(
+            field,
+            format!("is {} bytes; the limit is {max_bytes}", payload.len()),
+        ));
+    }
+    if !payload.trim_start().starts_with('{') {
+        return Err(InvalidEvent::new(field, "must be a JSON object"));
+    }
+    serde_json::from_str::<TypedObject>(&payload).map_err(|e| {
+        InvalidEvent::new(
+            field,
+            format!("must be a JSON object with a string \"type\": {e}"),
+        )
+    })?;
+    Ok(Frame::from(payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{IndividualTarget, PublishRequest, UserTarget};
+
+    fn group(name: &str, payload: &str) -> PublishRequest {
+        PublishRequest {
+            target: Some(publish_request::Target::Group(name.into())),
+            payload: payload.into(),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(request: PublishRequest) -> String {
+        from_request(request, 1024).unwrap_err().field
+    }
+
+    #[test]
+    fn a_group_event_keeps_its_payload_verbatim() {
+        let event = from_request(group("table-1", r#"{"type":"x", "n": 1}"#), 1024).unwrap();
+        let Target::Group { group, frame, .. } = event.target else {
+            panic!("not a group target");
+        };
+        assert_eq!(group, "table-1");
+        assert_eq!(frame.as_str(), r#"{"type":"x", "n": 1}"#);
+        assert_eq!(event.ignore_web_socket_id, None);
+    }
+
+    #[test]
+    fn the_users_group_means_everyone() {
+        let event = from_request(group("users", r#"{"type":"x"}"#), 1024).unwrap();
+        assert!(matches!(event.target, Target::Everyone { .. }));
+    }
+
+    #[test]
+    fn bad_requests_name_their_field() {
+        assert_eq!(field_of(PublishRequest::default()), "target");
+        assert_eq!(field_of(group("", r#"{"type":"x"}"#)), "group");
+        assert_eq!(field_of(group("a b", r#"{"type":"x"}"#)), "group");
+        for payload in ["", "[1]", "{}", r#"{"type":1}"#, "{\"type\":\"x\"", "\"s\""] {
+            assert_eq!(field_of(group("g", payload)), "payload", "{payload}");
+        }
+        let big = format!(r#"{{"type":"x","pad":"{}"}}"#, "a".repeat(2000));
+        assert_eq!(field_of(group("g", &big)), "payload");
+        let users = PublishRequest {
+            target: Some(publish_request::Target::Users(UserTarget::default())),
+            payload: r#"{"type":"x"}"#.into(),
+            ..Default::default()
+        };
+        assert_eq!(field_of(users), "users.user_ids");
+        let individual = PublishRequest {
+            target: Some(publish_request::Target::Individual(IndividualTarget {
+                payloads: [(3, "nope".to_string())].into(),
+            })),
+            ..Default::default()
+        };
+        assert_eq!(field_of(individual), "individual.payloads[3]");
+    }
+}

@@ -1,0 +1,437 @@
+//! The hub: a node's connections, their pages, the channel groups and the users index,
+//! and fan-out of events to them.
+//!
+//! No network I/O happens here: delivering an event means pushing one shared frame into
+//! each recipient's [`Outbox`]. Groups and users are sharded by hash so that unrelated
+//! joins and fan-outs do not contend on one lock.
+//!
+//! Lock order (outer to inner): a connection's pages, a group shard, a group's members,
+//! an outbox. Every lock is a std mutex held for in-memory work only, never across `.await`.
+
+use std::collections::HashMap;
+use std::collections::hash_map::{Entry, RandomState};
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::event::{Event, Target};
+use crate::metrics::Metrics;
+use crate::outbox::{Frame, Outbox, Pushed};
+use crate::pages::Page;
+use crate::protocol::CloseReason;
+
+const SHARDS: usize = 32;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The hub's maps stay consistent between statements, so a poisoned lock is usable.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A map split into independently locked shards.
+struct Sharded<K, V> {
+    shards: Vec<Mutex<HashMap<K, V>>>,
+    hasher: RandomState,
+}
+
+impl<K: Hash + Eq, V> Sharded<K, V> {
+    fn new() -> Self {
+        Sharded {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> MutexGuard<'_, HashMap<K, V>> {
+        let index = self.hasher.hash_one(key) as usize % SHARDS;
+        lock(&self.shards[index])
+    }
+
+    fn each_shard(&self) -> impl Iterator<Item = MutexGuard<'_, HashMap<K, V>>> {
+        self.shards.iter().map(lock)
+    }
+}
+
+/// One WebSocket connection as the hub sees it.
+pub struct Connection {
+    /// Unique within this node.
+    pub id: u64,
+    /// The client-visible id (`web_socket_id`), used by `ignore_web_socket_id`.
+    pub web_socket_id: Arc<str>,
+    /// The user; 0 for anonymous.
+    pub user_id: i64,
+    pub outbox: Outbox,
+    /// The pages this connection holds.
+    pages: Mutex<Vec<Page>>,
+}
+
+impl Connection {
+    /// Queues a frame for this connection, counting overflows.
+    fn send(&self, frame: &Frame, metrics: &Metrics) -> bool {
+        match self.outbox.push(frame.clone()) {
+            Pushed::Queued => true,
+            Pushed::Overflowed => {
+                metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Pushed::Closed => false,
+        }
+    }
+}
+
+/// Members of one channel group, kept in a vector so fan-out is a linear walk.
+#[derive(Default)]
+struct Members {
+    list: Vec<Arc<Connection>>,
+    /// Connection id to index in `list`, for O(1) removal.
+    index: HashMap<u64, usize>,
+}
+
+impl Members {
+    fn insert(&mut self, conn: Arc<Connection>) {
+        if let Entry::Vacant(slot) = self.index.entry(conn.id) {
+            slot.insert(self.list.len());
+            self.list.push(conn);
+        }
+    }
+
+    fn remove(&mut self, conn_id: u64) {
+        if let Some(i) = self.index.remove(&conn_id) {
+            self.list.swap_remove(i);
+            if let Some(moved) = self.list.get(i) {
+                self.index.insert(moved.id, i);
+            }
+        }
+    }
+}
+
+/// The result of a subscribe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscribed {
+    Added,
+    /// The connection already held this page; nothing changed.
+    AlreadyHeld,
+    /// The connection holds the maximum number of pages.
+    TooManyPages,
+}
+
+/// Counters of a node's hub, for `Info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HubStats {
+    pub connections: u64,
+    pub users: u64,
+    pub groups: u64,
+    pub subscriptions: u64,
+}
+
+/// Connections, groups and users of one node.
+pub struct Hub {
+    /// Groups with at least one local member. The group's own mutex is held during its
+    /// fan-out, which gives every member the group's events in one order even when
+    /// several publishers race; a join waits at most one fan-out of in-memory pushes.
+    groups: Sharded<Arc<str>, Arc<Mutex<Members>>>,
+    /// Connections by user id (anonymous under 0).
+    users: Sharded<i64, Vec<Arc<Connection>>>,
+    next_id: AtomicU64,
+    connections: AtomicU64,
+    subscriptions: AtomicU64,
+    outbox_limit_bytes: usize,
+    max_pages: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(outbox_limit_bytes: usize, max_pages: usize, metrics: Arc<Metrics>) -> Self {
+        Hub {
+            groups: Sharded::new(),
+            users: Sharded::new(),
+            next_id: AtomicU64::new(1),
+            connections: AtomicU64::new(0),
+            subscriptions: AtomicU64::new(0),
+            outbox_limit_bytes,
+            max_pages,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Adds a connection; it receives user-targeted events from now on.
+    pub fn connect(&self, web_socket_id: Arc<str>, user_id: i64) -> Arc<Connection> {
+        let conn = Arc::new(Connection {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            web_socket_id,
+            user_id,
+            outbox: Outbox::new(self.outbox_limit_bytes),
+            pages: Mutex::default(),
+        });
+        self.users
+            .shard(&user_id)
+            .entry(user_id)
+            .or_default()
+            .push(conn.clone());
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        conn
+    }
+
+    /// Removes a connection and every membership it held.
+    pub fn disconnect(&self, conn: &Arc<Connection>) {
+        let pages = std::mem::take(&mut *lock(&conn.pages));
+        let mut left = Vec::new();
+        for page in &pages {
+            if !left.contains(&page.group) {
+                self.leave(&page.group, conn.id);
+                left.push(page.group.clone());
+            }
+        }
+        self.subscriptions
+            .fetch_sub(left.len() as u64, Ordering::Relaxed);
+        let mut users = self.users.shard(&conn.user_id);
+        if let Some(conns) = users.get_mut(&conn.user_id) {
+            conns.retain(|c| c.id != conn.id);
+            if conns.is_empty() {
+                users.remove(&conn.user_id);
+            }
+        }
+        drop(users);
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether the connection holds this page already.
+    pub fn holds(&self, conn: &Connection, page: &Page) -> bool {
+        lock(&conn.pages).contains(page)
+    }
+
+    /// Adds a page to a connection, joining its group unless it holds it already.
+    pub fn subscribe(&self, conn: &Arc<Connection>, page: Page) -> Subscribed {
+        let mut pages = lock(&conn.pages);
+        if pages.contains(&page) {
+            return Subscribed::AlreadyHeld;
+        }
+        if pages.len() >= self.max_pages {
+            return Subscribed::TooManyPages;
+        }
+        if !pages.iter().any(|p| p.group == page.group) {
+            self.join(&page.group, conn);
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        pages.push(page);
+        Subscribed::Added
+    }
+
+    /// Removes a page from a connection, leaving its group unless another page of the
+    /// connection maps to it. Returns whether the connection held the page.
+    pub fn unsubscribe(&self, conn: &Arc<Connection>, page: &Page) -> bool {
+        let mut pages = lock(&conn.pages);
+        let Some(i) = pages.iter().position(|p| p == page) else {
+            return false;
+        };
+        let page = pages.swap_remove(i);
+        if !pages.iter().any(|p| p.group == page.group) {
+            self.leave(&page.group, conn.id);
+            self.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Joins under the shard lock, so a concurrent `leave` cannot drop the group from the
+    /// map between finding it and joining it.
+    fn join(&self, group: &Arc<str>, conn: &Arc<Connection>) {
+        let mut shard = self.groups.shard(group.as_ref());
+        let members = shard.entry(group.clone()).or_default();
+        lock(members).insert(conn.clone());
+    }
+
+    fn leave(&self, group: &Arc<str>, conn_id: u64) {
+        let mut shard = self.groups.shard(group.as_ref());
+        if let Some(members) = shard.get(group) {
+            let mut members_guard = lock(members);
+            members_guard.remove(conn_id);
+            if members_guard.list.is_empty() {
+                drop(members_guard);
+                shard.remove(group);
+            }
+        }
+    }
+
+    /// Delivers an event to this node's recipients; returns how many frames were queued.
+    pub fn deliver(&self, event: &Event) -> usize {
+        let ignore = event.ignore_web_socket_id.as_deref();
+        let skip_socket = |conn: &Connection| ignore == Some(conn.web_socket_id.as_ref());
+        let queued = match &event.target {
+            Target::Group {
+                group,
+                exclude_user_ids,
+                frame,
+            } => {
+                let members = self
+                    .groups
+                    .shard(group.as_str())
+                    .get(group.as_str())
+                    .cloned();
+                let Some(members) = members else {
+                    return 0;
+                };
+                let members = lock(&members);
+                self.send_all(&members.list, frame, |c| {
+                    skip_socket(c) || exclude_user_ids.contains(&c.user_id)
+                })
+            }
+            Target::Everyone {
+                exclude_user_ids,
+                frame,
+            } => self
+                .users
+                .each_shard()
+                .map(|shard| {
+                    shard
+                        .iter()
+                        .filter(|(user_id, _)| !exclude_user_ids.contains(user_id))
+                        .map(|(_, conns)| self.send_all(conns, frame, skip_socket))
+                        .sum::<usize>()
+                })
+                .sum(),
+            Target::Users { user_ids, frame } => user_ids
+                .iter()
+                .map(|user_id| self.send_to_user(*user_id, frame, skip_socket))
+                .sum(),
+            Target::Individual { payloads } => payloads
+                .iter()
+                .map(|(user_id, frame)| self.send_to_user(*user_id, frame, skip_socket))
+                .sum(),
+        };
+        self.metrics
+            .frames_queued
+            .fetch_add(queued as u64, Ordering::Relaxed);
+        queued
+    }
+
+    fn send_to_user(
+        &self,
+        user_id: i64,
+        frame: &Frame,
+        skip: impl Fn(&Connection) -> bool,
+    ) -> usize {
+        match self.users.shard(&user_id).get(&user_id) {
+            Some(conns) => self.send_all(conns, frame, skip),
+            None => 0,
+        }
+    }
+
+    fn send_all(
+        &self,
+        conns: &[Arc<Connection>],
+        frame: &Frame,
+        skip: impl Fn(&Connection) -> bool,
+    ) -> usize {
+        conns
+            .iter()
+            .filter(|c| !skip(c))
+            .filter(|c| c.send(frame, &self.metrics))
+            .count()
+    }
+
+    /// Asks every connection to close (on shutdown).
+    pub fn close_all(&self, reason: CloseReason) {
+        for shard in self.users.each_shard() {
+            for conn in shard.values().flatten() {
+                conn.outbox.close(reason);
+            }
+        }
+    }
+
+    pub fn stats(&self) -> HubStats {
+        let users = self
+            .users
+            .each_shard()
+            .map(|s| {
+                s.keys()
+                    .filter(|id| **id != crate::identity::ANONYMOUS_USER_ID)
+                    .count()
+            })
+            .sum::<usize>();
+        let groups = self.groups.each_shard().map(|s| s.len()).sum::<usize>();
+        HubStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            users: users as u64,
+            groups: groups as u64,
+            subscriptions: self.subscriptions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pages::PageRegistry;
+    use serde_json::json;
+
+    fn hub() -> Hub {
+        Hub::new(1 << 20, 10, Arc::default())
+    }
+
+    fn table(id: i64) -> Page {
+        let registry = PageRegistry::new(&PageRegistry::baserow_specs()).unwrap();
+        let params = json!({ "table_id": id });
+        registry
+            .resolve("table", params.as_object().unwrap())
+            .unwrap()
+    }
+
+    fn group_event(group: &str, text: &str) -> Event {
+        Event {
+            target: Target::Group {
+                group: group.into(),
+                exclude_user_ids: vec![],
+                frame: Frame::from(text),
+            },
+            ignore_web_socket_id: None,
+        }
+    }
+
+    #[test]
+    fn membership_is_counted_once_and_released() {
+        let hub = hub();
+        let conn = hub.connect("a".into(), 1);
+        assert_eq!(hub.subscribe(&conn, table(1)), Subscribed::Added);
+        assert_eq!(hub.subscribe(&conn, table(1)), Subscribed::AlreadyHeld);
+        assert_eq!(hub.deliver(&group_event("table-1", "{}")), 1);
+        assert_eq!(hub.stats().subscriptions, 1);
+        assert!(hub.unsubscribe(&conn, &table(1)));
+        assert_eq!(hub.deliver(&group_event("table-1", "{}")), 0);
+        assert_eq!(hub.stats().groups, 0);
+        hub.disconnect(&conn);
+        assert_eq!(hub.stats(), HubStats::default());
+    }
+
+    #[test]
+    fn disconnect_leaves_every_group() {
+        let hub = hub();
+        let a = hub.connect("a".into(), 1);
+        let b = hub.connect("b".into(), 2);
+        for id in 0..3 {
+            hub.subscribe(&a, table(id));
+        }
+        hub.subscribe(&b, table(0));
+        hub.disconnect(&a);
+        let stats = hub.stats();
+        assert_eq!(
+            (stats.connections, stats.groups, stats.subscriptions),
+            (1, 1, 1)
+        );
+        assert_eq!(hub.deliver(&group_event("table-0", "{}")), 1);
+    }
+
+    #[test]
+    fn page_limit_is_enforced() {
+        let hub = Hub::new(1 << 20, 2, Arc::default());
+        let conn = hub.connect("a".into(), 1);
+        hub.subscribe(&conn, table(1));
+        hub.subscribe(&conn, table(2));
+        assert_eq!(hub.subscribe(&conn, table(3)), Subscribed::TooManyPages);
+    }
+}

@@ -1,0 +1,218 @@
+//! channelgate: a real-time gateway that holds browsers' WebSockets for a backend.
+//!
+//! The pure middle ([`protocol`], [`pages`], [`event`], [`hub`], [`session`]) knows nothing
+//! of sockets; the edges ([`transport`], [`bus`], [`authorizer`]) do the I/O. [`Node`]
+//! assembles one gateway node from [`config::Settings`].
+
+#![forbid(unsafe_code)]
+
+pub mod authorizer;
+pub mod bus;
+pub mod config;
+pub mod event;
+pub mod hub;
+pub mod identity;
+pub mod metrics;
+pub mod outbox;
+pub mod pages;
+pub mod protocol;
+pub mod rate_limit;
+pub mod session;
+pub mod transport;
+
+/// The gRPC contract, generated from `proto/channelgate/v1/gateway.proto`.
+pub mod proto {
+    tonic::include_proto!("channelgate.v1");
+
+    /// Descriptors of the contract, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("channelgate_descriptor");
+}
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::authorizer::{Authorizer, StaticAuthorizer};
+use crate::bus::{Bus, MemoryBus};
+use crate::config::{AuthorizerKind, Settings};
+use crate::hub::Hub;
+use crate::identity::TokenVerifier;
+use crate::metrics::Metrics;
+use crate::pages::PageRegistry;
+use crate::session::SessionContext;
+use crate::transport::grpc::{GatewayApi, gateway_service};
+use crate::transport::ws::WsContext;
+
+/// Completes once the node's shutdown signal turns true (at once if it already has).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // An error means the node is gone, which is a stop too.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Reflection over the Gateway and Health services; grpcurl 1.8 speaks v1alpha, newer
+/// clients v1, so both are served.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// A node that failed to start, with what it was doing.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// A running gateway node.
+pub struct Node {
+    /// Where `/ws/core/` and the HTTP endpoints listen.
+    pub ws_addr: SocketAddr,
+    /// Where the gRPC API listens.
+    pub grpc_addr: SocketAddr,
+    pub hub: Arc<Hub>,
+    settings: Settings,
+    shutdown: watch::Sender<bool>,
+    permits: Arc<Semaphore>,
+    ws_task: JoinHandle<()>,
+    grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Node {
+    /// Binds both listeners and starts serving.
+    pub async fn start(settings: Settings) -> Result<Node, StartError> {
+        let ws_listener = TcpListener::bind(settings.ws_addr).await.map_err(|e| {
+            StartError(format!(
+                "cannot listen on --ws-addr {}: {e}",
+                settings.ws_addr
+            ))
+        })?;
+        let grpc_listener = TcpListener::bind(settings.grpc_addr).await.map_err(|e| {
+            StartError(format!(
+                "cannot listen on --grpc-addr {}: {e}",
+                settings.grpc_addr
+            ))
+        })?;
+        let local = |l: &TcpListener| {
+            l.local_addr()
+                .map_err(|e| StartError(format!("listener address: {e}")))
+        };
+        let ws_addr = local(&ws_listener)?;
+        let grpc_addr = local(&grpc_listener)?;
+
+        let pages = PageRegistry::new(&settings.pages)
+            .map_err(|e| StartError(format!("page table: {e}")))?;
+        let metrics = Arc::new(Metrics::default());
+        let hub = Arc::new(Hub::new(
+            settings.max_queue_bytes,
+            settings.max_pages,
+            metrics,
+        ));
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(hub.clone()));
+        let authorizer: Arc<dyn Authorizer> = match settings.authorizer {
+            AuthorizerKind::Static => Arc::new(StaticAuthorizer),
+        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let ws_ctx = Arc::new(WsContext {
+            session: Arc::new(SessionContext {
+                hub: hub.clone(),
+                pages,
+                authorizer: authorizer.clone(),
+            }),
+            verifier: TokenVerifier::new(
+                settings.jwt_secret.as_bytes(),
+                &settings.jwt_user_id_claim,
+            )
+            .map_err(StartError)?,
+            bus: bus.clone(),
+            allowed_origins: settings.allowed_origins.clone(),
+            max_message_bytes: settings.max_message_bytes,
+            inbound_burst: settings.inbound_burst,
+            inbound_rate: settings.inbound_rate,
+            shutdown: shutdown_rx.clone(),
+        });
+        let permits = Arc::new(Semaphore::new(settings.max_connections));
+        let ws_task = tokio::spawn(transport::http::serve(
+            ws_listener,
+            ws_ctx,
+            permits.clone(),
+            shutdown_rx.clone(),
+        ));
+
+        let reflection_error =
+            |e: tonic_reflection::server::Error| StartError(format!("gRPC reflection: {e}"));
+        let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<proto::gateway_server::GatewayServer<GatewayApi>>()
+            .await;
+        let api = GatewayApi {
+            hub: hub.clone(),
+            bus,
+            node_id: settings.node_id.clone(),
+            started: Instant::now(),
+            max_payload_bytes: settings.max_payload_bytes,
+        };
+        let mut grpc_shutdown = shutdown_rx;
+        let grpc_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(gateway_service(api, settings.api_key.as_deref()))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+                    stopped(&mut grpc_shutdown).await
+                }),
+        );
+        tracing::info!(node_id = %settings.node_id, %ws_addr, %grpc_addr, authorizer = %authorizer.describe(), "channelgate node started");
+        Ok(Node {
+            ws_addr,
+            grpc_addr,
+            hub,
+            settings,
+            shutdown,
+            permits,
+            ws_task,
+            grpc_task,
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Stops accepting, closes every socket with 1001 and lets in-flight gRPC calls finish,
+    /// all within `--shutdown-timeout`.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let deadline = self.settings.shutdown_timeout;
+        let all = u32::try_from(self.settings.max_connections).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(deadline, async {
+            let _ = self.ws_task.await;
+            // Every connection holds a permit until it ends.
+            let _ = self.permits.acquire_many(all).await;
+            let _ = self.grpc_task.await;
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("channelgate node stopped"),
+            Err(_) => tracing::warn!(
+                connections = self.hub.stats().connections,
+                "shutdown timeout reached; dropping what is left"
+            ),
+        }
+    }
+}

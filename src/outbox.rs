@@ -1,0 +1,186 @@
+//! A connection's outbound queue: bounded in bytes, drained in batches by its writer.
+//!
+//! Fan-out pushes into it without ever waiting; the socket's writer takes everything queued
+//! at once and writes it with one flush. A client that reads too slowly fills its queue and
+//! is closed with [`CloseReason::SlowConsumer`], so it never delays others nor grows memory
+//! without bound.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::protocol::CloseReason;
+
+/// One encoded text frame, shared by every recipient (reference counted, never copied).
+pub type Frame = Utf8Bytes;
+
+/// What became of a pushed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The queue was full: the frame was dropped and the connection is now closing as a
+    /// slow consumer. Reported once per connection.
+    Overflowed,
+    /// The connection is already closing; the frame was dropped.
+    Closed,
+}
+
+/// A bounded, byte-limited frame queue with a single consumer (the socket's writer).
+///
+/// A std mutex, not tokio's: it is held for a few pointer moves and never across `.await`.
+pub struct Outbox {
+    state: Mutex<State>,
+    /// Woken when frames arrive in an empty queue or a close is requested.
+    ready: Notify,
+    /// Woken when the queue overflows, to abandon a write stuck on a slow socket.
+    overflowed: Notify,
+    limit_bytes: usize,
+}
+
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+    close: Option<CloseReason>,
+}
+
+impl Outbox {
+    pub fn new(limit_bytes: usize) -> Self {
+        Outbox {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            overflowed: Notify::new(),
+            limit_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave `State` half-updated, so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame, or closes the connection as a slow consumer when it would not fit.
+    pub fn push(&self, frame: Frame) -> Pushed {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return Pushed::Closed;
+        }
+        if state.bytes + frame.len() > self.limit_bytes {
+            state.close = Some(CloseReason::SlowConsumer);
+            state.frames = VecDeque::new();
+            state.bytes = 0;
+            drop(state);
+            self.ready.notify_one();
+            self.overflowed.notify_one();
+            return Pushed::Overflowed;
+        }
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
+        let was_empty = state.frames.len() == 1;
+        drop(state);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Asks the writer to close the connection once the frames queued so far are written.
+    /// The first reason given wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.lock();
+        if state.close.is_none() {
+            state.close = Some(reason);
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Whether a close was requested, and why.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().close
+    }
+
+    /// Waits for work: moves every queued frame into `batch` and returns `None`, or, once
+    /// the queue is empty and a close was requested, returns its reason.
+    pub async fn next_batch(&self, batch: &mut Vec<Frame>) -> Option<CloseReason> {
+        loop {
+            {
+                let mut state = self.lock();
+                if !state.frames.is_empty() {
+                    batch.extend(state.frames.drain(..));
+                    state.bytes = 0;
+                    if state.frames.capacity() > 64 {
+                        // Give back what a burst grew, so idle connections stay small.
+                        state.frames = VecDeque::new();
+                    }
+                    return None;
+                }
+                if let Some(reason) = state.close {
+                    return Some(reason);
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Completes when the queue overflows (checked after each wake-up).
+    pub async fn overflow(&self) {
+        loop {
+            if self.close_reason() == Some(CloseReason::SlowConsumer) {
+                return;
+            }
+            self.overflowed.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Frame {
+        Frame::from("x".repeat(n))
+    }
+
+    #[tokio::test]
+    async fn batches_everything_queued() {
+        let outbox = Outbox::new(100);
+        assert_eq!(outbox.push(frame(10)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(20)), Pushed::Queued);
+        let mut batch = Vec::new();
+        assert_eq!(outbox.next_batch(&mut batch).await, None);
+        assert_eq!(batch.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn overflow_drops_the_queue_and_closes_as_slow_consumer() {
+        let outbox = Outbox::new(25);
+        assert_eq!(outbox.push(frame(20)), Pushed::Queued);
+        assert_eq!(outbox.push(frame(10)), Pushed::Overflowed);
+        assert_eq!(outbox.push(frame(1)), Pushed::Closed);
+        outbox.overflow().await;
+        let mut batch = Vec::new();
+        assert_eq!(
+            outbox.next_batch(&mut batch).await,
+            Some(CloseReason::SlowConsumer)
+        );
+        assert!(batch.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_requested_close_comes_after_queued_frames() {
+        let outbox = Outbox::new(100);
+        outbox.push(frame(5));
+        outbox.close(CloseReason::GoingAway);
+        outbox.close(CloseReason::Normal);
+        let mut batch = Vec::new();
+        assert_eq!(outbox.next_batch(&mut batch).await, None);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(
+            outbox.next_batch(&mut batch).await,
+            Some(CloseReason::GoingAway)
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! The gRPC API (`channelgate.v1.Gateway`), with health and reflection beside it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use crate::bus::Bus;
+use crate::event::{self, InvalidEvent};
+use crate::hub::Hub;
+use crate::proto::gateway_server::{Gateway, GatewayServer};
+use crate::proto::{self, NodeInfo};
+
+/// Largest gRPC message accepted, so a batch of large payloads fits.
+const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The backend-facing API of one node.
+pub struct GatewayApi {
+    pub hub: Arc<Hub>,
+    pub bus: Arc<dyn Bus>,
+    pub node_id: String,
+    pub started: Instant,
+    pub max_payload_bytes: usize,
+}
+
+fn invalid(error: InvalidEvent) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+#[tonic::async_trait]
+impl Gateway for GatewayApi {
+    async fn publish(
+        &self,
+        request: Request<proto::PublishRequest>,
+    ) -> Result<Response<proto::PublishResponse>, Status> {
+        let event =
+            event::from_request(request.into_inner(), self.max_payload_bytes).map_err(invalid)?;
+        self.bus
+            .publish(event)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.hub
+            .metrics()
+            .events_published
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(proto::PublishResponse { event_id: 0 }))
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<proto::PublishBatchRequest>,
+    ) -> Result<Response<proto::PublishBatchResponse>, Status> {
+        let requests = request.into_inner().events;
+        if requests.is_empty() {
+            return Err(Status::invalid_argument("events: must not be empty"));
+        }
+        let events = requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                event::from_request(r, self.max_payload_bytes)
+                    .map_err(|e| invalid(e.within(&format!("events[{i}]"))))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let total = events.len();
+        for (published, event) in events.into_iter().enumerate() {
+            self.bus.publish(event).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "{e} ({published} of {total} events were published)"
+                ))
+            })?;
+            self.hub
+                .metrics()
+                .events_published
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Response::new(proto::PublishBatchResponse {
+            event_ids: vec![0; total],
+        }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::InfoResponse>, Status> {
+        let stats = self.hub.stats();
+        Ok(Response::new(proto::InfoResponse {
+            nodes: vec![NodeInfo {
+                node_id: self.node_id.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                connections: stats.connections,
+                users: stats.users,
+                groups: stats.groups,
+                subscriptions: stats.subscriptions,
+                uptime_seconds: self.started.elapsed().as_secs(),
+            }],
+        }))
+    }
+}
+
+/// Checks `authorization: Bearer <key>` in constant time when an API key is configured.
+#[derive(Clone)]
+pub struct ApiKeyCheck {
+    expected: Option<Arc<[u8]>>,
+}
+
+impl ApiKeyCheck {
+    pub fn new(api_key: Option<&str>) -> Self {
+        ApiKeyCheck {
+            expected: api_key.map(|key| format!("Bearer {key}").into_bytes().into()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for ApiKeyCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.expected else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        let same = given.len() == expected.len()
+            && given
+                .iter()
+                .zip(expected.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong API key: send `authorization: Bearer <api key>`",
+            ))
+        }
+    }
+}
+
+/// The Gateway service behind the API key check, with message limits set.
+pub fn gateway_service(
+    api: GatewayApi,
+    api_key: Option<&str>,
+) -> tonic::service::interceptor::InterceptedService<GatewayServer<GatewayApi>, ApiKeyCheck> {
+    let server = GatewayServer::new(api)
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    tonic::service::interceptor::InterceptedService::new(server, ApiKeyCheck::new(api_key))
+}

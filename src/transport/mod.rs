@@ -1,0 +1,5 @@
+//! The node's edges: the WebSocket/HTTP listener and the gRPC API.
+
+pub mod grpc;
+pub mod http;
+pub mod ws;

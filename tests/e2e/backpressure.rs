@@ -1,0 +1,42 @@
+//! One slow reader must not hold back the others, nor grow memory without bound.
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn a_reader_that_never_reads_is_closed_as_slow_consumer_while_a_fast_one_gets_everything() {
+    let node = TestNode::start_with(&["--max-queue-bytes", "65536"]).await;
+    let mut grpc = node.grpc().await;
+    let mut fast = node.client(1).await;
+    let mut slow = node.client(2).await;
+    fast.join(json!({"page": "table", "table_id": 1})).await;
+    slow.join(json!({"page": "table", "table_id": 1})).await;
+
+    // 2,000 events of 8 KiB: far more than the socket buffers and the 64 KiB queue hold.
+    let pad = "p".repeat(8 * 1024);
+    let publisher = tokio::spawn(async move {
+        for n in 0..2000 {
+            let payload = json!({"type": "bulk", "n": n, "pad": pad}).to_string();
+            grpc.publish(group_request("table-1", payload))
+                .await
+                .expect("publish");
+        }
+    });
+    for n in 0..2000 {
+        assert_eq!(fast.recv().await["n"], n);
+    }
+    publisher.await.expect("publisher");
+
+    // Now the slow reader reads: what the kernel buffered, then the close frame.
+    let close = slow.recv_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 4008);
+    assert_eq!(
+        node.node
+            .hub
+            .metrics()
+            .slow_consumers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: a real node on free ports, real WebSocket clients, a real tonic client.
+
+mod backpressure;
+mod common;
+mod delivery;
+mod grpc_api;
+mod identity;
+mod pages;
+mod protocol;
+mod shutdown;
