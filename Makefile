@@ -16,7 +16,7 @@ test: deps lint
 ## fmt and clippy, as CI runs them.
 lint: deps
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Rust components the checks need (the toolchain itself comes with the machine).
 deps:

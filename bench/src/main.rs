@@ -1,0 +1,210 @@
+//! loadgen: drives a running channelgate node with real WebSocket clients and a real
+//! gRPC publisher, and reports what the clients saw.
+//!
+//! Every payload carries its send time (`ts`, microseconds since the Unix epoch); each
+//! client computes publish-to-receive latency when the frame arrives.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use channelgate::identity::sign_access_token;
+use channelgate::proto::gateway_client::GatewayClient;
+use channelgate::proto::{PublishRequest, publish_request::Target};
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser)]
+#[command(about = "Load generator for channelgate")]
+struct Args {
+    /// The node's WebSocket address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    ws_addr: String,
+    /// The node's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc_addr: String,
+    /// The node's --jwt-secret, to sign client tokens.
+    #[arg(long)]
+    jwt_secret: String,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// One subscriber; events published one after another, each awaited.
+    Latency {
+        #[arg(long, default_value_t = 2000)]
+        events: u64,
+    },
+    /// N subscribers of one group; events published one at a time, `gap_ms` apart.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        sockets: u64,
+        #[arg(long, default_value_t = 100)]
+        events: u64,
+        #[arg(long, default_value_t = 20)]
+        gap_ms: u64,
+    },
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+/// One received event: its number and how long it took to arrive.
+struct Received {
+    n: u64,
+    latency_us: u64,
+}
+
+/// Opens a socket of `user_id`, subscribes to `table-1` and reports every event it gets.
+async fn subscriber(
+    args: &Args,
+    user_id: i64,
+    tx: mpsc::UnboundedSender<Received>,
+) -> Result<(), String> {
+    let token = sign_access_token(args.jwt_secret.as_bytes(), "user_id", user_id, 3600)
+        .map_err(|e| e.to_string())?;
+    let url = format!("ws://{}/ws/core/?jwt_token={token}", args.ws_addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    ws.send(Message::text(r#"{"page":"table","table_id":1}"#))
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let Some(Ok(Message::Text(text))) = ws.next().await else {
+            return Err("socket closed".into());
+        };
+        let frame: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        if frame["type"] == "page_add" {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = ws.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            if let (Some(n), Some(ts)) = (frame["n"].as_u64(), frame["ts"].as_u64()) {
+                let _ = tx.send(Received {
+                    n,
+                    latency_us: now_micros().saturating_sub(ts),
+                });
+            }
+        }
+    });
+    Ok(())
+}
+
+fn payload(n: u64) -> String {
+    serde_json::json!({"type": "bench", "n": n, "ts": now_micros(), "pad": "x".repeat(120)})
+        .to_string()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn report(label: &str, mut latencies: Vec<u64>) {
+    latencies.sort_unstable();
+    println!(
+        "{label}: n={} p50={}us p90={}us p99={}us max={}us",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.9),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<(), String> {
+    let args = Arc::new(Args::parse());
+    let mut grpc = GatewayClient::connect(format!("http://{}", args.grpc_addr))
+        .await
+        .map_err(|e| format!("gRPC connect: {e}"))?;
+    let publish = |n: u64| PublishRequest {
+        target: Some(Target::Group("table-1".into())),
+        payload: payload(n),
+        ..Default::default()
+    };
+    match args.scenario {
+        Scenario::Latency { events } => {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            subscriber(&args, 1, tx).await?;
+            let mut latencies = Vec::with_capacity(events as usize);
+            for n in 0..events {
+                grpc.publish(publish(n)).await.map_err(|e| e.to_string())?;
+                let got = rx.recv().await.ok_or("subscriber gone")?;
+                if got.n != n {
+                    return Err(format!("expected event {n}, got {}", got.n));
+                }
+                latencies.push(got.latency_us);
+            }
+            report("publish-to-receive, 1 subscriber", latencies);
+        }
+        Scenario::Fanout {
+            sockets,
+            events,
+            gap_ms,
+        } => {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let started = Instant::now();
+            for i in 0..sockets {
+                subscriber(&args, 1 + (i as i64 % 100), tx.clone()).await?;
+            }
+            drop(tx);
+            println!("{sockets} sockets subscribed in {:?}", started.elapsed());
+            let received = Arc::new(AtomicU64::new(0));
+            let collector = {
+                let received = received.clone();
+                tokio::spawn(async move {
+                    let mut all = Vec::new();
+                    let mut last_per_event = vec![0u64; events as usize];
+                    while let Some(r) = rx.recv().await {
+                        all.push(r.latency_us);
+                        if let Some(slot) = last_per_event.get_mut(r.n as usize) {
+                            *slot = (*slot).max(r.latency_us);
+                        }
+                        if received.fetch_add(1, Ordering::Relaxed) + 1 == sockets * events {
+                            break;
+                        }
+                    }
+                    (all, last_per_event)
+                })
+            };
+            for n in 0..events {
+                grpc.publish(publish(n)).await.map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(gap_ms)).await;
+            }
+            let (all, last) = tokio::time::timeout(Duration::from_secs(30), collector)
+                .await
+                .map_err(|_| {
+                    format!(
+                        "timed out: {} of {} deliveries",
+                        received.load(Ordering::Relaxed),
+                        sockets * events
+                    )
+                })?
+                .map_err(|e| e.to_string())?;
+            println!("deliveries: {} of {}", all.len(), sockets * events);
+            report(&format!("per delivery, {sockets} sockets"), all);
+            report("publish to last socket, per event", last);
+        }
+    }
+    Ok(())
+}
