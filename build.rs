@@ -9,7 +9,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("channelgate_descriptor.bin"))
-        .compile_protos(&["proto/channelgate/v1/gateway.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/channelgate/v1/gateway.proto",
+                "proto/channelgate/v1/authorizer.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -67,9 +67,35 @@ pub struct Options {
     pub api_key: Option<String>,
 
     /// Who decides subscriptions: `static` allows every authenticated user every page
-    /// (anonymous users only anonymous-ok pages) [default: static]
+    /// (anonymous users only anonymous-ok pages); `http://HOST[:PORT]/PATH` POSTs each
+    /// question as JSON; `grpc://HOST:PORT` calls channelgate.v1.Authorizer/Authorize
+    /// [default: static]
     #[arg(long, env = "CHANNELGATE_AUTHORIZER", value_name = "KIND")]
     pub authorizer: Option<String>,
+
+    /// Shared secret sent to the authorizer (HTTP header and gRPC metadata
+    /// `x-channelgate-secret`)
+    #[arg(
+        long,
+        env = "CHANNELGATE_AUTHORIZER_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub authorizer_secret: Option<String>,
+
+    /// Milliseconds the authorizer has to answer; later means `authorizer_unavailable`
+    /// [default: 2000]
+    #[arg(long, env = "CHANNELGATE_AUTHORIZER_TIMEOUT_MS", value_name = "MS")]
+    pub authorizer_timeout_ms: Option<u64>,
+
+    /// Authorizer calls in flight at once [default: 64]
+    #[arg(long, env = "CHANNELGATE_AUTHORIZER_CONCURRENCY", value_name = "N")]
+    pub authorizer_concurrency: Option<usize>,
+
+    /// Milliseconds an answer is reused for the same user and group; 0 keeps none
+    /// (identical questions in flight are still merged) [default: 5000]
+    #[arg(long, env = "CHANNELGATE_AUTHORIZER_CACHE_MS", value_name = "MS")]
+    pub authorizer_cache_ms: Option<u64>,
 
     /// This node's id in Info [default: generated]
     #[arg(long, env = "CHANNELGATE_NODE_ID", value_name = "ID")]
@@ -131,6 +157,10 @@ pub struct Options {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthorizerKind {
     Static,
+    /// `http://...`: the URL to POST to.
+    Http(String),
+    /// `grpc://HOST:PORT`.
+    Grpc(String),
 }
 
 /// Complete, checked settings of one node.
@@ -145,6 +175,10 @@ pub struct Settings {
     pub jwt_user_id_claim: String,
     pub api_key: Option<String>,
     pub authorizer: AuthorizerKind,
+    pub authorizer_secret: Option<String>,
+    pub authorizer_timeout: Duration,
+    pub authorizer_concurrency: usize,
+    pub authorizer_cache: Duration,
     pub node_id: String,
     pub allowed_origins: Option<Vec<String>>,
     pub max_queue_bytes: usize,
@@ -213,9 +247,11 @@ impl Settings {
         };
         let authorizer = match options.authorizer.as_deref().unwrap_or("static") {
             "static" => AuthorizerKind::Static,
+            url if url.starts_with("http://") => AuthorizerKind::Http(url.to_string()),
+            url if url.starts_with("grpc://") => AuthorizerKind::Grpc(url.to_string()),
             other => {
                 return Err(format!(
-                    "--authorizer {other:?} is not known; expected \"static\""
+                    "--authorizer {other:?} is not known; expected static, http://HOST[:PORT]/PATH or grpc://HOST:PORT"
                 ));
             }
         };
@@ -242,6 +278,18 @@ impl Settings {
                 .unwrap_or_else(|| "user_id".into()),
             api_key,
             authorizer,
+            authorizer_secret: options.authorizer_secret.filter(|s| !s.is_empty()),
+            authorizer_timeout: Duration::from_millis(positive(
+                "authorizer-timeout-ms",
+                options.authorizer_timeout_ms.map(|v| v as usize),
+                2000,
+            )? as u64),
+            authorizer_concurrency: positive(
+                "authorizer-concurrency",
+                options.authorizer_concurrency,
+                64,
+            )?,
+            authorizer_cache: Duration::from_millis(options.authorizer_cache_ms.unwrap_or(5000)),
             node_id: options.node_id.unwrap_or_else(|| {
                 format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
             }),

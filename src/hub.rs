@@ -18,7 +18,8 @@ use crate::event::{Event, Target};
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, Pushed};
 use crate::pages::Page;
-use crate::protocol::CloseReason;
+use crate::permissions::Scope;
+use crate::protocol::{CloseReason, server};
 
 const SHARDS: usize = 32;
 
@@ -335,13 +336,68 @@ impl Hub {
             .count()
     }
 
-    /// Asks every connection to close (on shutdown).
-    pub fn close_all(&self, reason: CloseReason) {
-        for shard in self.users.each_shard() {
-            for conn in shard.values().flatten() {
-                conn.outbox.close(reason);
+    /// Every (connection, page) in scope, copied out of the locks.
+    pub fn subscriptions(&self, scope: &Scope) -> Vec<(Arc<Connection>, Page)> {
+        let mut found = Vec::new();
+        let mut collect = |conns: &[Arc<Connection>]| {
+            for conn in conns {
+                for page in lock(&conn.pages).iter().filter(|p| scope.covers(p)) {
+                    found.push((conn.clone(), page.clone()));
+                }
+            }
+        };
+        if scope.user_ids.is_empty() {
+            for shard in self.users.each_shard() {
+                shard.values().for_each(|conns| collect(conns));
+            }
+        } else {
+            for user_id in &scope.user_ids {
+                if let Some(conns) = self.users.shard(user_id).get(user_id) {
+                    collect(conns);
+                }
             }
         }
+        found
+    }
+
+    /// Takes a page away from a connection and tells the client with `page_discard`.
+    /// Returns whether the connection still held the page.
+    pub fn revoke(&self, conn: &Arc<Connection>, page: &Page) -> bool {
+        let held = self.unsubscribe(conn, page);
+        if held {
+            conn.outbox.push(Frame::from(server::page_discard(
+                &page.page,
+                &page.parameters,
+            )));
+        }
+        held
+    }
+
+    /// Sends `force_disconnect` and then a close to every connection of these users,
+    /// except the sockets named in `spare`. Returns how many were disconnected.
+    pub fn disconnect_users(&self, user_ids: &[i64], spare: &[String]) -> u32 {
+        let mut disconnected = 0;
+        for user_id in user_ids {
+            let conns = self
+                .users
+                .shard(user_id)
+                .get(user_id)
+                .cloned()
+                .unwrap_or_default();
+            for conn in conns {
+                if spare
+                    .iter()
+                    .any(|id| id.as_str() == conn.web_socket_id.as_ref())
+                    || conn.outbox.close_reason().is_some()
+                {
+                    continue;
+                }
+                conn.outbox.push(Frame::from(server::force_disconnect()));
+                conn.outbox.close(CloseReason::Disconnected);
+                disconnected += 1;
+            }
+        }
+        disconnected
     }
 
     pub fn stats(&self) -> HubStats {

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod metrics;
 pub mod outbox;
 pub mod pages;
+pub mod permissions;
 pub mod protocol;
 pub mod rate_limit;
 pub mod session;
@@ -38,7 +39,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::authorizer::{Authorizer, StaticAuthorizer};
+use crate::authorizer::{
+    Authorizer, CachedAuthorizer, GrpcAuthorizer, HttpAuthorizer, StaticAuthorizer,
+};
 use crate::bus::{Bus, MemoryBus};
 use crate::config::{AuthorizerKind, Settings};
 use crate::hub::Hub;
@@ -53,6 +56,29 @@ use crate::transport::ws::WsContext;
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // An error means the node is gone, which is a stop too.
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Answers cached at most, whatever the TTL: bounds memory under many users and groups.
+const AUTHORIZER_CACHE_ENTRIES: usize = 100_000;
+
+/// The authorizer `--authorizer` names; the backend kinds behind the cache.
+fn build_authorizer(settings: &Settings) -> Result<Arc<dyn Authorizer>, String> {
+    let secret = settings.authorizer_secret.as_deref();
+    let (timeout, concurrency) = (settings.authorizer_timeout, settings.authorizer_concurrency);
+    let backend: Arc<dyn Authorizer> = match &settings.authorizer {
+        AuthorizerKind::Static => return Ok(Arc::new(StaticAuthorizer)),
+        AuthorizerKind::Http(url) => {
+            Arc::new(HttpAuthorizer::new(url, secret, timeout, concurrency)?)
+        }
+        AuthorizerKind::Grpc(url) => {
+            Arc::new(GrpcAuthorizer::new(url, secret, timeout, concurrency)?)
+        }
+    };
+    Ok(Arc::new(CachedAuthorizer::new(
+        backend,
+        settings.authorizer_cache,
+        AUTHORIZER_CACHE_ENTRIES,
+    )))
 }
 
 /// Reflection over the Gateway and Health services; grpcurl 1.8 speaks v1alpha, newer
@@ -120,9 +146,7 @@ impl Node {
             metrics,
         ));
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(hub.clone()));
-        let authorizer: Arc<dyn Authorizer> = match settings.authorizer {
-            AuthorizerKind::Static => Arc::new(StaticAuthorizer),
-        };
+        let authorizer = build_authorizer(&settings).map_err(StartError)?;
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let ws_ctx = Arc::new(WsContext {
@@ -162,6 +186,7 @@ impl Node {
         let api = GatewayApi {
             hub: hub.clone(),
             bus,
+            authorizer: authorizer.clone(),
             node_id: settings.node_id.clone(),
             started: Instant::now(),
             max_payload_bytes: settings.max_payload_bytes,

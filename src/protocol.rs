@@ -213,8 +213,10 @@ pub mod server {
 /// Every reason the gateway closes a WebSocket, mapped once to its close code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// 1000: the client or the backend ended the session normally.
+    /// 1000: the client ended the session.
     Normal,
+    /// 1000: the backend disconnected the user (after `force_disconnect`).
+    Disconnected,
     /// 1001: the node is shutting down.
     GoingAway,
     /// 1002: the client broke the WebSocket protocol (unmasked frame, bad opcode, ...).
@@ -241,7 +243,7 @@ impl CloseReason {
     /// The WebSocket close code.
     pub fn code(self) -> u16 {
         match self {
-            CloseReason::Normal => 1000,
+            CloseReason::Normal | CloseReason::Disconnected => 1000,
             CloseReason::GoingAway => 1001,
             CloseReason::ProtocolError => 1002,
             CloseReason::InvalidUtf8 => 1007,
@@ -259,6 +261,7 @@ impl CloseReason {
     pub fn text(self) -> &'static str {
         match self {
             CloseReason::Normal => "normal closure",
+            CloseReason::Disconnected => "disconnected by the backend",
             CloseReason::GoingAway => "node shutting down",
             CloseReason::ProtocolError => "WebSocket protocol error",
             CloseReason::InvalidUtf8 => "invalid UTF-8 in a text frame",

@@ -4,6 +4,14 @@
 //! answer is an error, and the caller treats an error as a denial (`authorizer_unavailable`),
 //! never as permission.
 
+mod cache;
+mod grpc;
+mod http;
+
+pub use cache::CachedAuthorizer;
+pub use grpc::GrpcAuthorizer;
+pub use http::{HttpAuthorizer, SECRET_HEADER};
+
 use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
@@ -37,6 +45,10 @@ pub trait Authorizer: Send + Sync + 'static {
         &self,
         request: AuthorizeRequest,
     ) -> BoxFuture<'static, Result<bool, AuthorizerError>>;
+
+    /// Drops remembered answers for these (user id, group) pairs, so the next question
+    /// about them reaches the backend. Only caching authorizers remember anything.
+    fn forget(&self, _keys: &[(i64, String)]) {}
 
     /// A short description for the start-up log.
     fn describe(&self) -> String;

@@ -6,9 +6,11 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use crate::authorizer::Authorizer;
 use crate::bus::Bus;
 use crate::event::{self, InvalidEvent};
 use crate::hub::Hub;
+use crate::permissions::{self, Scope};
 use crate::proto::gateway_server::{Gateway, GatewayServer};
 use crate::proto::{self, NodeInfo};
 
@@ -19,6 +21,7 @@ const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
 pub struct GatewayApi {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
+    pub authorizer: Arc<dyn Authorizer>,
     pub node_id: String,
     pub started: Instant,
     pub max_payload_bytes: usize,
@@ -80,6 +83,69 @@ impl Gateway for GatewayApi {
         }))
     }
 
+    async fn check_permission(
+        &self,
+        request: Request<proto::CheckPermissionRequest>,
+    ) -> Result<Response<proto::CheckPermissionResponse>, Status> {
+        let request = request.into_inner();
+        check_user_ids("user_ids", &request.user_ids)?;
+        let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
+        let scope = Scope {
+            user_ids: request.user_ids,
+            permission_group: non_empty(request.permission_group),
+            group: non_empty(request.group),
+        };
+        let outcome = permissions::check(
+            &self.hub,
+            self.authorizer.as_ref(),
+            &scope,
+            request.revoke,
+            request.dry_run,
+        )
+        .await;
+        tracing::info!(
+            ?scope,
+            revoke = request.revoke,
+            dry_run = request.dry_run,
+            checked = outcome.checked,
+            revoked = outcome.revoked.len(),
+            "permissions checked"
+        );
+        Ok(Response::new(proto::CheckPermissionResponse {
+            checked: outcome.checked,
+            revoked: outcome
+                .revoked
+                .into_iter()
+                .map(|r| proto::Subscription {
+                    web_socket_id: r.web_socket_id,
+                    user_id: r.user_id,
+                    page: r.page,
+                    parameters: r.parameters.to_string(),
+                    group: r.group,
+                })
+                .collect(),
+            nodes: 1,
+        }))
+    }
+
+    async fn disconnect(
+        &self,
+        request: Request<proto::DisconnectRequest>,
+    ) -> Result<Response<proto::DisconnectResponse>, Status> {
+        let request = request.into_inner();
+        if request.user_ids.is_empty() {
+            return Err(Status::invalid_argument("user_ids: must not be empty"));
+        }
+        check_user_ids("user_ids", &request.user_ids)?;
+        let disconnected = self
+            .hub
+            .disconnect_users(&request.user_ids, &request.ignore_web_socket_ids);
+        Ok(Response::new(proto::DisconnectResponse {
+            disconnected,
+            nodes: 1,
+        }))
+    }
+
     async fn info(
         &self,
         _request: Request<proto::InfoRequest>,
@@ -96,6 +162,15 @@ impl Gateway for GatewayApi {
                 uptime_seconds: self.started.elapsed().as_secs(),
             }],
         }))
+    }
+}
+
+fn check_user_ids(field: &str, user_ids: &[i64]) -> Result<(), Status> {
+    match user_ids.iter().find(|id| **id < 0) {
+        Some(bad) => Err(Status::invalid_argument(format!(
+            "{field}: {bad} is not a user id"
+        ))),
+        None => Ok(()),
     }
 }
 

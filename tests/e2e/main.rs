@@ -1,5 +1,7 @@
 //! End-to-end tests: a real node on free ports, real WebSocket clients, a real tonic client.
 
+mod authorizer;
+mod backend;
 mod backpressure;
 mod common;
 mod delivery;

@@ -1,0 +1,182 @@
+//! Short-lived answers per (user, group), and single-flight: identical questions asked at
+//! the same time become one backend call, so a reconnect storm of many sockets of one user
+//! re-subscribing the same table asks the backend once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+
+use super::{AuthorizeRequest, Authorizer, AuthorizerError};
+
+type Key = (i64, String);
+type Answer = Result<bool, AuthorizerError>;
+
+/// Wraps an authorizer with a cache of definite answers and merging of calls in flight.
+/// Errors are never cached: the next question asks again.
+pub struct CachedAuthorizer {
+    inner: Arc<dyn Authorizer>,
+    ttl: Duration,
+    max_entries: usize,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    answers: HashMap<Key, (bool, Instant)>,
+    /// Calls in flight, with an id so that a call superseded by `forget` does not write
+    /// its (possibly stale) answer into the cache.
+    in_flight: HashMap<Key, (u64, Shared<BoxFuture<'static, Answer>>)>,
+    next_call: u64,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl CachedAuthorizer {
+    /// `ttl` zero keeps no answers but still merges identical calls in flight.
+    pub fn new(inner: Arc<dyn Authorizer>, ttl: Duration, max_entries: usize) -> Self {
+        CachedAuthorizer {
+            inner,
+            ttl,
+            max_entries,
+            state: Arc::default(),
+        }
+    }
+}
+
+impl State {
+    fn remember(&mut self, key: Key, allowed: bool, max_entries: usize, ttl: Duration) {
+        if self.answers.len() >= max_entries {
+            self.answers.retain(|_, (_, at)| at.elapsed() < ttl);
+            if self.answers.len() >= max_entries {
+                self.answers.clear();
+            }
+        }
+        self.answers.insert(key, (allowed, Instant::now()));
+    }
+}
+
+impl Authorizer for CachedAuthorizer {
+    fn authorize(&self, request: AuthorizeRequest) -> BoxFuture<'static, Answer> {
+        let key = (request.user_id, request.group.clone());
+        let mut state = lock(&self.state);
+        if let Some((allowed, at)) = state.answers.get(&key) {
+            if at.elapsed() < self.ttl {
+                return Box::pin(std::future::ready(Ok(*allowed)));
+            }
+            state.answers.remove(&key);
+        }
+        if let Some((_, call)) = state.in_flight.get(&key) {
+            return Box::pin(call.clone());
+        }
+        let id = state.next_call;
+        state.next_call += 1;
+        let backend = self.inner.authorize(request);
+        let shared_state = self.state.clone();
+        let (ttl, max_entries) = (self.ttl, self.max_entries);
+        let call_key = key.clone();
+        let call = async move {
+            let answer = backend.await;
+            let mut state = lock(&shared_state);
+            if state
+                .in_flight
+                .get(&call_key)
+                .is_some_and(|(i, _)| *i == id)
+            {
+                state.in_flight.remove(&call_key);
+                if let Ok(allowed) = answer
+                    && !ttl.is_zero()
+                {
+                    state.remember(call_key, allowed, max_entries, ttl);
+                }
+            }
+            answer
+        }
+        .boxed()
+        .shared();
+        state.in_flight.insert(key, (id, call.clone()));
+        drop(state);
+        // Driven to the end even if every asker goes away, so the entry is always cleared.
+        tokio::spawn(call.clone());
+        Box::pin(call)
+    }
+
+    fn forget(&self, keys: &[(i64, String)]) {
+        let mut state = lock(&self.state);
+        for key in keys {
+            state.answers.remove(key);
+            state.in_flight.remove(key);
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}, answers cached for {:?}",
+            self.inner.describe(),
+            self.ttl
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts calls; allows users with even ids after a short wait.
+    struct Counting(Arc<AtomicUsize>);
+
+    impl Authorizer for Counting {
+        fn authorize(&self, request: AuthorizeRequest) -> BoxFuture<'static, Answer> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(request.user_id % 2 == 0)
+            })
+        }
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+    }
+
+    fn question(user_id: i64) -> AuthorizeRequest {
+        AuthorizeRequest {
+            user_id,
+            web_socket_id: "w".into(),
+            page: "table".into(),
+            parameters: serde_json::json!({"table_id": 1}),
+            group: "table-1".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identical_questions_share_one_call_and_then_the_cache() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let cache = CachedAuthorizer::new(
+            Arc::new(Counting(calls.clone())),
+            Duration::from_secs(5),
+            100,
+        );
+        let answers =
+            futures_util::future::join_all((0..50).map(|_| cache.authorize(question(2)))).await;
+        assert!(answers.iter().all(|a| *a == Ok(true)));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.authorize(question(2)).await, Ok(true));
+        assert_eq!(cache.authorize(question(3)).await, Ok(false));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(cache.authorize(question(2)).await, Ok(true));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        cache.forget(&[(2, "table-1".into())]);
+        assert_eq!(cache.authorize(question(2)).await, Ok(true));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+}

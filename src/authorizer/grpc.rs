@@ -1,0 +1,80 @@
+//! The gRPC authorizer: `channelgate.v1.Authorizer/Authorize`, implemented by the backend.
+
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{AuthorizeRequest, Authorizer, AuthorizerError};
+use crate::proto;
+use crate::proto::authorizer_client::AuthorizerClient;
+
+/// Asks the backend over gRPC, with a timeout and at most `concurrency` calls at once.
+pub struct GrpcAuthorizer {
+    client: AuthorizerClient<Channel>,
+    secret: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    target: String,
+}
+
+impl GrpcAuthorizer {
+    /// `url` is `grpc://HOST:PORT`. The connection is made on first use and re-made as
+    /// needed, so the gateway starts even while the backend is down (and denies meanwhile).
+    pub fn new(
+        url: &str,
+        secret: Option<&str>,
+        timeout: Duration,
+        concurrency: usize,
+    ) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("grpc://")
+            .ok_or_else(|| format!("--authorizer {url:?} must start with grpc://"))?;
+        let endpoint = Endpoint::from_shared(format!("http://{rest}"))
+            .map_err(|e| format!("--authorizer {url:?}: {e}"))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true)
+            .concurrency_limit(concurrency);
+        let secret = secret
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|_| "--authorizer-secret must be printable ASCII".to_string())?;
+        Ok(GrpcAuthorizer {
+            client: AuthorizerClient::new(endpoint.connect_lazy()),
+            secret,
+            target: url.to_string(),
+        })
+    }
+}
+
+impl Authorizer for GrpcAuthorizer {
+    fn authorize(
+        &self,
+        request: AuthorizeRequest,
+    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+        let mut client = self.client.clone();
+        let mut call = tonic::Request::new(proto::AuthorizeRequest {
+            user_id: request.user_id,
+            web_socket_id: request.web_socket_id,
+            page: request.page,
+            parameters: request.parameters.to_string(),
+            group: request.group,
+        });
+        if let Some(secret) = &self.secret {
+            call.metadata_mut()
+                .insert(super::http::SECRET_HEADER, secret.clone());
+        }
+        Box::pin(async move {
+            client
+                .authorize(call)
+                .await
+                .map(|answer| answer.into_inner().allowed)
+                .map_err(|status| {
+                    AuthorizerError(format!("{:?}: {}", status.code(), status.message()))
+                })
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("gRPC {}", self.target)
+    }
+}
