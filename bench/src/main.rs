@@ -39,6 +39,19 @@ enum Scenario {
         #[arg(long, default_value_t = 2000)]
         events: u64,
     },
+    /// One socket subscribes to `count` different tables, one after another: the cost of a
+    /// subscribe, authorizer included.
+    Subscribe {
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+    },
+    /// Serve an allow-all authorizer backend (HTTP and gRPC) until killed.
+    ServeAuthorizer {
+        #[arg(long, default_value = "127.0.0.1:18001")]
+        http_addr: String,
+        #[arg(long, default_value = "127.0.0.1:18002")]
+        grpc_addr: String,
+    },
     /// N subscribers of one group; events published one at a time, `gap_ms` apart.
     Fanout {
         #[arg(long, default_value_t = 1000)]
@@ -131,9 +144,59 @@ fn report(label: &str, mut latencies: Vec<u64>) {
     );
 }
 
+/// Allows everything, as fast as it can: the backend's own cost is not what is measured.
+async fn serve_authorizer(http_addr: &str, grpc_addr: &str) -> Result<(), String> {
+    use channelgate::proto::authorizer_server::{Authorizer, AuthorizerServer};
+    use channelgate::proto::{AuthorizeRequest, AuthorizeResponse};
+
+    struct AllowAll;
+    #[tonic::async_trait]
+    impl Authorizer for AllowAll {
+        async fn authorize(
+            &self,
+            _: tonic::Request<AuthorizeRequest>,
+        ) -> Result<tonic::Response<AuthorizeResponse>, tonic::Status> {
+            Ok(tonic::Response::new(AuthorizeResponse { allowed: true }))
+        }
+    }
+
+    let http = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let grpc = tokio::net::TcpListener::bind(grpc_addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AuthorizerServer::new(AllowAll))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
+    );
+    loop {
+        let (stream, _) = http.accept().await.map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_request| async {
+                let body =
+                    http_body_util::Full::new(bytes::Bytes::from_static(b"{\"allowed\":true}"));
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = Arc::new(Args::parse());
+    if let Scenario::ServeAuthorizer {
+        http_addr,
+        grpc_addr,
+    } = &args.scenario
+    {
+        return serve_authorizer(http_addr, grpc_addr).await;
+    }
     let mut grpc = GatewayClient::connect(format!("http://{}", args.grpc_addr))
         .await
         .map_err(|e| format!("gRPC connect: {e}"))?;
@@ -156,6 +219,39 @@ async fn main() -> Result<(), String> {
                 latencies.push(got.latency_us);
             }
             report("publish-to-receive, 1 subscriber", latencies);
+        }
+        Scenario::ServeAuthorizer { .. } => unreachable!("handled above"),
+        Scenario::Subscribe { count } => {
+            let token = sign_access_token(args.jwt_secret.as_bytes(), "user_id", 1, 3600)
+                .map_err(|e| e.to_string())?;
+            let url = format!("ws://{}/ws/core/?jwt_token={token}", args.ws_addr);
+            let (mut ws, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .map_err(|e| e.to_string())?;
+            ws.next().await; // authentication
+            let mut latencies = Vec::with_capacity(count as usize);
+            for table in 0..count {
+                let started = Instant::now();
+                let page = format!(r#"{{"page":"table","table_id":{table}}}"#);
+                ws.send(Message::text(page))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let Some(Ok(Message::Text(answer))) = ws.next().await else {
+                    return Err("socket closed".into());
+                };
+                if !answer.contains("page_add") {
+                    return Err(format!("subscribe refused: {answer}"));
+                }
+                latencies.push(started.elapsed().as_micros() as u64);
+                let remove = format!(r#"{{"remove_page":"table","table_id":{table}}}"#);
+                ws.send(Message::text(remove))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ws.next().await; // page_discard
+                // Stay under the inbound rate limit (200 frames/s, burst 100).
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            report("subscribe to page_add", latencies);
         }
         Scenario::Fanout {
             sockets,
