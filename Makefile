@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run test lint deps build release
+.PHONY: run test lint deps build release cluster
 
 ## The gateway on the embedded default: in-memory bus, dev settings, sample token printed.
 run:
@@ -18,11 +18,22 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Rust components the checks need (the toolchain itself comes with the machine).
+## What the checks need: rustfmt and clippy, and redis-server for the cluster tests
+## (each test starts its own on a free port).
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+## A local cluster to try: a redis-server on port 6390 and two dev nodes sharing it
+## (WebSocket on 8081 and 8082, gRPC on 50061 and 50062). Ctrl-C stops all three.
+cluster: deps
+	$(CARGO) build --release
+	bash scripts/cluster.sh
 
 build:
 	$(CARGO) build

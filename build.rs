@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/channelgate/v1/gateway.proto",
                 "proto/channelgate/v1/authorizer.proto",
+                "proto/channelgate/v1/bus.proto",
             ],
             &["proto"],
         )?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
+use crate::bus::RedisSettings;
 use crate::pages::{PageRegistry, PageSpec};
 
 /// channelgate: a real-time WebSocket gateway speaking Baserow's `/ws/core/` protocol.
@@ -97,6 +98,25 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_AUTHORIZER_CACHE_MS", value_name = "MS")]
     pub authorizer_cache_ms: Option<u64>,
 
+    /// Redis URL (redis://HOST:PORT/DB); several nodes on one Redis form a cluster.
+    /// Unset: the in-memory bus, one node alone
+    #[arg(
+        long,
+        env = "CHANNELGATE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis channel and key this cluster uses [default: channelgate]
+    #[arg(long, env = "CHANNELGATE_REDIS_PREFIX", value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
+
+    /// Milliseconds a cluster-wide CheckPermission, Disconnect or Info waits for the
+    /// other nodes' replies [default: 2000]
+    #[arg(long, env = "CHANNELGATE_CONTROL_TIMEOUT_MS", value_name = "MS")]
+    pub control_timeout_ms: Option<u64>,
+
     /// This node's id in Info [default: generated]
     #[arg(long, env = "CHANNELGATE_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
@@ -179,6 +199,8 @@ pub struct Settings {
     pub authorizer_timeout: Duration,
     pub authorizer_concurrency: usize,
     pub authorizer_cache: Duration,
+    /// The Redis bus; `None`: the in-memory bus.
+    pub redis: Option<RedisSettings>,
     pub node_id: String,
     pub allowed_origins: Option<Vec<String>>,
     pub max_queue_bytes: usize,
@@ -290,6 +312,17 @@ impl Settings {
                 64,
             )?,
             authorizer_cache: Duration::from_millis(options.authorizer_cache_ms.unwrap_or(5000)),
+            redis: options
+                .redis_url
+                .filter(|url| !url.is_empty())
+                .map(|url| RedisSettings {
+                    url,
+                    prefix: options.redis_prefix.unwrap_or_else(|| "channelgate".into()),
+                    control_timeout: Duration::from_millis(
+                        options.control_timeout_ms.unwrap_or(2000),
+                    ),
+                    unsubscribe_delay: Duration::from_secs(1),
+                }),
             node_id: options.node_id.unwrap_or_else(|| {
                 format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
             }),

@@ -172,6 +172,90 @@ pub fn from_request(
     })
 }
 
+impl Event {
+    /// The event as a publish request, to carry it to other nodes.
+    pub fn to_request(&self) -> proto::PublishRequest {
+        let mut request = proto::PublishRequest {
+            ignore_web_socket_id: self.ignore_web_socket_id.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        match &self.target {
+            Target::Group {
+                group,
+                exclude_user_ids,
+                frame,
+            } => {
+                request.target = Some(publish_request::Target::Group(group.clone()));
+                request.exclude_user_ids = exclude_user_ids.clone();
+                request.payload = frame.as_str().to_string();
+            }
+            Target::Everyone {
+                exclude_user_ids,
+                frame,
+            } => {
+                request.target = Some(publish_request::Target::Group(EVERYONE_GROUP.into()));
+                request.exclude_user_ids = exclude_user_ids.clone();
+                request.payload = frame.as_str().to_string();
+            }
+            Target::Users { user_ids, frame } => {
+                request.target = Some(publish_request::Target::Users(proto::UserTarget {
+                    user_ids: user_ids.clone(),
+                    all_users: false,
+                }));
+                request.payload = frame.as_str().to_string();
+            }
+            Target::Individual { payloads } => {
+                let payloads = payloads
+                    .iter()
+                    .map(|(user_id, frame)| (*user_id, frame.as_str().to_string()))
+                    .collect();
+                request.target = Some(publish_request::Target::Individual(
+                    proto::IndividualTarget { payloads },
+                ));
+            }
+        }
+        request
+    }
+
+    /// Rebuilds an event another node validated and sent with [`Event::to_request`]; its
+    /// payloads are not parsed again. `None` when the request has no target.
+    pub fn from_trusted(request: proto::PublishRequest) -> Option<Event> {
+        let frame = || Frame::from(request.payload.clone());
+        let target = match request.target? {
+            publish_request::Target::Group(group) if group == EVERYONE_GROUP => Target::Everyone {
+                exclude_user_ids: request.exclude_user_ids.clone(),
+                frame: frame(),
+            },
+            publish_request::Target::Group(group) => Target::Group {
+                group,
+                exclude_user_ids: request.exclude_user_ids.clone(),
+                frame: frame(),
+            },
+            publish_request::Target::Users(users) if users.all_users => Target::Everyone {
+                exclude_user_ids: Vec::new(),
+                frame: frame(),
+            },
+            publish_request::Target::Users(users) => Target::Users {
+                user_ids: users.user_ids,
+                frame: frame(),
+            },
+            publish_request::Target::Individual(individual) => {
+                let mut payloads: Vec<_> = individual
+                    .payloads
+                    .into_iter()
+                    .map(|(user_id, payload)| (user_id, Frame::from(payload)))
+                    .collect();
+                payloads.sort_unstable_by_key(|(user_id, _)| *user_id);
+                Target::Individual { payloads }
+            }
+        };
+        Some(Event {
+            target,
+            ignore_web_socket_id: Some(request.ignore_web_socket_id).filter(|id| !id.is_empty()),
+        })
+    }
+}
+
 fn check_group(group: &str) -> Result<(), InvalidEvent> {
     if group.is_empty() {
         return Err(InvalidEvent::new("group", "must not be empty"));
@@ -250,6 +334,40 @@ mod tests {
     fn the_users_group_means_everyone() {
         let event = from_request(group("users", r#"{"type":"x"}"#), 1024).unwrap();
         assert!(matches!(event.target, Target::Everyone { .. }));
+    }
+
+    #[test]
+    fn events_survive_the_trip_between_nodes() {
+        let requests = [
+            PublishRequest {
+                exclude_user_ids: vec![3],
+                ignore_web_socket_id: "tab".into(),
+                ..group("table-1", r#"{"type":"x"}"#)
+            },
+            group("users", r#"{"type":"x"}"#),
+            PublishRequest {
+                target: Some(publish_request::Target::Users(UserTarget {
+                    user_ids: vec![2, 1],
+                    all_users: false,
+                })),
+                payload: r#"{"type":"u"}"#.into(),
+                ..Default::default()
+            },
+            PublishRequest {
+                target: Some(publish_request::Target::Individual(IndividualTarget {
+                    payloads: [
+                        (1, r#"{"type":"a"}"#.to_string()),
+                        (2, r#"{"type":"b"}"#.to_string()),
+                    ]
+                    .into(),
+                })),
+                ..Default::default()
+            },
+        ];
+        for request in requests {
+            let event = from_request(request, 1024).unwrap();
+            assert_eq!(Event::from_trusted(event.to_request()), Some(event));
+        }
     }
 
     #[test]

@@ -14,6 +14,9 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use futures_util::future::BoxFuture;
+
+use crate::bus::GroupInterest;
 use crate::event::{Event, Target};
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, Pushed};
@@ -106,9 +109,10 @@ impl Members {
 }
 
 /// The result of a subscribe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Subscribed {
-    Added,
+    /// The page was added; `live` completes once the bus carries the group's events to
+    /// this node (at once on a single node).
+    Added { live: BoxFuture<'static, ()> },
     /// The connection already held this page; nothing changed.
     AlreadyHeld,
     /// The connection holds the maximum number of pages.
@@ -138,10 +142,18 @@ pub struct Hub {
     outbox_limit_bytes: usize,
     max_pages: usize,
     metrics: Arc<Metrics>,
+    /// Told of every membership added and removed, so the bus subscribes to the groups
+    /// this node has members of, and only those.
+    interest: Arc<dyn GroupInterest>,
 }
 
 impl Hub {
-    pub fn new(outbox_limit_bytes: usize, max_pages: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        outbox_limit_bytes: usize,
+        max_pages: usize,
+        metrics: Arc<Metrics>,
+        interest: Arc<dyn GroupInterest>,
+    ) -> Self {
         Hub {
             groups: Sharded::new(),
             users: Sharded::new(),
@@ -151,6 +163,7 @@ impl Hub {
             outbox_limit_bytes,
             max_pages,
             metrics,
+            interest,
         }
     }
 
@@ -216,12 +229,14 @@ impl Hub {
         if pages.len() >= self.max_pages {
             return Subscribed::TooManyPages;
         }
-        if !pages.iter().any(|p| p.group == page.group) {
-            self.join(&page.group, conn);
+        let live = if pages.iter().any(|p| p.group == page.group) {
+            Box::pin(std::future::ready(())) as BoxFuture<'static, ()>
+        } else {
             self.subscriptions.fetch_add(1, Ordering::Relaxed);
-        }
+            self.join(&page.group, conn)
+        };
         pages.push(page);
-        Subscribed::Added
+        Subscribed::Added { live }
     }
 
     /// Removes a page from a connection, leaving its group unless another page of the
@@ -241,10 +256,12 @@ impl Hub {
 
     /// Joins under the shard lock, so a concurrent `leave` cannot drop the group from the
     /// map between finding it and joining it.
-    fn join(&self, group: &Arc<str>, conn: &Arc<Connection>) {
+    fn join(&self, group: &Arc<str>, conn: &Arc<Connection>) -> BoxFuture<'static, ()> {
         let mut shard = self.groups.shard(group.as_ref());
         let members = shard.entry(group.clone()).or_default();
         lock(members).insert(conn.clone());
+        drop(shard);
+        self.interest.joined(group)
     }
 
     fn leave(&self, group: &Arc<str>, conn_id: u64) {
@@ -257,6 +274,8 @@ impl Hub {
                 shard.remove(group);
             }
         }
+        drop(shard);
+        self.interest.left(group);
     }
 
     /// Delivers an event to this node's recipients; returns how many frames were queued.
@@ -427,7 +446,16 @@ mod tests {
     use serde_json::json;
 
     fn hub() -> Hub {
-        Hub::new(1 << 20, 10, Arc::default())
+        Hub::new(
+            1 << 20,
+            10,
+            Arc::default(),
+            Arc::new(crate::bus::NoInterest),
+        )
+    }
+
+    fn added(s: Subscribed) -> bool {
+        matches!(s, Subscribed::Added { .. })
     }
 
     fn table(id: i64) -> Page {
@@ -453,8 +481,11 @@ mod tests {
     fn membership_is_counted_once_and_released() {
         let hub = hub();
         let conn = hub.connect("a".into(), 1);
-        assert_eq!(hub.subscribe(&conn, table(1)), Subscribed::Added);
-        assert_eq!(hub.subscribe(&conn, table(1)), Subscribed::AlreadyHeld);
+        assert!(added(hub.subscribe(&conn, table(1))));
+        assert!(matches!(
+            hub.subscribe(&conn, table(1)),
+            Subscribed::AlreadyHeld
+        ));
         assert_eq!(hub.deliver(&group_event("table-1", "{}")), 1);
         assert_eq!(hub.stats().subscriptions, 1);
         assert!(hub.unsubscribe(&conn, &table(1)));
@@ -470,9 +501,9 @@ mod tests {
         let a = hub.connect("a".into(), 1);
         let b = hub.connect("b".into(), 2);
         for id in 0..3 {
-            hub.subscribe(&a, table(id));
+            assert!(added(hub.subscribe(&a, table(id))));
         }
-        hub.subscribe(&b, table(0));
+        assert!(added(hub.subscribe(&b, table(0))));
         hub.disconnect(&a);
         let stats = hub.stats();
         assert_eq!(
@@ -484,10 +515,13 @@ mod tests {
 
     #[test]
     fn page_limit_is_enforced() {
-        let hub = Hub::new(1 << 20, 2, Arc::default());
+        let hub = Hub::new(1 << 20, 2, Arc::default(), Arc::new(crate::bus::NoInterest));
         let conn = hub.connect("a".into(), 1);
-        hub.subscribe(&conn, table(1));
-        hub.subscribe(&conn, table(2));
-        assert_eq!(hub.subscribe(&conn, table(3)), Subscribed::TooManyPages);
+        assert!(added(hub.subscribe(&conn, table(1))));
+        assert!(added(hub.subscribe(&conn, table(2))));
+        assert!(matches!(
+            hub.subscribe(&conn, table(3)),
+            Subscribed::TooManyPages
+        ));
     }
 }

@@ -9,6 +9,7 @@
 pub mod authorizer;
 pub mod bus;
 pub mod config;
+pub mod control;
 pub mod event;
 pub mod hub;
 pub mod identity;
@@ -42,8 +43,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::authorizer::{
     Authorizer, CachedAuthorizer, GrpcAuthorizer, HttpAuthorizer, StaticAuthorizer,
 };
-use crate::bus::{Bus, MemoryBus};
+use crate::bus::{Bus, GroupInterest, MemoryBus, NoInterest, RedisBus};
 use crate::config::{AuthorizerKind, Settings};
+use crate::control::ControlHandler;
 use crate::hub::Hub;
 use crate::identity::TokenVerifier;
 use crate::metrics::Metrics;
@@ -56,6 +58,30 @@ use crate::transport::ws::WsContext;
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // An error means the node is gone, which is a stop too.
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Keeps the health service in step with the bus: not serving while it is down.
+async fn report_health(
+    health: tonic_health::server::HealthReporter,
+    mut ready: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    type Gateway = proto::gateway_server::GatewayServer<GatewayApi>;
+    loop {
+        let status = if *ready.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        match status {
+            ServingStatus::Serving => health.set_serving::<Gateway>().await,
+            _ => health.set_not_serving::<Gateway>().await,
+        }
+        if ready.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Answers cached at most, whatever the TTL: bounds memory under many users and groups.
@@ -108,6 +134,7 @@ pub struct Node {
     /// Where the gRPC API listens.
     pub grpc_addr: SocketAddr,
     pub hub: Arc<Hub>,
+    bus: Arc<dyn Bus>,
     settings: Settings,
     shutdown: watch::Sender<bool>,
     permits: Arc<Semaphore>,
@@ -140,13 +167,41 @@ impl Node {
         let pages = PageRegistry::new(&settings.pages)
             .map_err(|e| StartError(format!("page table: {e}")))?;
         let metrics = Arc::new(Metrics::default());
+        let authorizer = build_authorizer(&settings).map_err(StartError)?;
+        let redis = settings
+            .redis
+            .as_ref()
+            .map(|redis| (redis, bus::subscriptions(redis.unsubscribe_delay)));
+        let interest: Arc<dyn GroupInterest> = match &redis {
+            Some((_, (subscriptions, _))) => subscriptions.clone(),
+            None => Arc::new(NoInterest),
+        };
         let hub = Arc::new(Hub::new(
             settings.max_queue_bytes,
             settings.max_pages,
             metrics,
+            interest,
         ));
-        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new(hub.clone()));
-        let authorizer = build_authorizer(&settings).map_err(StartError)?;
+        let control = Arc::new(ControlHandler {
+            hub: hub.clone(),
+            authorizer: authorizer.clone(),
+            node_id: settings.node_id.clone(),
+            started: Instant::now(),
+        });
+        let bus: Arc<dyn Bus> = match redis {
+            Some((redis, (subscriptions, commands))) => Arc::new(
+                RedisBus::start(
+                    redis,
+                    &settings.node_id,
+                    hub.clone(),
+                    control,
+                    subscriptions,
+                    commands,
+                )
+                .map_err(StartError)?,
+            ),
+            None => Arc::new(MemoryBus::new(hub.clone(), control)),
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let ws_ctx = Arc::new(WsContext {
@@ -180,15 +235,10 @@ impl Node {
         let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<proto::gateway_server::GatewayServer<GatewayApi>>()
-            .await;
+        tokio::spawn(report_health(health, bus.readiness()));
         let api = GatewayApi {
             hub: hub.clone(),
-            bus,
-            authorizer: authorizer.clone(),
-            node_id: settings.node_id.clone(),
-            started: Instant::now(),
+            bus: bus.clone(),
             max_payload_bytes: settings.max_payload_bytes,
         };
         let mut grpc_shutdown = shutdown_rx;
@@ -207,12 +257,22 @@ impl Node {
             ws_addr,
             grpc_addr,
             hub,
+            bus,
             settings,
             shutdown,
             permits,
             ws_task,
             grpc_task,
         })
+    }
+
+    /// Completes once the bus works (at once on the in-memory bus; on Redis, once
+    /// connected). `false` if `timeout` passed first.
+    pub async fn ready(&self, timeout: std::time::Duration) -> bool {
+        let mut ready = self.bus.readiness();
+        tokio::time::timeout(timeout, ready.wait_for(|ready| *ready))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     pub fn settings(&self) -> &Settings {
@@ -232,6 +292,7 @@ impl Node {
             let _ = self.grpc_task.await;
         })
         .await;
+        self.bus.leave().await;
         match drained {
             Ok(()) => tracing::info!("channelgate node stopped"),
             Err(_) => tracing::warn!(

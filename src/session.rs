@@ -111,7 +111,12 @@ impl Session {
         }
         let answer = server::page_add(&page_name, &page.parameters);
         match self.ctx.hub.subscribe(&self.conn, page.clone()) {
-            Subscribed::Added | Subscribed::AlreadyHeld => self.send(answer),
+            Subscribed::Added { live } => {
+                // page_add promises events: wait until the bus brings the group here.
+                live.await;
+                self.send(answer)
+            }
+            Subscribed::AlreadyHeld => self.send(answer),
             Subscribed::TooManyPages => reject(RejectReason::TooManyPages, &page.parameters),
         }
     }

@@ -2,17 +2,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use crate::authorizer::Authorizer;
 use crate::bus::Bus;
+use crate::control;
 use crate::event::{self, InvalidEvent};
 use crate::hub::Hub;
-use crate::permissions::{self, Scope};
+use crate::proto;
+use crate::proto::control_reply::Reply as ControlReply;
+use crate::proto::control_request::Request as ControlRequest;
 use crate::proto::gateway_server::{Gateway, GatewayServer};
-use crate::proto::{self, NodeInfo};
 
 /// Largest gRPC message accepted, so a batch of large payloads fits.
 const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
@@ -21,9 +21,6 @@ const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
 pub struct GatewayApi {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
-    pub authorizer: Arc<dyn Authorizer>,
-    pub node_id: String,
-    pub started: Instant,
     pub max_payload_bytes: usize,
 }
 
@@ -89,43 +86,17 @@ impl Gateway for GatewayApi {
     ) -> Result<Response<proto::CheckPermissionResponse>, Status> {
         let request = request.into_inner();
         check_user_ids("user_ids", &request.user_ids)?;
-        let non_empty = |s: String| Some(s).filter(|s| !s.is_empty());
-        let scope = Scope {
-            user_ids: request.user_ids,
-            permission_group: non_empty(request.permission_group),
-            group: non_empty(request.group),
-        };
-        let outcome = permissions::check(
-            &self.hub,
-            self.authorizer.as_ref(),
-            &scope,
-            request.revoke,
-            request.dry_run,
-        )
-        .await;
+        let replies = self
+            .ask_all(ControlRequest::CheckPermission(request))
+            .await?;
+        let merged = control::merge_check(replies);
         tracing::info!(
-            ?scope,
-            revoke = request.revoke,
-            dry_run = request.dry_run,
-            checked = outcome.checked,
-            revoked = outcome.revoked.len(),
+            checked = merged.checked,
+            revoked = merged.revoked.len(),
+            nodes = merged.nodes,
             "permissions checked"
         );
-        Ok(Response::new(proto::CheckPermissionResponse {
-            checked: outcome.checked,
-            revoked: outcome
-                .revoked
-                .into_iter()
-                .map(|r| proto::Subscription {
-                    web_socket_id: r.web_socket_id,
-                    user_id: r.user_id,
-                    page: r.page,
-                    parameters: r.parameters.to_string(),
-                    group: r.group,
-                })
-                .collect(),
-            nodes: 1,
-        }))
+        Ok(Response::new(merged))
     }
 
     async fn disconnect(
@@ -137,31 +108,27 @@ impl Gateway for GatewayApi {
             return Err(Status::invalid_argument("user_ids: must not be empty"));
         }
         check_user_ids("user_ids", &request.user_ids)?;
-        let disconnected = self
-            .hub
-            .disconnect_users(&request.user_ids, &request.ignore_web_socket_ids);
-        Ok(Response::new(proto::DisconnectResponse {
-            disconnected,
-            nodes: 1,
-        }))
+        let replies = self.ask_all(ControlRequest::Disconnect(request)).await?;
+        Ok(Response::new(control::merge_disconnect(replies)))
     }
 
     async fn info(
         &self,
         _request: Request<proto::InfoRequest>,
     ) -> Result<Response<proto::InfoResponse>, Status> {
-        let stats = self.hub.stats();
-        Ok(Response::new(proto::InfoResponse {
-            nodes: vec![NodeInfo {
-                node_id: self.node_id.clone(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                connections: stats.connections,
-                users: stats.users,
-                groups: stats.groups,
-                subscriptions: stats.subscriptions,
-                uptime_seconds: self.started.elapsed().as_secs(),
-            }],
-        }))
+        let replies = self
+            .ask_all(ControlRequest::Info(proto::InfoRequest {}))
+            .await?;
+        Ok(Response::new(control::merge_info(replies)))
+    }
+}
+
+impl GatewayApi {
+    async fn ask_all(&self, request: ControlRequest) -> Result<Vec<ControlReply>, Status> {
+        self.bus
+            .ask_all(request)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))
     }
 }
 

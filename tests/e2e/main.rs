@@ -3,10 +3,12 @@
 mod authorizer;
 mod backend;
 mod backpressure;
+mod cluster;
 mod common;
 mod delivery;
 mod grpc_api;
 mod identity;
 mod pages;
 mod protocol;
+mod redis_server;
 mod shutdown;
