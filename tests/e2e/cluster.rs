@@ -32,6 +32,19 @@ async fn node_on(redis: &RedisServer, prefix: &str, node_id: &str) -> TestNode {
     node
 }
 
+/// A redis-server and three nodes on it, `a`, `b` and `c`, with a gRPC client of `a`.
+async fn three_nodes(test: &str) -> (RedisServer, [TestNode; 3], Grpc) {
+    let redis = RedisServer::start();
+    let p = prefix(test);
+    let nodes = [
+        node_on(&redis, &p, "a").await,
+        node_on(&redis, &p, "b").await,
+        node_on(&redis, &p, "c").await,
+    ];
+    let grpc = nodes[0].grpc().await;
+    (redis, nodes, grpc)
+}
+
 /// A prefix of its own for each test.
 fn prefix(test: &str) -> String {
     format!("cgtest-{test}-{}", std::process::id())
@@ -63,12 +76,7 @@ async fn mark(grpc: &mut Grpc) {
 
 #[tokio::test]
 async fn every_delivery_rule_holds_from_node_a_to_sockets_on_b_and_c() {
-    let redis = RedisServer::start();
-    let p = prefix("rules");
-    let a = node_on(&redis, &p, "a").await;
-    let b = node_on(&redis, &p, "b").await;
-    let c = node_on(&redis, &p, "c").await;
-    let mut grpc = a.grpc().await;
+    let (_redis, [_a, b, c], mut grpc) = three_nodes("rules").await;
 
     let mut author = b.client(1).await;
     let mut colleague = c.client(2).await;
@@ -205,12 +213,7 @@ async fn a_thousand_publishes_on_a_arrive_in_order_on_b() {
 
 #[tokio::test]
 async fn check_permission_disconnect_and_info_act_on_every_node() {
-    let redis = RedisServer::start();
-    let p = prefix("control");
-    let a = node_on(&redis, &p, "a").await;
-    let b = node_on(&redis, &p, "b").await;
-    let c = node_on(&redis, &p, "c").await;
-    let mut grpc = a.grpc().await;
+    let (_redis, [_a, b, c], mut grpc) = three_nodes("control").await;
     let mut on_b = b.client(2).await;
     let mut on_c = c.client(2).await;
     let mut keeper = c.client(1).await;

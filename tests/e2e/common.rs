@@ -70,7 +70,7 @@ impl TestNode {
     }
 
     pub fn token(&self, user_id: i64) -> String {
-        sign_access_token(SECRET.as_bytes(), "user_id", user_id, 600).expect("sign")
+        token(user_id)
     }
 
     pub fn ws_url(&self, query: &str) -> String {
@@ -79,17 +79,7 @@ impl TestNode {
 
     /// A client of `user_id` (0: anonymous), past its authentication frame.
     pub async fn client(&self, user_id: i64) -> Client {
-        let token = if user_id == 0 {
-            "anonymous".to_string()
-        } else {
-            self.token(user_id)
-        };
-        let mut client = Client::open(&self.ws_url(&format!("jwt_token={token}"))).await;
-        let auth = client.recv().await;
-        assert_eq!(auth["type"], "authentication", "{auth}");
-        assert_eq!(auth["success"], true, "{auth}");
-        client.web_socket_id = auth["web_socket_id"].as_str().expect("id").to_string();
-        client
+        Client::authenticated(&self.node.ws_addr.to_string(), user_id).await
     }
 
     pub async fn grpc(&self) -> Grpc {
@@ -111,7 +101,28 @@ pub struct Client {
     pub web_socket_id: String,
 }
 
+/// A token of `user_id` signed with the test secret.
+pub fn token(user_id: i64) -> String {
+    sign_access_token(SECRET.as_bytes(), "user_id", user_id, 600).expect("sign")
+}
+
 impl Client {
+    /// A client of `user_id` (0: anonymous) on the node at `ws_addr`, past its
+    /// authentication frame.
+    pub async fn authenticated(ws_addr: &str, user_id: i64) -> Client {
+        let token = if user_id == 0 {
+            "anonymous".to_string()
+        } else {
+            token(user_id)
+        };
+        let mut client = Client::open(&format!("ws://{ws_addr}/ws/core/?jwt_token={token}")).await;
+        let auth = client.recv().await;
+        assert_eq!(auth["type"], "authentication", "{auth}");
+        assert_eq!(auth["success"], true, "{auth}");
+        client.web_socket_id = auth["web_socket_id"].as_str().expect("id").to_string();
+        client
+    }
+
     /// Opens a socket without reading anything.
     pub async fn open(url: &str) -> Client {
         let (ws, _) = tokio_tungstenite::connect_async(url)
