@@ -54,6 +54,22 @@ use crate::session::SessionContext;
 use crate::transport::grpc::{GatewayApi, gateway_service};
 use crate::transport::ws::WsContext;
 
+/// Connections the kernel may hold for `accept` (capped by `net.core.somaxconn`). The usual
+/// 128 overflows in a reconnect storm, and each dropped handshake costs its client a
+/// one-second SYN retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Completes once the node's shutdown signal turns true (at once if it already has).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // An error means the node is gone, which is a stop too.
@@ -145,13 +161,13 @@ pub struct Node {
 impl Node {
     /// Binds both listeners and starts serving.
     pub async fn start(settings: Settings) -> Result<Node, StartError> {
-        let ws_listener = TcpListener::bind(settings.ws_addr).await.map_err(|e| {
+        let ws_listener = listen(settings.ws_addr).map_err(|e| {
             StartError(format!(
                 "cannot listen on --ws-addr {}: {e}",
                 settings.ws_addr
             ))
         })?;
-        let grpc_listener = TcpListener::bind(settings.grpc_addr).await.map_err(|e| {
+        let grpc_listener = listen(settings.grpc_addr).map_err(|e| {
             StartError(format!(
                 "cannot listen on --grpc-addr {}: {e}",
                 settings.grpc_addr
