@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: run test lint deps build release cluster
+.PHONY: run test lint deps build release cluster bench
 
 ## The gateway on the embedded default: in-memory bus, dev settings, sample token printed.
 run:
@@ -11,7 +11,7 @@ run:
 
 ## Install what is missing, then run every check and test.
 test: deps lint
-	$(CARGO) test --all-targets
+	$(CARGO) test --workspace --all-targets
 
 ## fmt and clippy, as CI runs them.
 lint: deps
@@ -34,6 +34,11 @@ deps:
 cluster: deps
 	$(CARGO) build --release
 	bash scripts/cluster.sh
+
+## Side-by-side benchmarks (channelgate, a raw broadcaster, Django Channels); writes
+## BENCHMARKS.md. About ten minutes; sets up its Python venv under bench/ on first use.
+bench: deps
+	bash bench/run.sh
 
 build:
 	$(CARGO) build

@@ -16,6 +16,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
+mod load;
+
 #[derive(Parser)]
 #[command(about = "Load generator for channelgate")]
 struct Args {
@@ -28,6 +30,15 @@ struct Args {
     /// The node's --jwt-secret, to sign client tokens.
     #[arg(long)]
     jwt_secret: String,
+    /// The system under test (the scenarios differ only in how they publish).
+    #[arg(long, value_enum, default_value = "channelgate")]
+    system: load::System,
+    /// Server processes whose CPU and RSS are read from /proc (repeatable).
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Command running the Django publisher, whitespace-separated (system django).
+    #[arg(long, default_value = "")]
+    django_publisher: String,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -44,6 +55,37 @@ enum Scenario {
     Subscribe {
         #[arg(long, default_value_t = 2000)]
         count: u64,
+    },
+    /// Fan-out (S1, S3, S5): rate raised until loss or p99 over the limit, then p50/p99
+    /// at half the best sustained rate. `--ws-addr` may list several nodes, comma-separated.
+    FanoutSearch {
+        #[arg(long)]
+        scenario: String,
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        #[arg(long, default_value_t = 100)]
+        groups: usize,
+        /// Deliveries per second of the first step.
+        #[arg(long, default_value_t = 20_000.0)]
+        start_rate: f64,
+        #[arg(long, default_value_t = 100.0)]
+        max_p99_ms: f64,
+        #[arg(long, default_value_t = 3.0)]
+        step_secs: f64,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+    },
+    /// Idle sockets (S2): server RSS per authenticated connection with one page.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+    },
+    /// Connect storm (S4): connects and subscribes as fast as they go.
+    Storm {
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        #[arg(long, default_value_t = 512)]
+        concurrency: usize,
     },
     /// Serve an allow-all authorizer backend (HTTP and gRPC) until killed.
     ServeAuthorizer {
@@ -190,12 +232,56 @@ async fn serve_authorizer(http_addr: &str, grpc_addr: &str) -> Result<(), String
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = Arc::new(Args::parse());
-    if let Scenario::ServeAuthorizer {
-        http_addr,
-        grpc_addr,
-    } = &args.scenario
-    {
-        return serve_authorizer(http_addr, grpc_addr).await;
+    let setup = || -> Result<load::Setup, String> {
+        let ws_addrs = args
+            .ws_addr
+            .split(',')
+            .map(|a| a.trim().parse().map_err(|e| format!("--ws-addr {a}: {e}")))
+            .collect::<Result<_, _>>()?;
+        Ok(load::Setup {
+            system: args.system,
+            ws_addrs,
+            grpc_addr: args.grpc_addr.clone(),
+            jwt_secret: args.jwt_secret.clone(),
+            server_pids: args.server_pids.clone(),
+            django_publisher: args
+                .django_publisher
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+        })
+    };
+    match &args.scenario {
+        Scenario::ServeAuthorizer {
+            http_addr,
+            grpc_addr,
+        } => return serve_authorizer(http_addr, grpc_addr).await,
+        Scenario::FanoutSearch {
+            scenario,
+            conns,
+            groups,
+            start_rate,
+            max_p99_ms,
+            step_secs,
+            size,
+        } => {
+            return load::fanout(
+                setup()?,
+                *conns,
+                *groups,
+                *start_rate,
+                *max_p99_ms,
+                *step_secs,
+                *size,
+                scenario,
+            )
+            .await;
+        }
+        Scenario::Idle { conns } => return load::idle(setup()?, *conns).await,
+        Scenario::Storm { conns, concurrency } => {
+            return load::storm(setup()?, *conns, *concurrency).await;
+        }
+        _ => {}
     }
     let mut grpc = GatewayClient::connect(format!("http://{}", args.grpc_addr))
         .await
@@ -220,7 +306,10 @@ async fn main() -> Result<(), String> {
             }
             report("publish-to-receive, 1 subscriber", latencies);
         }
-        Scenario::ServeAuthorizer { .. } => unreachable!("handled above"),
+        Scenario::ServeAuthorizer { .. }
+        | Scenario::FanoutSearch { .. }
+        | Scenario::Idle { .. }
+        | Scenario::Storm { .. } => unreachable!("handled above"),
         Scenario::Subscribe { count } => {
             let token = sign_access_token(args.jwt_secret.as_bytes(), "user_id", 1, 3600)
                 .map_err(|e| e.to_string())?;

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Serves the Django Channels peer with daphne on 127.0.0.1:PORT, in the foreground.
+# Needs JWT_SECRET and REDIS_URL in the environment and the venv made by setup.sh.
+# The script execs daphne, so its pid is daphne's: killing it stops the server.
+set -euo pipefail
+port="${1:?usage: run.sh PORT}"
+: "${JWT_SECRET:?JWT_SECRET must be set}"
+: "${REDIS_URL:?REDIS_URL must be set, e.g. redis://127.0.0.1:6391/0}"
+here="$(cd "$(dirname "$0")" && pwd)"
+venv="$(cd "$here/../.." && pwd)/.venv-django"
+if [[ ! -x "$venv/bin/daphne" ]]; then
+  echo "run.sh: no daphne in $venv; run $here/setup.sh first" >&2
+  exit 1
+fi
+export JWT_SECRET REDIS_URL DJANGO_SETTINGS_MODULE=benchpeer.settings
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+# One open file per socket: raise the soft limit to 20000 (bench/run.sh's, and the hard
+# limit here) so 19,000 sockets plus the Redis pool fit; never lower it, and stay within
+# the hard limit.
+want=20000 soft=$(ulimit -Sn) hard=$(ulimit -Hn)
+if [[ $hard != unlimited ]] && ((hard < want)); then want=$hard; fi
+if [[ $soft != unlimited ]] && ((soft < want)); then ulimit -Sn "$want"; fi
+# Listen backlog 1024 as tokio's (channelgate's) default, instead of Twisted's 50, so a
+# connection storm measures the server rather than SYN retries. -v 0: warnings and errors
+# only, no access log line per connection.
+exec "$venv/bin/daphne" -v 0 -e "tcp:port=$port:interface=127.0.0.1:backlog=1024" \
+  benchpeer.asgi:application

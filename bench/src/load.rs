@@ -1,0 +1,563 @@
+//! The side-by-side scenarios: many subscriber sockets, a paced publisher per system, and
+//! what the sockets and the server's /proc say. Each scenario prints one JSON line.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use channelgate::identity::sign_access_token;
+use channelgate::proto::gateway_client::GatewayClient;
+use channelgate::proto::{PublishRequest, publish_request::Target as GrpcTarget};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::net::TcpSocket;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Which system is driven; they differ only in how events are published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum System {
+    /// gRPC Publish.
+    Channelgate,
+    /// Binary frames `<group>\n<payload>` on a WebSocket of the raw broadcaster.
+    Raw,
+    /// `channel_layer.group_send` from `bench/peers/django/publisher.py`.
+    Django,
+}
+
+/// Where the system listens and how to reach it.
+pub struct Setup {
+    pub system: System,
+    /// Subscribers are spread over these, round robin (two nodes for S5).
+    pub ws_addrs: Vec<SocketAddr>,
+    pub grpc_addr: String,
+    pub jwt_secret: String,
+    /// The server processes whose CPU and memory are reported.
+    pub server_pids: Vec<u32>,
+    /// The command that runs the Django publisher (its flags are appended).
+    pub django_publisher: Vec<String>,
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+/// Latencies in 10 µs buckets up to 1 s; shared by every subscriber, lock-free.
+pub struct Histogram {
+    buckets: Vec<AtomicU64>,
+}
+
+const BUCKET_US: u64 = 10;
+const BUCKETS: usize = 100_000;
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            buckets: (0..=BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn record(&self, micros: u64) {
+        let i = ((micros / BUCKET_US) as usize).min(BUCKETS);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Takes the counts, leaving zeros.
+    fn take(&self) -> Vec<u64> {
+        self.buckets
+            .iter()
+            .map(|b| b.swap(0, Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// p50, p90, p99 and max in milliseconds, from taken counts.
+fn percentiles(counts: &[u64]) -> [f64; 4] {
+    let total: u64 = counts.iter().sum();
+    let at = |p: f64| {
+        let rank = ((total as f64) * p).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return (i as u64 * BUCKET_US + BUCKET_US / 2) as f64 / 1000.0;
+            }
+        }
+        0.0
+    };
+    let max = counts.iter().rposition(|c| *c > 0).unwrap_or(0) as u64 * BUCKET_US;
+    if total == 0 {
+        return [0.0; 4];
+    }
+    [
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        (max + BUCKET_US) as f64 / 1000.0,
+    ]
+}
+
+/// What the subscribers have seen so far.
+pub struct Seen {
+    pub received: AtomicU64,
+    pub latency: Histogram,
+    pub closed: AtomicUsize,
+}
+
+/// CPU time (ticks) and RSS (KiB) of the server processes.
+fn proc_sample(pids: &[u32]) -> (u64, u64) {
+    let mut ticks = 0;
+    let mut rss = 0;
+    for pid in pids {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after the command name, which may hold spaces: utime is 14th, stime 15th.
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            ticks += fields
+                .get(11)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+            ticks += fields
+                .get(12)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            rss += status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    (ticks, rss)
+}
+
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// The send time stamped in a payload, found without a JSON parser.
+fn stamp(text: &str) -> Option<u64> {
+    let rest = &text[text.find("\"ts\":")? + 5..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Sockets opened from one source address (it has about 28,000 ephemeral ports).
+const SOCKETS_PER_SOURCE: usize = 20_000;
+
+/// Opens one subscriber: connects from `source`, authenticates, subscribes to `table-{group}`.
+/// Returns once `page_add` arrived; the socket then counts what it receives.
+async fn subscriber(
+    setup: &Setup,
+    index: usize,
+    group: usize,
+    seen: Arc<Seen>,
+) -> Result<(), String> {
+    let server = setup.ws_addrs[index % setup.ws_addrs.len()];
+    // Past one source address's ephemeral ports, further sockets come from 127.0.1.x.
+    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    if index >= SOCKETS_PER_SOURCE {
+        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 1, (index / SOCKETS_PER_SOURCE) as u8));
+        socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .map_err(|e| format!("bind {source}: {e}"))?;
+    }
+    let stream = socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect {server}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let user_id = 1 + (index % 1000) as i64;
+    let token = sign_access_token(setup.jwt_secret.as_bytes(), "user_id", user_id, 3600)
+        .map_err(|e| e.to_string())?;
+    let url = format!("ws://{server}/ws/core/?jwt_token={token}");
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let page = format!(r#"{{"page":"table","table_id":{group}}}"#);
+    ws.send(Message::text(page))
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) if text.contains("page_add") => break,
+            Some(Ok(Message::Text(text))) if text.contains("page_rejected") => {
+                return Err(format!("subscribe refused: {text}"));
+            }
+            Some(Ok(_)) => continue,
+            other => return Err(format!("socket closed before page_add: {other:?}")),
+        }
+    }
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = ws.next().await {
+            if let Message::Text(text) = message
+                && let Some(ts) = stamp(&text)
+            {
+                seen.latency.record(now_micros().saturating_sub(ts));
+                seen.received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        seen.closed.fetch_add(1, Ordering::Relaxed);
+    });
+    Ok(())
+}
+
+/// Opens `conns` subscribers over `groups` groups, `concurrency` handshakes at a time.
+/// Returns the time the last `page_add` arrived after the start.
+async fn open(
+    setup: &Arc<Setup>,
+    conns: usize,
+    groups: usize,
+    concurrency: usize,
+    seen: &Arc<Seen>,
+) -> Result<Duration, String> {
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let (errors, mut error_rx) = mpsc::unbounded_channel();
+    let mut tasks = Vec::with_capacity(conns);
+    for index in 0..conns {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (setup, seen, errors) = (setup.clone(), seen.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = subscriber(&setup, index, index % groups, seen).await {
+                let _ = errors.send(error);
+            }
+            drop(permit);
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    drop(errors);
+    if let Some(error) = error_rx.recv().await {
+        return Err(format!("opening {conns} sockets: {error}"));
+    }
+    Ok(started.elapsed())
+}
+
+fn payload(n: u64, group: usize, size: usize) -> String {
+    let head = json!({"type": "bench", "n": n, "ts": now_micros(), "g": group}).to_string();
+    let pad = size.saturating_sub(head.len() + 9);
+    format!(
+        "{},\"pad\":\"{}\"}}",
+        &head[..head.len() - 1],
+        "x".repeat(pad)
+    )
+}
+
+/// Publishes `events_per_sec` for `duration`, round robin over `groups` groups.
+async fn publish(
+    setup: &Setup,
+    groups: usize,
+    events_per_sec: f64,
+    duration: Duration,
+    size: usize,
+) -> Result<u64, String> {
+    let total = (events_per_sec * duration.as_secs_f64()).round() as u64;
+    if setup.system == System::Django {
+        let mut command = tokio::process::Command::new(&setup.django_publisher[0]);
+        command.args(&setup.django_publisher[1..]).args([
+            "--groups",
+            &groups.to_string(),
+            "--rate",
+            &format!("{events_per_sec:.1}"),
+            "--count",
+            &total.to_string(),
+            "--size",
+            &size.to_string(),
+        ]);
+        let status = command
+            .status()
+            .await
+            .map_err(|e| format!("publisher: {e}"))?;
+        return if status.success() {
+            Ok(total)
+        } else {
+            Err(format!("publisher exited with {status}"))
+        };
+    }
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut grpc = None;
+    let mut raw = None;
+    match setup.system {
+        System::Channelgate => {
+            grpc = Some(
+                GatewayClient::connect(format!("http://{}", setup.grpc_addr))
+                    .await
+                    .map_err(|e| format!("gRPC connect: {e}"))?,
+            );
+        }
+        System::Raw => {
+            let url = format!("ws://{}/pub", setup.ws_addrs[0]);
+            let (ws, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .map_err(|e| format!("raw publisher: {e}"))?;
+            raw = Some(ws);
+        }
+        System::Django => {}
+    }
+    let in_flight = Arc::new(Semaphore::new(256));
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * events_per_sec) as u64).min(total);
+        while sent < due {
+            let group = (sent as usize) % groups;
+            let body = payload(sent, group, size);
+            if let Some(client) = &grpc {
+                let permit = in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut client = client.clone();
+                let request = PublishRequest {
+                    target: Some(GrpcTarget::Group(format!("table-{group}"))),
+                    payload: body,
+                    ..Default::default()
+                };
+                tokio::spawn(async move {
+                    if let Err(status) = client.publish(request).await {
+                        eprintln!("publish failed: {status}");
+                    }
+                    drop(permit);
+                });
+            } else if let Some(ws) = &mut raw {
+                let frame = format!("table-{group}\n{body}").into_bytes();
+                ws.feed(Message::binary(frame))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            sent += 1;
+        }
+        if let Some(ws) = &mut raw {
+            ws.flush().await.map_err(|e| e.to_string())?;
+        }
+    }
+    // Every publish has been answered once all permits are back.
+    let _ = in_flight.acquire_many(256).await;
+    Ok(sent)
+}
+
+/// One paced run: what was expected, what arrived, how fast and how late.
+struct Step {
+    deliveries_per_sec: f64,
+    expected: u64,
+    received: u64,
+    latency_ms: [f64; 4],
+    cpu_percent: f64,
+}
+
+async fn step(
+    setup: &Setup,
+    seen: &Seen,
+    groups: usize,
+    members_per_group: usize,
+    deliveries_per_sec: f64,
+    duration: Duration,
+    size: usize,
+) -> Result<Step, String> {
+    let events_per_sec = deliveries_per_sec / members_per_group as f64;
+    let before = seen.received.load(Ordering::Relaxed);
+    seen.latency.take();
+    let (cpu_before, _) = proc_sample(&setup.server_pids);
+    let started = Instant::now();
+    let events = publish(setup, groups, events_per_sec, duration, size).await?;
+    let expected = events * members_per_group as u64;
+    // Stragglers: wait until everything arrived, or for a second of silence.
+    let mut last = seen.received.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    while last - before < expected && quiet_since.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = seen.received.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (cpu_after, _) = proc_sample(&setup.server_pids);
+    let received = seen.received.load(Ordering::Relaxed) - before;
+    Ok(Step {
+        deliveries_per_sec: received as f64 / elapsed.max(duration.as_secs_f64()),
+        expected,
+        received,
+        latency_ms: percentiles(&seen.latency.take()),
+        cpu_percent: (cpu_after - cpu_before) as f64 / TICKS_PER_SEC / elapsed * 100.0,
+    })
+}
+
+/// Fan-out (S1, S3, S5): opens the sockets, raises the rate until loss or p99 over
+/// `max_p99_ms`, then measures latency at half the best sustained rate.
+#[allow(clippy::too_many_arguments)]
+pub async fn fanout(
+    setup: Setup,
+    conns: usize,
+    groups: usize,
+    start_rate: f64,
+    max_p99_ms: f64,
+    step_secs: f64,
+    size: usize,
+    scenario: &str,
+) -> Result<(), String> {
+    let setup = Arc::new(setup);
+    let seen = Arc::new(Seen {
+        received: AtomicU64::new(0),
+        latency: Histogram::new(),
+        closed: AtomicUsize::new(0),
+    });
+    open(&setup, conns, groups, 256, &seen).await?;
+    let members = conns / groups;
+    let duration = Duration::from_secs_f64(step_secs);
+    let mut rate = start_rate;
+    let mut best: Option<Step> = None;
+    let mut lost = 0;
+    loop {
+        let result = step(&setup, &seen, groups, members, rate, duration, size).await?;
+        eprintln!(
+            "{scenario} {:?} target {rate:.0}/s: {:.0}/s, {} of {}, p99 {:.2} ms, cpu {:.0}%",
+            setup.system,
+            result.deliveries_per_sec,
+            result.received,
+            result.expected,
+            result.latency_ms[2],
+            result.cpu_percent
+        );
+        let sustained = result.received == result.expected && result.latency_ms[2] <= max_p99_ms;
+        if !sustained {
+            lost = result.expected.saturating_sub(result.received);
+            break;
+        }
+        let keep_going = result.deliveries_per_sec >= rate * 0.9;
+        best = Some(result);
+        if !keep_going || seen.closed.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        rate *= 1.4;
+    }
+    let best = best.ok_or_else(|| format!("not even {start_rate}/s was sustained"))?;
+    // Let the backlog of the failed step drain before measuring at half rate.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let half = step(
+        &setup,
+        &seen,
+        groups,
+        members,
+        best.deliveries_per_sec / 2.0,
+        duration,
+        size,
+    )
+    .await?;
+    let (_, rss_kib) = proc_sample(&setup.server_pids);
+    let result = json!({
+        "scenario": scenario,
+        "system": format!("{:?}", setup.system).to_lowercase(),
+        "conns": conns,
+        "groups": groups,
+        "deliveries_per_sec": best.deliveries_per_sec.round(),
+        "cpu_percent_at_best": best.cpu_percent.round(),
+        "lost_in_failed_step": lost,
+        "half_rate": (best.deliveries_per_sec / 2.0).round(),
+        "half_expected": half.expected,
+        "half_received": half.received,
+        "p50_ms_at_half": half.latency_ms[0],
+        "p90_ms_at_half": half.latency_ms[1],
+        "p99_ms_at_half": half.latency_ms[2],
+        "max_ms_at_half": half.latency_ms[3],
+        "cpu_percent_at_half": half.cpu_percent.round(),
+        "rss_kib": rss_kib,
+        "slow_consumer_closes": seen.closed.load(Ordering::Relaxed),
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// Idle sockets (S2): RSS per authenticated connection holding one page.
+pub async fn idle(setup: Setup, conns: usize) -> Result<(), String> {
+    let setup = Arc::new(setup);
+    let seen = Arc::new(Seen {
+        received: AtomicU64::new(0),
+        latency: Histogram::new(),
+        closed: AtomicUsize::new(0),
+    });
+    let (_, before) = proc_sample(&setup.server_pids);
+    open(&setup, conns, 100, 256, &seen).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, after) = proc_sample(&setup.server_pids);
+    let result = json!({
+        "scenario": "S2",
+        "system": format!("{:?}", setup.system).to_lowercase(),
+        "conns": conns,
+        "rss_kib_before": before,
+        "rss_kib_after": after,
+        "kib_per_conn": ((after.saturating_sub(before)) as f64 / conns as f64 * 100.0).round() / 100.0,
+    });
+    println!("{result}");
+    Ok(())
+}
+
+/// Connect storm (S4): every socket connects and subscribes as fast as it goes.
+pub async fn storm(setup: Setup, conns: usize, concurrency: usize) -> Result<(), String> {
+    let setup = Arc::new(setup);
+    let seen = Arc::new(Seen {
+        received: AtomicU64::new(0),
+        latency: Histogram::new(),
+        closed: AtomicUsize::new(0),
+    });
+    let (cpu_before, _) = proc_sample(&setup.server_pids);
+    let took = open(&setup, conns, 100, concurrency, &seen).await?;
+    let (cpu_after, rss) = proc_sample(&setup.server_pids);
+    let result = json!({
+        "scenario": "S4",
+        "system": format!("{:?}", setup.system).to_lowercase(),
+        "conns": conns,
+        "seconds_to_last_page_add": (took.as_secs_f64() * 1000.0).round() / 1000.0,
+        "handshakes_per_sec": (conns as f64 / took.as_secs_f64()).round(),
+        "cpu_percent": ((cpu_after - cpu_before) as f64 / TICKS_PER_SEC / took.as_secs_f64() * 100.0).round(),
+        "rss_kib": rss,
+    });
+    println!("{result}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_and_percentiles() {
+        assert_eq!(
+            stamp(r#"{"type":"bench","n":1,"ts":1234,"g":0}"#),
+            Some(1234)
+        );
+        assert_eq!(stamp(r#"{"type":"x"}"#), None);
+        let h = Histogram::new();
+        for us in [100, 200, 300, 400, 10_000] {
+            h.record(us);
+        }
+        let [p50, _, p99, max] = percentiles(&h.take());
+        assert!((0.3..0.32).contains(&p50), "{p50}");
+        assert!((10.0..10.02).contains(&p99), "{p99}");
+        assert!((10.0..10.02).contains(&max), "{max}");
+        let body = payload(7, 3, 200);
+        assert_eq!(body.len(), 200);
+        assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
+    }
+}
