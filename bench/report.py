@@ -94,9 +94,10 @@ def main():
         f"Measured by `make bench` on {datetime.date.today().isoformat()}, {machine()}. The server",
         "under test runs on core 0, the load generator (`bench/`, release build) on core 1; every",
         "system gets the same sockets, pages and payloads (200 bytes, stamped with their send time).",
-        "Rates rise by 1.4x per step until a step loses events or its p99 passes 100 ms; latency is",
-        "then measured at half the best sustained rate. One run on a shared machine: read the",
-        "ratios, not the absolute numbers.",
+        "Rates rise by 1.4x per step until a step loses events or its p99 passes 100 ms (S3: one",
+        "second); latency is then measured at half the best sustained rate. Latencies are",
+        "histogrammed up to one second: 1000 ms means a second or more. One run on a shared machine:",
+        "read the ratios, not the absolute numbers.",
         "",
     ]
     fanout_table(rows, "S1", "fan-out, 10,000 connections in 100 groups of 100", out)

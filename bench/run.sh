@@ -79,8 +79,10 @@ for system in $systems; do
     cleanup
   done
   start_system "$system"
-  loadgen "$system" fanout-search --scenario S3 --conns 5000 --groups 1 \
-    --start-rate "$(start_rate "$system" 50000)" --step-secs "$step_secs" || true
+  # One event reaches 5,000 sockets one write at a time, so its last delivery comes a fan-out
+  # later; S3 therefore runs until loss or a p99 over one second, not 100 ms.
+  loadgen "$system" fanout-search --scenario S3 --conns 5000 --groups 1 --max-p99-ms 1000 \
+    --start-rate "$(start_rate "$system" 20000)" --step-secs "$step_secs" || true
   cleanup
   start_system "$system"
   loadgen "$system" storm --conns 10000 || true
