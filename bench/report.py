@@ -65,6 +65,14 @@ def fanout_table(rows, scenario, title, out):
         if not r:
             continue
         per_conn = r["rss_kib"] / r["conns"] if r.get("conns") else None
+        if not r["deliveries_per_sec"]:
+            out.append(
+                f"| {NAMES[system]} | not sustained: at {fmt(r['unsustained_rate'])}/s, "
+                f"{fmt(r['unsustained_received'])} of {fmt(r['unsustained_expected'])} arrived | "
+                f"{r['unsustained_p50_ms']:.2f} (at that rate) | {r['unsustained_p99_ms']:.2f} (at that rate) | "
+                f"{fmt(r['cpu_percent_at_best'])}% | {r['rss_kib'] / 1024:.0f} MiB | {per_conn:.1f} KiB |"
+            )
+            continue
         out.append(
             f"| {NAMES[system]} | {fmt(r['deliveries_per_sec'])} | {r['p50_ms_at_half']:.2f} | "
             f"{r['p99_ms_at_half']:.2f} | {fmt(r['cpu_percent_at_best'])}% | "

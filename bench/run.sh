@@ -65,7 +65,7 @@ loadgen() { # system, scenario args...
     "$@" | tee -a "$results"
 }
 
-start_rate() { case $1 in django) echo 500 ;; *) echo "$2" ;; esac; }
+start_rate() { case $1 in django) echo 200 ;; *) echo "$2" ;; esac; }
 
 for system in $systems; do
   echo "== $system"
