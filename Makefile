@@ -36,7 +36,7 @@ cluster: deps
 	bash scripts/cluster.sh
 
 ## Side-by-side benchmarks (channelgate, a raw broadcaster, Django Channels); writes
-## BENCHMARKS.md. About ten minutes; sets up its Python venv under bench/ on first use.
+## BENCHMARKS.md. About a quarter of an hour; sets up its Python venv under bench/ on first use.
 bench: deps
 	bash bench/run.sh
 

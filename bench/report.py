@@ -58,7 +58,7 @@ def fanout_table(rows, scenario, title, out):
     if not found:
         return
     out.append(f"## {scenario}: {title}\n")
-    out.append("| system | deliveries/s (best sustained) | p50 at half (ms) | p99 at half (ms) | CPU at best | server RSS | RSS per connection |")
+    out.append("| system | deliveries/s (best sustained) | p50 at half (ms) | p99 at half (ms) | CPU at best | server RSS | server RSS / connections |")
     out.append("|---|---|---|---|---|---|---|")
     for system in SYSTEMS:
         r = found.get(system)

@@ -65,7 +65,8 @@ loadgen() { # system, scenario args...
     "$@" | tee -a "$results"
 }
 
-start_rate() { case $1 in django) echo 200 ;; *) echo "$2" ;; esac; }
+# The first step's deliveries/s: system, Rust systems' rate, Django's (default 200).
+start_rate() { case $1 in django) echo "${3:-200}" ;; *) echo "$2" ;; esac; }
 
 for system in $systems; do
   echo "== $system"
@@ -82,7 +83,7 @@ for system in $systems; do
   # One event reaches 5,000 sockets one write at a time, so its last delivery comes a fan-out
   # later; S3 therefore runs until loss or a p99 over one second, not 100 ms.
   loadgen "$system" fanout-search --scenario S3 --conns 5000 --groups 1 --max-p99-ms 1000 \
-    --start-rate "$(start_rate "$system" 20000)" --step-secs "$step_secs" || true
+    --start-rate "$(start_rate "$system" 20000 5000)" --step-secs "$step_secs" || true
   cleanup
   start_system "$system"
   loadgen "$system" storm --conns 10000 || true
