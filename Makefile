@@ -11,7 +11,7 @@ run:
 
 ## Install what is missing, then run every check and test.
 test: deps lint
-	$(CARGO) test --workspace --all-targets
+	bash scripts/test.sh
 
 ## fmt and clippy, as CI runs them.
 lint: deps
