@@ -27,6 +27,17 @@ pub enum System {
     Django,
 }
 
+impl System {
+    /// The name the report keys its rows by.
+    fn name(self) -> &'static str {
+        match self {
+            System::Channelgate => "channelgate",
+            System::Raw => "raw",
+            System::Django => "django",
+        }
+    }
+}
+
 /// Where the system listens and how to reach it.
 pub struct Setup {
     pub system: System,
@@ -486,7 +497,7 @@ pub async fn fanout(
     let (_, rss_kib) = proc_sample(&setup.server_pids);
     let result = json!({
         "scenario": scenario,
-        "system": format!("{:?}", setup.system).to_lowercase(),
+        "system": setup.system.name(),
         "conns": conns,
         "groups": groups,
         "deliveries_per_sec": best.deliveries_per_sec.round(),
@@ -519,7 +530,7 @@ fn report_unsustained(
     let (_, rss_kib) = proc_sample(&setup.server_pids);
     let result = json!({
         "scenario": scenario,
-        "system": format!("{:?}", setup.system).to_lowercase(),
+        "system": setup.system.name(),
         "conns": conns,
         "groups": groups,
         "deliveries_per_sec": 0,
@@ -545,7 +556,7 @@ pub async fn idle(setup: Setup, conns: usize) -> Result<(), String> {
     let (_, after) = proc_sample(&setup.server_pids);
     let result = json!({
         "scenario": "S2",
-        "system": format!("{:?}", setup.system).to_lowercase(),
+        "system": setup.system.name(),
         "conns": conns,
         "rss_kib_before": before,
         "rss_kib_after": after,
@@ -564,7 +575,7 @@ pub async fn storm(setup: Setup, conns: usize, concurrency: usize) -> Result<(),
     let (cpu_after, rss) = proc_sample(&setup.server_pids);
     let result = json!({
         "scenario": "S4",
-        "system": format!("{:?}", setup.system).to_lowercase(),
+        "system": setup.system.name(),
         "conns": conns,
         "seconds_to_last_page_add": (took.as_secs_f64() * 1000.0).round() / 1000.0,
         "handshakes_per_sec": (conns as f64 / took.as_secs_f64()).round(),
