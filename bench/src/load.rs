@@ -9,12 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use channelgate::identity::sign_access_token;
 use channelgate::proto::gateway_client::GatewayClient;
 use channelgate::proto::{PublishRequest, publish_request::Target as GrpcTarget};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::json;
 use tokio::net::TcpSocket;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::client::{Client, Frame};
 
 /// Which system is driven; they differ only in how events are published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -163,12 +164,18 @@ fn proc_sample(pids: &[u32]) -> (u64, u64) {
 const TICKS_PER_SEC: f64 = 100.0;
 
 /// The send time stamped in a payload, found without a JSON parser.
-fn stamp(text: &str) -> Option<u64> {
-    let rest = &text[text.find("\"ts\":")? + 5..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
+fn stamp(text: &[u8]) -> Option<u64> {
+    let at = text.windows(5).position(|w| w == b"\"ts\":")? + 5;
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit());
+    let mut value: u64 = 0;
+    let mut any = false;
+    for digit in digits {
+        value = value
+            .checked_mul(10)?
+            .checked_add(u64::from(digit - b'0'))?;
+        any = true;
+    }
+    any.then_some(value)
 }
 
 /// Sockets opened from one source address (it has about 28,000 ephemeral ports).
@@ -200,55 +207,74 @@ async fn subscriber(
     let user_id = 1 + (index % 1000) as i64;
     let token = sign_access_token(setup.jwt_secret.as_bytes(), "user_id", user_id, 3600)
         .map_err(|e| e.to_string())?;
-    let url = format!("ws://{server}/ws/core/?jwt_token={token}");
-    let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let page = format!(r#"{{"page":"table","table_id":{group}}}"#);
-    ws.send(Message::text(page))
+    let mut ws = Client::connect(
+        stream,
+        &server.to_string(),
+        &format!("/ws/core/?jwt_token={token}"),
+    )
+    .await
+    .map_err(|e| format!("handshake: {e}"))?;
+    ws.send_text(&format!(r#"{{"page":"table","table_id":{group}}}"#))
         .await
         .map_err(|e| e.to_string())?;
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) if text.contains("page_add") => break,
-            Some(Ok(Message::Text(text))) if text.contains("page_rejected") => {
-                return Err(format!("subscribe refused: {text}"));
-            }
-            Some(Ok(_)) => continue,
-            other => return Err(format!("socket closed before page_add: {other:?}")),
+    let mut answer = None;
+    while answer.is_none() {
+        let open = ws
+            .read_frames(|frame| {
+                if let Frame::Text(text) = frame
+                    && answer.is_none()
+                {
+                    if find(text, b"page_add") {
+                        answer = Some(Ok(()));
+                    } else if find(text, b"page_rejected") {
+                        let text = String::from_utf8_lossy(text);
+                        answer = Some(Err(format!("subscribe refused: {text}")));
+                    }
+                }
+            })
+            .await
+            .map_err(|e| format!("before page_add: {e}"))?;
+        if !open && answer.is_none() {
+            return Err("socket closed before page_add".into());
         }
     }
+    answer.unwrap_or(Ok(()))?;
     tokio::spawn(async move {
-        while let Some(Ok(message)) = ws.next().await {
-            if let Message::Text(text) = message
-                && let Some(ts) = stamp(&text)
+        let count = |frame: Frame<'_>| {
+            if let Frame::Text(text) = frame
+                && let Some(ts) = stamp(text)
             {
                 seen.latency.record(now_micros().saturating_sub(ts));
                 seen.received.fetch_add(1, Ordering::Relaxed);
             }
-        }
+        };
+        while let Ok(true) = ws.read_frames(count).await {}
         seen.closed.fetch_add(1, Ordering::Relaxed);
     });
     Ok(())
 }
 
-/// Opens `conns` subscribers over `groups` groups, `concurrency` handshakes at a time.
+fn find(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Handshakes in flight while sockets are opened: enough to keep every system busy.
+const OPEN_CONCURRENCY: usize = 512;
+
+/// Opens the subscribers numbered `sockets` over `groups` groups.
 /// Returns the time the last `page_add` arrived after the start.
 async fn open(
     setup: &Arc<Setup>,
-    conns: usize,
+    sockets: std::ops::Range<usize>,
     groups: usize,
-    concurrency: usize,
     seen: &Arc<Seen>,
 ) -> Result<Duration, String> {
+    let conns = sockets.len();
     let started = Instant::now();
-    let permits = Arc::new(Semaphore::new(concurrency));
+    let permits = Arc::new(Semaphore::new(OPEN_CONCURRENCY));
     let (errors, mut error_rx) = mpsc::unbounded_channel();
     let mut tasks = Vec::with_capacity(conns);
-    for index in 0..conns {
+    for index in sockets {
         let permit = permits
             .clone()
             .acquire_owned()
@@ -327,7 +353,13 @@ async fn publish(
         }
         System::Raw => {
             let url = format!("ws://{}/pub", setup.ws_addrs[0]);
-            let (ws, _) = tokio_tungstenite::connect_async(url)
+            let stream = tokio::net::TcpStream::connect(setup.ws_addrs[0])
+                .await
+                .map_err(|e| format!("raw publisher: {e}"))?;
+            // Without it Nagle holds each tick's frames for the last ones' ACK (tonic's
+            // gRPC publisher sets it too).
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            let (ws, _) = tokio_tungstenite::client_async(url, stream)
                 .await
                 .map_err(|e| format!("raw publisher: {e}"))?;
             raw = Some(ws);
@@ -425,6 +457,23 @@ async fn step(
     })
 }
 
+fn log_step(setup: &Setup, scenario: &str, rate: f64, result: &Step) {
+    eprintln!(
+        "{scenario} {} target {rate:.0}/s: {:.0}/s, {} of {}, p99 {:.2} ms, cpu {:.0}%",
+        setup.system.name(),
+        result.deliveries_per_sec,
+        result.received,
+        result.expected,
+        result.latency_ms[2],
+        result.cpu_percent
+    );
+}
+
+/// Whether a step kept up: nothing lost and p99 within the limit.
+fn sustains(result: &Step, max_p99_ms: f64) -> bool {
+    result.received == result.expected && result.latency_ms[2] <= max_p99_ms
+}
+
 /// Fan-out (S1, S3, S5): opens the sockets, raises the rate until loss or p99 over
 /// `max_p99_ms`, then measures latency at half the best sustained rate.
 #[allow(clippy::too_many_arguments)]
@@ -437,37 +486,31 @@ pub async fn fanout(
     step_secs: f64,
     size: usize,
     scenario: &str,
+    storm_scenario: Option<&str>,
 ) -> Result<(), String> {
     let setup = Arc::new(setup);
     let seen = Arc::new(Seen::new());
-    open(&setup, conns, groups, 256, &seen).await?;
+    open_as_storm(&setup, conns, groups, &seen, storm_scenario).await?;
     let members = conns / groups;
     let duration = Duration::from_secs_f64(step_secs);
     let mut rate = start_rate;
     let mut best: Option<Step> = None;
+    let mut failed_rate = None;
     let mut lost = 0;
     loop {
         let result = step(&setup, &seen, groups, members, rate, duration, size).await?;
-        eprintln!(
-            "{scenario} {:?} target {rate:.0}/s: {:.0}/s, {} of {}, p99 {:.2} ms, cpu {:.0}%",
-            setup.system,
-            result.deliveries_per_sec,
-            result.received,
-            result.expected,
-            result.latency_ms[2],
-            result.cpu_percent
-        );
+        log_step(&setup, scenario, rate, &result);
         if result.expected == 0 {
             // Too slow to publish a single event in a step: not a measurement.
             rate *= 1.4;
             continue;
         }
-        let sustained = result.received == result.expected && result.latency_ms[2] <= max_p99_ms;
-        if !sustained {
+        if !sustains(&result, max_p99_ms) {
             lost = result.expected.saturating_sub(result.received);
             if best.is_none() {
                 return report_unsustained(&setup, scenario, conns, groups, rate, &result);
             }
+            failed_rate = Some(rate);
             break;
         }
         // The Django publisher is a process whose start-up counts in the step's time, so
@@ -478,6 +521,28 @@ pub async fn fanout(
             break;
         }
         rate *= 1.4;
+    }
+    // A 1.4x step leaves the limit anywhere in 40 %: two geometric halvings between the
+    // last sustained rate and the failed one narrow it to 9 %.
+    if let Some(mut high) = failed_rate {
+        let mut low = high / 1.4;
+        for _ in 0..2 {
+            if seen.closed.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+            // Let the failed step's backlog drain first.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let middle = (low * high).sqrt();
+            let result = step(&setup, &seen, groups, members, middle, duration, size).await?;
+            log_step(&setup, scenario, middle, &result);
+            if sustains(&result, max_p99_ms) && result.expected > 0 {
+                low = middle;
+                best = Some(result);
+            } else {
+                high = middle;
+                lost = result.expected.saturating_sub(result.received);
+            }
+        }
     }
     let Some(best) = best else {
         return Err(format!("not even {start_rate}/s was sustained"));
@@ -546,43 +611,67 @@ fn report_unsustained(
     Ok(())
 }
 
-/// Idle sockets (S2): RSS per authenticated connection holding one page.
-pub async fn idle(setup: Setup, conns: usize) -> Result<(), String> {
+/// Idle sockets (S2): RSS per authenticated connection holding one page, read as the
+/// sockets reach each count in `counts` (ascending; one server, opened once).
+pub async fn idle(setup: Setup, counts: &[usize]) -> Result<(), String> {
     let setup = Arc::new(setup);
     let seen = Arc::new(Seen::new());
     let (_, before) = proc_sample(&setup.server_pids);
-    open(&setup, conns, 100, 256, &seen).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (_, after) = proc_sample(&setup.server_pids);
-    let result = json!({
-        "scenario": "S2",
-        "system": setup.system.name(),
-        "conns": conns,
-        "rss_kib_before": before,
-        "rss_kib_after": after,
-        "kib_per_conn": ((after.saturating_sub(before)) as f64 / conns as f64 * 100.0).round() / 100.0,
-    });
-    println!("{result}");
+    let mut opened = 0;
+    for &conns in counts {
+        open(&setup, opened..conns.max(opened), 100, &seen).await?;
+        opened = opened.max(conns);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (_, after) = proc_sample(&setup.server_pids);
+        let result = json!({
+            "scenario": "S2",
+            "system": setup.system.name(),
+            "conns": conns,
+            "rss_kib_before": before,
+            "rss_kib_after": after,
+            "kib_per_conn": ((after.saturating_sub(before)) as f64 / conns as f64 * 100.0).round() / 100.0,
+        });
+        println!("{result}");
+    }
     Ok(())
 }
 
 /// Connect storm (S4): every socket connects and subscribes as fast as it goes.
-pub async fn storm(setup: Setup, conns: usize, concurrency: usize) -> Result<(), String> {
-    let setup = Arc::new(setup);
-    let seen = Arc::new(Seen::new());
+pub async fn storm(setup: Setup, conns: usize) -> Result<(), String> {
+    open_as_storm(
+        &Arc::new(setup),
+        conns,
+        100,
+        &Arc::new(Seen::new()),
+        Some("S4"),
+    )
+    .await
+}
+
+/// Opens `conns` sockets; with `scenario`, reports the opening as a connect storm (S1's
+/// 10,000 sockets are S4's storm, so one opening serves both).
+async fn open_as_storm(
+    setup: &Arc<Setup>,
+    conns: usize,
+    groups: usize,
+    seen: &Arc<Seen>,
+    scenario: Option<&str>,
+) -> Result<(), String> {
     let (cpu_before, _) = proc_sample(&setup.server_pids);
-    let took = open(&setup, conns, 100, concurrency, &seen).await?;
+    let took = open(setup, 0..conns, groups, seen).await?;
     let (cpu_after, rss) = proc_sample(&setup.server_pids);
-    let result = json!({
-        "scenario": "S4",
-        "system": setup.system.name(),
-        "conns": conns,
-        "seconds_to_last_page_add": (took.as_secs_f64() * 1000.0).round() / 1000.0,
-        "handshakes_per_sec": (conns as f64 / took.as_secs_f64()).round(),
-        "cpu_percent": ((cpu_after - cpu_before) as f64 / TICKS_PER_SEC / took.as_secs_f64() * 100.0).round(),
-        "rss_kib": rss,
-    });
-    println!("{result}");
+    if let Some(scenario) = scenario {
+        let result = json!({
+            "scenario": scenario,
+            "system": setup.system.name(),
+            "conns": conns,
+            "seconds_to_last_page_add": (took.as_secs_f64() * 1000.0).round() / 1000.0,
+            "handshakes_per_sec": (conns as f64 / took.as_secs_f64()).round(),
+            "cpu_percent": ((cpu_after - cpu_before) as f64 / TICKS_PER_SEC / took.as_secs_f64() * 100.0).round(),
+            "rss_kib": rss,
+        });
+        println!("{result}");
+    }
     Ok(())
 }
 
@@ -593,10 +682,10 @@ mod tests {
     #[test]
     fn stamps_and_percentiles() {
         assert_eq!(
-            stamp(r#"{"type":"bench","n":1,"ts":1234,"g":0}"#),
+            stamp(br#"{"type":"bench","n":1,"ts":1234,"g":0}"#),
             Some(1234)
         );
-        assert_eq!(stamp(r#"{"type":"x"}"#), None);
+        assert_eq!(stamp(br#"{"type":"x"}"#), None);
         let h = Histogram::new();
         for us in [100, 200, 300, 400, 10_000] {
             h.record(us);

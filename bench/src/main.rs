@@ -16,6 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
+mod client;
 mod load;
 
 #[derive(Parser)]
@@ -74,18 +75,20 @@ enum Scenario {
         step_secs: f64,
         #[arg(long, default_value_t = 200)]
         size: usize,
+        /// Also report the opening of the sockets as this connect-storm scenario (S4).
+        #[arg(long)]
+        storm_scenario: Option<String>,
     },
-    /// Idle sockets (S2): server RSS per authenticated connection with one page.
+    /// Idle sockets (S2): server RSS per authenticated connection with one page, read at
+    /// each count given (comma-separated, ascending), the sockets opened once.
     Idle {
-        #[arg(long, default_value_t = 10_000)]
-        conns: usize,
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        conns: Vec<usize>,
     },
     /// Connect storm (S4): connects and subscribes as fast as they go.
     Storm {
         #[arg(long, default_value_t = 10_000)]
         conns: usize,
-        #[arg(long, default_value_t = 512)]
-        concurrency: usize,
     },
     /// Serve an allow-all authorizer backend (HTTP and gRPC) until killed.
     ServeAuthorizer {
@@ -264,6 +267,7 @@ async fn main() -> Result<(), String> {
             max_p99_ms,
             step_secs,
             size,
+            storm_scenario,
         } => {
             return load::fanout(
                 setup()?,
@@ -274,13 +278,12 @@ async fn main() -> Result<(), String> {
                 *step_secs,
                 *size,
                 scenario,
+                storm_scenario.as_deref(),
             )
             .await;
         }
-        Scenario::Idle { conns } => return load::idle(setup()?, *conns).await,
-        Scenario::Storm { conns, concurrency } => {
-            return load::storm(setup()?, *conns, *concurrency).await;
-        }
+        Scenario::Idle { conns } => return load::idle(setup()?, conns).await,
+        Scenario::Storm { conns } => return load::storm(setup()?, *conns).await,
         _ => {}
     }
     let mut grpc = GatewayClient::connect(format!("http://{}", args.grpc_addr))

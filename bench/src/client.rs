@@ -1,0 +1,242 @@
+//! A lean WebSocket client for the scenarios' subscribers: the handshake and the framing are
+//! done by hand over one read buffer, so a delivery costs the load generator one parse and no
+//! allocation. The generator shares the machine with the server under test; the cheaper it
+//! reads, the more of what a table shows is the server's own limit.
+//!
+//! It speaks just what a subscriber needs (RFC 6455): text frames out, masked; unmasked
+//! frames in, of any length; pings answered; a close ends the socket.
+
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The sample key of RFC 6455 §1.3; the server only needs a well-formed one.
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+/// Where a read starts; grows for a frame that does not fit.
+const READ_BUFFER_BYTES: usize = 4096;
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// One frame from the server, borrowed from the read buffer.
+pub enum Frame<'a> {
+    Text(&'a [u8]),
+    Close,
+    /// Binary, pong or a continuation: nothing a subscriber looks at.
+    Other,
+}
+
+pub struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Unparsed input is `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Pongs owed for pings read, sent before the next read.
+    pongs: Vec<Vec<u8>>,
+    mask_seed: u32,
+}
+
+fn invalid(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+impl Client {
+    /// Sends the upgrade request for `path` (with its query) and waits for `101`.
+    pub async fn connect(mut stream: TcpStream, host: &str, path: &str) -> io::Result<Client> {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut client = Client {
+            stream,
+            buf: vec![0; READ_BUFFER_BYTES],
+            start: 0,
+            end: 0,
+            pongs: Vec::new(),
+            mask_seed: 0x9e37_79b9,
+        };
+        loop {
+            if let Some(head_end) = find(&client.buf[..client.end], b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&client.buf[..head_end]);
+                if !head.starts_with("HTTP/1.1 101") {
+                    let status = head.lines().next().unwrap_or("").to_owned();
+                    return Err(invalid(format!("upgrade refused: {status}")));
+                }
+                client.start = head_end + 4;
+                return Ok(client);
+            }
+            if client.end == client.buf.len() {
+                return Err(invalid("upgrade response head too long".into()));
+            }
+            let n = client.stream.read(&mut client.buf[client.end..]).await?;
+            if n == 0 {
+                return Err(invalid("closed during the upgrade".into()));
+            }
+            client.end += n;
+        }
+    }
+
+    /// Sends one text frame, masked as a client must.
+    pub async fn send_text(&mut self, text: &str) -> io::Result<()> {
+        let frame = masked(self.next_mask(), OP_TEXT, text.as_bytes());
+        self.stream.write_all(&frame).await
+    }
+
+    /// xorshift: a load generator's masks need not be secret, only present.
+    fn next_mask(&mut self) -> [u8; 4] {
+        self.mask_seed ^= self.mask_seed << 13;
+        self.mask_seed ^= self.mask_seed >> 17;
+        self.mask_seed ^= self.mask_seed << 5;
+        self.mask_seed.to_be_bytes()
+    }
+
+    /// Waits for input and hands every whole frame buffered to `each`. Returns `false` once
+    /// the server closed the socket (a close frame or end of stream).
+    pub async fn read_frames(&mut self, mut each: impl FnMut(Frame<'_>)) -> io::Result<bool> {
+        for pong in std::mem::take(&mut self.pongs) {
+            self.stream.write_all(&pong).await?;
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.next_frame().is_none() {
+            self.make_room();
+            let n = self.stream.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.end += n;
+        }
+        while let Some((opcode, payload)) = self.next_frame() {
+            self.start = payload.end;
+            let bytes = &self.buf[payload.clone()];
+            match opcode {
+                OP_TEXT => each(Frame::Text(bytes)),
+                OP_CLOSE => {
+                    each(Frame::Close);
+                    return Ok(false);
+                }
+                OP_PING => {
+                    let pong = masked(self.next_mask(), OP_PONG, &self.buf[payload]);
+                    self.pongs.push(pong);
+                }
+                _ => each(Frame::Other),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next whole frame's opcode and payload range in the buffer, if it is all there.
+    fn next_frame(&self) -> Option<(u8, std::ops::Range<usize>)> {
+        let input = &self.buf[self.start..self.end];
+        let (&first, &second) = (input.first()?, input.get(1)?);
+        let (len, header) = match second & 0x7f {
+            126 => (
+                u16::from_be_bytes([*input.get(2)?, *input.get(3)?]) as usize,
+                4,
+            ),
+            127 => {
+                let bytes: [u8; 8] = input.get(2..10)?.try_into().ok()?;
+                (u64::from_be_bytes(bytes) as usize, 10)
+            }
+            n => (n as usize, 2),
+        };
+        if input.len() < header + len {
+            return None;
+        }
+        let payload = self.start + header..self.start + header + len;
+        Some((first & 0x0f, payload))
+    }
+
+    /// Moves unparsed input to the front, and grows the buffer for a frame that won't fit.
+    fn make_room(&mut self) {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            let len = self.buf.len() * 2;
+            self.buf.resize(len, 0);
+        }
+    }
+}
+
+/// A client frame: header, mask and the masked payload.
+fn masked(mask: [u8; 4], opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(payload.len() + 14);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_split_and_long_frames_and_answers_pings() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = vec![0; 1024];
+            let n = socket.read(&mut head).await.unwrap();
+            assert!(String::from_utf8_lossy(&head[..n]).starts_with("GET /ws/core/?x=1 "));
+            let long = "y".repeat(70_000);
+            let mut out = b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x02hi\x89\x01p".to_vec();
+            out.extend_from_slice(&[0x81, 127]);
+            out.extend_from_slice(&(long.len() as u64).to_be_bytes());
+            out.extend_from_slice(long.as_bytes());
+            // The last frame arrives in two writes.
+            socket.write_all(&out[..out.len() - 10]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            socket.write_all(&out[out.len() - 10..]).await.unwrap();
+            let mut pong = [0u8; 7];
+            socket.read_exact(&mut pong).await.unwrap();
+            assert_eq!(pong[0], 0x8A, "a pong");
+            assert_eq!(
+                pong[6] ^ pong[2],
+                b'p',
+                "carrying the ping's payload, masked"
+            );
+            socket.write_all(&[0x88, 0]).await.unwrap();
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut client = Client::connect(stream, "x", "/ws/core/?x=1").await.unwrap();
+        let mut texts = Vec::new();
+        while client
+            .read_frames(|frame| {
+                if let Frame::Text(t) = frame {
+                    texts.push(t.len());
+                }
+            })
+            .await
+            .unwrap()
+        {}
+        assert_eq!(texts, [2, 70_000]);
+        server.await.unwrap();
+    }
+}
