@@ -419,6 +419,15 @@ impl Hub {
         disconnected
     }
 
+    /// Asks every connection to close with `reason` once its queued frames are written.
+    pub fn close_all(&self, reason: CloseReason) {
+        for shard in self.users.each_shard() {
+            for conn in shard.values().flatten() {
+                conn.outbox.close(reason);
+            }
+        }
+    }
+
     pub fn stats(&self) -> HubStats {
         let users = self
             .users

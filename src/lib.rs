@@ -299,6 +299,7 @@ impl Node {
     /// all within `--shutdown-timeout`.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.hub.close_all(protocol::CloseReason::GoingAway);
         let deadline = self.settings.shutdown_timeout;
         let all = u32::try_from(self.settings.max_connections).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(deadline, async {

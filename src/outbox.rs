@@ -6,9 +6,10 @@
 //! without bound.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::protocol::CloseReason;
@@ -30,12 +31,10 @@ pub enum Pushed {
 /// A bounded, byte-limited frame queue with a single consumer (the socket's writer).
 ///
 /// A std mutex, not tokio's: it is held for a few pointer moves and never across `.await`.
+/// The writer's waker sits under the same lock, so waking it costs no second lock: it is
+/// woken when frames arrive in an empty queue, a close is requested or the queue overflows.
 pub struct Outbox {
     state: Mutex<State>,
-    /// Woken when frames arrive in an empty queue or a close is requested.
-    ready: Notify,
-    /// Woken when the queue overflows, to abandon a write stuck on a slow socket.
-    overflowed: Notify,
     limit_bytes: usize,
 }
 
@@ -44,14 +43,22 @@ struct State {
     frames: VecDeque<Frame>,
     bytes: usize,
     close: Option<CloseReason>,
+    writer: Option<Waker>,
+}
+
+impl State {
+    fn park(&mut self, cx: &Context<'_>) {
+        match &self.writer {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => self.writer = Some(cx.waker().clone()),
+        }
+    }
 }
 
 impl Outbox {
     pub fn new(limit_bytes: usize) -> Self {
         Outbox {
             state: Mutex::default(),
-            ready: Notify::new(),
-            overflowed: Notify::new(),
             limit_bytes,
         }
     }
@@ -71,17 +78,24 @@ impl Outbox {
             state.close = Some(CloseReason::SlowConsumer);
             state.frames = VecDeque::new();
             state.bytes = 0;
+            let writer = state.writer.take();
             drop(state);
-            self.ready.notify_one();
-            self.overflowed.notify_one();
+            if let Some(writer) = writer {
+                writer.wake();
+            }
             return Pushed::Overflowed;
         }
         state.bytes += frame.len();
         state.frames.push_back(frame);
-        let was_empty = state.frames.len() == 1;
+        // A writer with frames still queued has not parked since: no need to wake it.
+        let writer = if state.frames.len() == 1 {
+            state.writer.take()
+        } else {
+            None
+        };
         drop(state);
-        if was_empty {
-            self.ready.notify_one();
+        if let Some(writer) = writer {
+            writer.wake();
         }
         Pushed::Queued
     }
@@ -93,8 +107,11 @@ impl Outbox {
         if state.close.is_none() {
             state.close = Some(reason);
         }
+        let writer = state.writer.take();
         drop(state);
-        self.ready.notify_one();
+        if let Some(writer) = writer {
+            writer.wake();
+        }
     }
 
     /// Whether a close was requested, and why.
@@ -105,34 +122,37 @@ impl Outbox {
     /// Waits for work: moves every queued frame into `batch` and returns `None`, or, once
     /// the queue is empty and a close was requested, returns its reason.
     pub async fn next_batch(&self, batch: &mut Vec<Frame>) -> Option<CloseReason> {
-        loop {
-            {
-                let mut state = self.lock();
-                if !state.frames.is_empty() {
-                    batch.extend(state.frames.drain(..));
-                    state.bytes = 0;
-                    if state.frames.capacity() > 64 {
-                        // Give back what a burst grew, so idle connections stay small.
-                        state.frames = VecDeque::new();
-                    }
-                    return None;
+        poll_fn(|cx| {
+            let mut state = self.lock();
+            if !state.frames.is_empty() {
+                batch.extend(state.frames.drain(..));
+                state.bytes = 0;
+                if state.frames.capacity() > 64 {
+                    // Give back what a burst grew, so idle connections stay small.
+                    state.frames = VecDeque::new();
                 }
-                if let Some(reason) = state.close {
-                    return Some(reason);
-                }
+                return Poll::Ready(None);
             }
-            self.ready.notified().await;
-        }
+            if let Some(reason) = state.close {
+                return Poll::Ready(Some(reason));
+            }
+            state.park(cx);
+            Poll::Pending
+        })
+        .await
     }
 
-    /// Completes when the queue overflows (checked after each wake-up).
+    /// Completes when the queue overflows: the writer races its socket write with this.
     pub async fn overflow(&self) {
-        loop {
-            if self.close_reason() == Some(CloseReason::SlowConsumer) {
-                return;
+        poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.close == Some(CloseReason::SlowConsumer) {
+                return Poll::Ready(());
             }
-            self.overflowed.notified().await;
-        }
+            state.park(cx);
+            Poll::Pending
+        })
+        .await
     }
 }
 

@@ -197,6 +197,11 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let hub = ctx.session.hub.clone();
     let conn = hub.connect(web_socket_id.as_str().into(), identity.user_id);
+    // A node stopping closes every connection in the hub; one that joined after it did so
+    // sees the flag (it was raised before the hub was walked).
+    if *ctx.shutdown.borrow() {
+        conn.outbox.close(CloseReason::GoingAway);
+    }
     conn.outbox
         .push(Frame::from(server::authenticated(&web_socket_id, false)));
     let session = Session::new(ctx.session.clone(), conn.clone());
@@ -205,24 +210,14 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     let writer = write_loop(&mut sink, &conn.outbox);
     let reader = read_loop(&mut stream, &session, &ctx);
     tokio::pin!(writer, reader);
-    let mut shutdown = ctx.shutdown.clone();
-    let mut shutting_down = false;
-    loop {
-        tokio::select! {
-            _ = &mut writer => {
-                // Our close frame is out: give the client a moment to answer it.
-                let _ = tokio::time::timeout(CLOSE_LINGER, &mut reader).await;
-                break;
-            }
-            reason = &mut reader => {
-                conn.outbox.close(reason);
-                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, &mut writer).await;
-                break;
-            }
-            _ = crate::stopped(&mut shutdown), if !shutting_down => {
-                shutting_down = true;
-                conn.outbox.close(CloseReason::GoingAway);
-            }
+    tokio::select! {
+        _ = &mut writer => {
+            // Our close frame is out: give the client a moment to answer it.
+            let _ = tokio::time::timeout(CLOSE_LINGER, &mut reader).await;
+        }
+        reason = &mut reader => {
+            conn.outbox.close(reason);
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, &mut writer).await;
         }
     }
     hub.disconnect(&conn);
