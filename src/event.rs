@@ -1,14 +1,18 @@
-//! Published events: a publish request checked and turned into frames ready to send.
+//! Published events: a publish request checked and turned into payloads ready to send.
 //!
-//! Pure. Each payload is validated once here and becomes one shared [`Frame`]; the hub
+//! Pure. Each payload is validated once here and becomes one shared [`Payload`]; the hub
 //! and the bus never look inside it again.
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use crate::outbox::Frame;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
 use crate::proto::{self, publish_request};
+
+/// A checked payload, shared by every recipient (reference counted, never copied).
+pub type Payload = Utf8Bytes;
 
 /// The group that means every connection, as in Baserow.
 pub const EVERYONE_GROUP: &str = "users";
@@ -24,24 +28,27 @@ pub struct Event {
     pub ignore_web_socket_id: Option<String>,
 }
 
-/// Who receives an event, with its frame(s).
+/// Who receives an event, with its payload(s).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Target {
     /// Members of one channel group, but not these users.
     Group {
         group: String,
         exclude_user_ids: Vec<i64>,
-        frame: Frame,
+        payload: Payload,
     },
     /// Every connection (the `users` group, or `all_users`), but not these users.
     Everyone {
         exclude_user_ids: Vec<i64>,
-        frame: Frame,
+        payload: Payload,
     },
     /// Every connection of these users (sorted, without duplicates).
-    Users { user_ids: Vec<i64>, frame: Frame },
-    /// A frame of its own for each user.
-    Individual { payloads: Vec<(i64, Frame)> },
+    Users {
+        user_ids: Vec<i64>,
+        payload: Payload,
+    },
+    /// A payload of its own for each user.
+    Individual { payloads: Vec<(i64, Payload)> },
 }
 
 /// A publish request that cannot be delivered; `field` names the culprit.
@@ -74,7 +81,7 @@ impl std::fmt::Display for InvalidEvent {
     }
 }
 
-/// Checks a publish request and encodes its frame(s).
+/// Checks a publish request and its payload(s).
 pub fn from_request(
     request: proto::PublishRequest,
     max_payload_bytes: usize,
@@ -85,7 +92,7 @@ pub fn from_request(
         ignore_web_socket_id,
         exclude_user_ids,
     } = request;
-    let frame = |field: &str, payload: String| check_payload(field, payload, max_payload_bytes);
+    let checked = |field: &str, payload: String| check_payload(field, payload, max_payload_bytes);
     let exclusions_unused = |target: &str| {
         if exclude_user_ids.is_empty() {
             Ok(())
@@ -105,27 +112,27 @@ pub fn from_request(
         }
         Some(publish_request::Target::Group(group)) => {
             check_group(&group)?;
-            let frame = frame("payload", payload)?;
+            let payload = checked("payload", payload)?;
             if group == EVERYONE_GROUP {
                 Target::Everyone {
                     exclude_user_ids,
-                    frame,
+                    payload,
                 }
             } else {
                 Target::Group {
                     group,
                     exclude_user_ids,
-                    frame,
+                    payload,
                 }
             }
         }
         Some(publish_request::Target::Users(users)) => {
             exclusions_unused("users")?;
-            let frame = frame("payload", payload)?;
+            let payload = checked("payload", payload)?;
             if users.all_users {
                 Target::Everyone {
                     exclude_user_ids: Vec::new(),
-                    frame,
+                    payload,
                 }
             } else {
                 let mut user_ids = users.user_ids;
@@ -143,7 +150,7 @@ pub fn from_request(
                 }
                 user_ids.sort_unstable();
                 user_ids.dedup();
-                Target::Users { user_ids, frame }
+                Target::Users { user_ids, payload }
             }
         }
         Some(publish_request::Target::Individual(individual)) => {
@@ -160,7 +167,7 @@ pub fn from_request(
                 if user_id < 0 {
                     return Err(InvalidEvent::new(field, "is not a user id"));
                 }
-                payloads.push((user_id, frame(&field, payload)?));
+                payloads.push((user_id, checked(&field, payload)?));
             }
             payloads.sort_unstable_by_key(|(user_id, _)| *user_id);
             Target::Individual { payloads }
@@ -183,31 +190,31 @@ impl Event {
             Target::Group {
                 group,
                 exclude_user_ids,
-                frame,
+                payload,
             } => {
                 request.target = Some(publish_request::Target::Group(group.clone()));
                 request.exclude_user_ids = exclude_user_ids.clone();
-                request.payload = frame.as_str().to_string();
+                request.payload = payload.as_str().to_string();
             }
             Target::Everyone {
                 exclude_user_ids,
-                frame,
+                payload,
             } => {
                 request.target = Some(publish_request::Target::Group(EVERYONE_GROUP.into()));
                 request.exclude_user_ids = exclude_user_ids.clone();
-                request.payload = frame.as_str().to_string();
+                request.payload = payload.as_str().to_string();
             }
-            Target::Users { user_ids, frame } => {
+            Target::Users { user_ids, payload } => {
                 request.target = Some(publish_request::Target::Users(proto::UserTarget {
                     user_ids: user_ids.clone(),
                     all_users: false,
                 }));
-                request.payload = frame.as_str().to_string();
+                request.payload = payload.as_str().to_string();
             }
             Target::Individual { payloads } => {
                 let payloads = payloads
                     .iter()
-                    .map(|(user_id, frame)| (*user_id, frame.as_str().to_string()))
+                    .map(|(user_id, payload)| (*user_id, payload.as_str().to_string()))
                     .collect();
                 request.target = Some(publish_request::Target::Individual(
                     proto::IndividualTarget { payloads },
@@ -220,30 +227,30 @@ impl Event {
     /// Rebuilds an event another node validated and sent with [`Event::to_request`]; its
     /// payloads are not parsed again. `None` when the request has no target.
     pub fn from_trusted(request: proto::PublishRequest) -> Option<Event> {
-        let frame = || Frame::from(request.payload.clone());
+        let payload = || Payload::from(request.payload.clone());
         let target = match request.target? {
             publish_request::Target::Group(group) if group == EVERYONE_GROUP => Target::Everyone {
                 exclude_user_ids: request.exclude_user_ids.clone(),
-                frame: frame(),
+                payload: payload(),
             },
             publish_request::Target::Group(group) => Target::Group {
                 group,
                 exclude_user_ids: request.exclude_user_ids.clone(),
-                frame: frame(),
+                payload: payload(),
             },
             publish_request::Target::Users(users) if users.all_users => Target::Everyone {
                 exclude_user_ids: Vec::new(),
-                frame: frame(),
+                payload: payload(),
             },
             publish_request::Target::Users(users) => Target::Users {
                 user_ids: users.user_ids,
-                frame: frame(),
+                payload: payload(),
             },
             publish_request::Target::Individual(individual) => {
                 let mut payloads: Vec<_> = individual
                     .payloads
                     .into_iter()
-                    .map(|(user_id, payload)| (user_id, Frame::from(payload)))
+                    .map(|(user_id, payload)| (user_id, Payload::from(payload)))
                     .collect();
                 payloads.sort_unstable_by_key(|(user_id, _)| *user_id);
                 Target::Individual { payloads }
@@ -283,7 +290,7 @@ struct TypedObject<'a> {
 }
 
 /// A payload must be a JSON object with a string `type`; it is then sent verbatim.
-fn check_payload(field: &str, payload: String, max_bytes: usize) -> Result<Frame, InvalidEvent> {
+fn check_payload(field: &str, payload: String, max_bytes: usize) -> Result<Payload, InvalidEvent> {
     if payload.len() > max_bytes {
         return Err(InvalidEvent::new(
             field,
@@ -299,7 +306,7 @@ fn check_payload(field: &str, payload: String, max_bytes: usize) -> Result<Frame
             format!("must be a JSON object with a string \"type\": {e}"),
         )
     })?;
-    Ok(Frame::from(payload))
+    Ok(Payload::from(payload))
 }
 
 #[cfg(test)]
@@ -322,11 +329,11 @@ mod tests {
     #[test]
     fn a_group_event_keeps_its_payload_verbatim() {
         let event = from_request(group("table-1", r#"{"type":"x", "n": 1}"#), 1024).unwrap();
-        let Target::Group { group, frame, .. } = event.target else {
+        let Target::Group { group, payload, .. } = event.target else {
             panic!("not a group target");
         };
         assert_eq!(group, "table-1");
-        assert_eq!(frame.as_str(), r#"{"type":"x", "n": 1}"#);
+        assert_eq!(payload.as_str(), r#"{"type":"x", "n": 1}"#);
         assert_eq!(event.ignore_web_socket_id, None);
     }
 

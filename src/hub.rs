@@ -286,8 +286,9 @@ impl Hub {
             Target::Group {
                 group,
                 exclude_user_ids,
-                frame,
+                payload,
             } => {
+                let frame = &Frame::text(payload);
                 let members = self
                     .groups
                     .shard(group.as_str())
@@ -303,25 +304,32 @@ impl Hub {
             }
             Target::Everyone {
                 exclude_user_ids,
-                frame,
-            } => self
-                .users
-                .each_shard()
-                .map(|shard| {
-                    shard
-                        .iter()
-                        .filter(|(user_id, _)| !exclude_user_ids.contains(user_id))
-                        .map(|(_, conns)| self.send_all(conns, frame, skip_socket))
-                        .sum::<usize>()
-                })
-                .sum(),
-            Target::Users { user_ids, frame } => user_ids
-                .iter()
-                .map(|user_id| self.send_to_user(*user_id, frame, skip_socket))
-                .sum(),
+                payload,
+            } => {
+                let frame = &Frame::text(payload);
+                self.users
+                    .each_shard()
+                    .map(|shard| {
+                        shard
+                            .iter()
+                            .filter(|(user_id, _)| !exclude_user_ids.contains(user_id))
+                            .map(|(_, conns)| self.send_all(conns, frame, skip_socket))
+                            .sum::<usize>()
+                    })
+                    .sum()
+            }
+            Target::Users { user_ids, payload } => {
+                let frame = &Frame::text(payload);
+                user_ids
+                    .iter()
+                    .map(|user_id| self.send_to_user(*user_id, frame, skip_socket))
+                    .sum()
+            }
             Target::Individual { payloads } => payloads
                 .iter()
-                .map(|(user_id, frame)| self.send_to_user(*user_id, frame, skip_socket))
+                .map(|(user_id, payload)| {
+                    self.send_to_user(*user_id, &Frame::text(payload), skip_socket)
+                })
                 .sum(),
         };
         self.metrics
@@ -480,7 +488,7 @@ mod tests {
             target: Target::Group {
                 group: group.into(),
                 exclude_user_ids: vec![],
-                frame: Frame::from(text),
+                payload: text.into(),
             },
             ignore_web_socket_id: None,
         }

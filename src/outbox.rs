@@ -10,12 +10,78 @@ use std::future::poll_fn;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use bytes::Bytes;
 
 use crate::protocol::CloseReason;
 
-/// One encoded text frame, shared by every recipient (reference counted, never copied).
-pub type Frame = Utf8Bytes;
+/// One WebSocket frame as it goes on the wire, shared by every recipient (reference
+/// counted, never copied). A server's frames are not masked, so an event is framed once
+/// for all its sockets and a writer only hands the bytes to the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame(Bytes);
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+
+impl Frame {
+    /// A text frame.
+    pub fn text(text: &str) -> Frame {
+        Frame::encode(OP_TEXT, &[text.as_bytes()])
+    }
+
+    /// A close frame with the reason's code and text.
+    pub fn close(reason: CloseReason) -> Frame {
+        Frame::encode(
+            OP_CLOSE,
+            &[&reason.code().to_be_bytes(), reason.text().as_bytes()],
+        )
+    }
+
+    /// Bytes that are frames already (what the WebSocket reader writes: pongs).
+    pub fn framed(bytes: Bytes) -> Frame {
+        Frame(bytes)
+    }
+
+    fn encode(opcode: u8, parts: &[&[u8]]) -> Frame {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut wire = Vec::with_capacity(len + 10);
+        wire.push(0x80 | opcode);
+        match len {
+            0..=125 => wire.push(len as u8),
+            126..=0xffff => {
+                wire.push(126);
+                wire.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                wire.push(127);
+                wire.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        for part in parts {
+            wire.extend_from_slice(part);
+        }
+        Frame(wire.into())
+    }
+
+    /// The frame's bytes on the wire.
+    pub fn wire(&self) -> &Bytes {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Frame {
+        Frame::text(&text)
+    }
+}
 
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +227,21 @@ mod tests {
     use super::*;
 
     fn frame(n: usize) -> Frame {
-        Frame::from("x".repeat(n))
+        Frame::framed(Bytes::from(vec![b'x'; n]))
+    }
+
+    #[test]
+    fn frames_carry_rfc_6455_headers() {
+        assert_eq!(Frame::text("hi").wire().as_ref(), b"\x81\x02hi");
+        let long = Frame::text(&"y".repeat(300));
+        assert_eq!(long.wire()[..4], [0x81, 126, 1, 44]);
+        assert_eq!(long.len(), 304);
+        let huge = Frame::text(&"z".repeat(70_000));
+        assert_eq!(huge.wire()[..2], [0x81, 127]);
+        assert_eq!(huge.wire()[2..10], 70_000u64.to_be_bytes());
+        let close = Frame::close(CloseReason::SlowConsumer);
+        assert_eq!(close.wire()[0], 0x88);
+        assert_eq!(close.wire()[2..4], 4008u16.to_be_bytes());
     }
 
     #[tokio::test]

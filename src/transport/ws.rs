@@ -1,15 +1,24 @@
 //! `/ws/core/`: the WebSocket handshake and the I/O of one socket.
 //!
-//! A socket runs as two futures in one task: the reader hands frames to the [`Session`]
-//! one at a time, the writer drains the connection's outbox and flushes once per batch.
-//! Whichever ends first asks the other to finish, within a deadline.
+//! A socket runs as two futures in one task, sharing its TCP stream without a lock: the
+//! reader (tungstenite, which parses and unmasks client frames) hands frames to the
+//! [`Session`] one at a time; the writer takes the connection's outbox a batch at a time
+//! and hands the frames, framed once per event for every socket, to the kernel in one
+//! vectored write. Whichever ends first asks the other to finish, within a deadline.
 
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -17,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, handshake::derive_accept_key};
 
 use crate::bus::Bus;
+use crate::hub::Connection;
 use crate::identity::{Identity, IdentityError, TokenVerifier};
 use crate::outbox::{Frame, Outbox};
 use crate::protocol::{CloseReason, FrameError, server};
@@ -32,8 +42,6 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 const MAX_GARBAGE_IN_A_ROW: u32 = 20;
 /// tungstenite reads in chunks of this size; small keeps idle sockets cheap (see DESIGN §7).
 const READ_BUFFER_BYTES: usize = 1024;
-/// Frames are written to the socket once this much is buffered, or at the end of a batch.
-const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Everything the WebSocket side of a node needs.
 pub struct WsContext {
@@ -156,8 +164,6 @@ fn is_valid_web_socket_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
-
 /// Runs one WebSocket from the upgrade to the end.
 pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     let upgraded = match upgrade.on_upgrade.await {
@@ -167,31 +173,27 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
             return;
         }
     };
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_message_size(Some(ctx.max_message_bytes))
-        .max_frame_size(Some(ctx.max_message_bytes));
-    let mut socket: Socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     let identity = match upgrade.identity {
         Ok(identity) => identity,
         Err(error) => {
             tracing::debug!(%error, "authentication failed");
-            ctx.session
-                .hub
-                .metrics()
-                .authentication_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let _ = socket
-                .send(Message::Text(server::authentication_failed().into()))
-                .await;
-            let _ = socket
-                .send(close_message(CloseReason::AuthenticationFailed))
-                .await;
+            refuse(upgraded, &ctx).await;
             return;
         }
     };
+    // The TCP stream itself: its reader and its writer share it without a lock.
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => parts,
+        Err(_) => {
+            tracing::warn!("WebSocket upgraded over an unexpected transport; dropped");
+            return;
+        }
+    };
+    let tcp = Arc::new(parts.io.into_inner());
+    // Copied out and dropped: the slice would hold hyper's whole read buffer (8 KiB and
+    // more) for the socket's life.
+    let early = Bytes::copy_from_slice(&parts.read_buf);
+    drop(parts.read_buf);
     let web_socket_id = upgrade
         .web_socket_id
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -204,10 +206,16 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     }
     conn.outbox
         .push(Frame::from(server::authenticated(&web_socket_id, false)));
+    let inbound = Inbound {
+        tcp: tcp.clone(),
+        early,
+        conn: conn.clone(),
+    };
+    let mut stream =
+        WebSocketStream::from_raw_socket(inbound, Role::Server, Some(ws_config(&ctx))).await;
     let session = Session::new(ctx.session.clone(), conn.clone());
-    let (mut sink, mut stream) = socket.split();
 
-    let writer = write_loop(&mut sink, &conn.outbox);
+    let writer = write_loop(&tcp, &conn.outbox);
     let reader = read_loop(&mut stream, &session, &ctx);
     tokio::pin!(writer, reader);
     tokio::select! {
@@ -223,48 +231,185 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     hub.disconnect(&conn);
 }
 
-fn close_message(reason: CloseReason) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(reason.code()),
-        reason: reason.text().into(),
-    }))
+fn ws_config(ctx: &WsContext) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(Some(ctx.max_message_bytes))
+        .max_frame_size(Some(ctx.max_message_bytes))
 }
 
-/// Writes queued frames, a batch at a time with one flush, until a close is requested.
-async fn write_loop(
-    sink: &mut futures_util::stream::SplitSink<Socket, Message>,
-    outbox: &Outbox,
-) -> CloseReason {
-    let mut batch = Vec::new();
-    loop {
-        if let Some(reason) = outbox.next_batch(&mut batch).await {
-            // A slow consumer may never take this frame; the timeout bounds the wait.
-            let _ =
-                tokio::time::timeout(CLOSE_WRITE_TIMEOUT, sink.send(close_message(reason))).await;
-            return reason;
+/// Tells a client its token was refused (Baserow's `authentication` frame), then closes.
+async fn refuse(upgraded: hyper::upgrade::Upgraded, ctx: &WsContext) {
+    ctx.session
+        .hub
+        .metrics()
+        .authentication_failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut socket = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(ws_config(ctx)),
+    )
+    .await;
+    let _ = socket
+        .send(Message::Text(server::authentication_failed().into()))
+        .await;
+    let reason = CloseReason::AuthenticationFailed;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(reason.code()),
+            reason: reason.text().into(),
+        })))
+        .await;
+}
+
+/// The reading side of a socket, as tungstenite sees it. What tungstenite writes (its
+/// answers to pings) goes through the connection's outbox, so the writer stays the only
+/// one writing to the socket and frames never interleave.
+struct Inbound {
+    tcp: Arc<TcpStream>,
+    /// What the client sent right behind its handshake; read before the socket.
+    early: Bytes,
+    conn: Arc<Connection>,
+}
+
+impl AsyncRead for Inbound {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early.split_to(n));
+            return Poll::Ready(Ok(()));
         }
-        let write = async {
-            for frame in batch.drain(..) {
-                sink.feed(Message::Text(frame)).await?;
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            match this.tcp.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was stale; polling again registers for the next.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
             }
-            sink.flush().await
-        };
-        let written = tokio::select! {
-            written = write => written,
-            // A write stuck on a socket nobody reads is abandoned; the loop then closes.
-            _ = outbox.overflow() => Ok(()),
-        };
-        batch.clear();
-        if let Err(error) = written {
-            tracing::debug!(%error, "socket write failed");
-            return CloseReason::Normal;
         }
     }
 }
 
+impl AsyncWrite for Inbound {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.conn
+            .outbox
+            .push(Frame::framed(Bytes::copy_from_slice(buf)));
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writes queued frames, a batch at a time, until a close is requested; then the close
+/// frame. A write stuck on a socket nobody reads is abandoned once the outbox overflows.
+async fn write_loop(tcp: &TcpStream, outbox: &Outbox) -> CloseReason {
+    let mut batch = Vec::new();
+    // The rest of a frame whose beginning is on the wire: it must go out before any other.
+    let mut unfinished = None;
+    loop {
+        if let Some(reason) = outbox.next_batch(&mut batch).await {
+            let last: Vec<Frame> = unfinished
+                .take()
+                .into_iter()
+                .chain([Frame::close(reason)])
+                .collect();
+            // A slow consumer may never take these; the timeout bounds the wait.
+            let mut written = Written::default();
+            let close = write_frames(tcp, &last, &mut written);
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, close).await;
+            return reason;
+        }
+        let mut written = Written::default();
+        let result = tokio::select! {
+            result = write_frames(tcp, &batch, &mut written) => result,
+            _ = outbox.overflow() => Ok(()),
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "socket write failed");
+            return CloseReason::Normal;
+        }
+        if written.bytes > 0
+            && let Some(frame) = batch.get(written.frames)
+        {
+            unfinished = Some(Frame::framed(frame.wire().slice(written.bytes..)));
+        }
+        batch.clear();
+    }
+}
+
+/// How far a write got: whole frames, then bytes of the next.
+#[derive(Default)]
+struct Written {
+    frames: usize,
+    bytes: usize,
+}
+
+/// Frames handed to the kernel per write.
+const FRAMES_PER_WRITE: usize = 64;
+
+/// Writes `frames` in as few system calls as the socket takes, recording progress.
+async fn write_frames(tcp: &TcpStream, frames: &[Frame], written: &mut Written) -> io::Result<()> {
+    while written.frames < frames.len() {
+        tcp.writable().await?;
+        match write_some(tcp, frames, written) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
+}
+
+/// One vectored write of what is left. Not async: the slices stay on the stack, out of
+/// the socket task's state, which every idle connection carries.
+fn write_some(tcp: &TcpStream, frames: &[Frame], written: &mut Written) -> io::Result<()> {
+    let mut slices = [IoSlice::new(&[]); FRAMES_PER_WRITE];
+    let left = &frames[written.frames..];
+    for (i, frame) in left.iter().take(FRAMES_PER_WRITE).enumerate() {
+        let skip = if i == 0 { written.bytes } else { 0 };
+        slices[i] = IoSlice::new(&frame.wire()[skip..]);
+    }
+    let mut n = tcp.try_write_vectored(&slices[..left.len().min(FRAMES_PER_WRITE)])?;
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    while n > 0 {
+        let rest = frames[written.frames].len() - written.bytes;
+        if n < rest {
+            written.bytes += n;
+            break;
+        }
+        n -= rest;
+        written.frames += 1;
+        written.bytes = 0;
+    }
+    Ok(())
+}
+
 /// Reads and handles client frames until the client leaves or must be closed.
 async fn read_loop(
-    stream: &mut futures_util::stream::SplitStream<Socket>,
+    stream: &mut WebSocketStream<Inbound>,
     session: &Session,
     ctx: &WsContext,
 ) -> CloseReason {
