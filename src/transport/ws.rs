@@ -341,9 +341,15 @@ async fn write_loop(tcp: &TcpStream, outbox: &Outbox) -> CloseReason {
             return reason;
         }
         let mut written = Written::default();
-        let result = tokio::select! {
-            result = write_frames(tcp, &batch, &mut written) => result,
-            _ = outbox.overflow() => Ok(()),
+        // Most batches go out in one write; only a socket that pushes back is waited on,
+        // racing the outbox's overflow.
+        let result = match write_some(tcp, &batch, &mut written) {
+            Ok(()) if written.frames == batch.len() => Ok(()),
+            Err(error) if error.kind() != io::ErrorKind::WouldBlock => Err(error),
+            _ => tokio::select! {
+                result = write_frames(tcp, &batch, &mut written) => result,
+                _ = outbox.overflow() => Ok(()),
+            },
         };
         if let Err(error) = result {
             tracing::debug!(%error, "socket write failed");
