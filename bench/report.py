@@ -66,23 +66,26 @@ def label(system, runs, i):
     return NAMES[system] if len(runs) == 1 else f"{NAMES[system]}, round {i + 1}"
 
 
-def mean(runs, key):
-    values = [r.get(key) or 0 for r in runs]
-    return sum(values) / len(values) if values else 0
+def median(runs, key):
+    values = sorted(r.get(key) or 0 for r in runs)
+    if not values:
+        return 0
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def ratio_lines(found, key, unit, out):
-    """channelgate against each peer, on the mean over rounds."""
+    """channelgate against each peer, on the medians over rounds."""
     if "channelgate" not in found:
         return
     rounds = len(found["channelgate"])
-    over = " (means over rounds)" if rounds > 1 else ""
+    over = " (medians over rounds)" if rounds > 1 else ""
     for peer in ("raw", "django"):
         if peer in found:
             out.append("")
             out.append(
                 f"channelgate / {NAMES[peer]}: "
-                f"{ratio(mean(found['channelgate'], key), mean(found[peer], key))} {unit}{over}"
+                f"{ratio(median(found['channelgate'], key), median(found[peer], key))} {unit}{over}"
             )
 
 
@@ -139,7 +142,7 @@ def main():
         "Latencies are histogrammed up to one second: 1000 ms means a second or more. S4 is the",
         "opening of S1's 10,000 sockets; S2's two counts are read from one opening. S1, S3 and S4",
         "run in rounds with channelgate and the raw broadcaster taking turns (Django once); each",
-        "round has its row and the ratios are of the means. The load generator reads with its own",
+        "round has its row and the ratios are of the medians. The load generator reads with its own",
         "framing (`bench/src/client.rs`) so that it is not what limits a table. A shared machine:",
         "read the ratios, not the absolute numbers.",
         "",
@@ -184,8 +187,8 @@ def main():
     s5 = by_system(rows, "S5")
     if "channelgate" in s5 and "channelgate" in s1:
         out.append(
-            "Two nodes / one node (S5 / mean of S1's channelgate rounds): "
-            f"{ratio(mean(s5['channelgate'], 'deliveries_per_sec'), mean(s1['channelgate'], 'deliveries_per_sec'))}"
+            "Two nodes / one node (S5 / median of S1's channelgate rounds): "
+            f"{ratio(median(s5['channelgate'], 'deliveries_per_sec'), median(s1['channelgate'], 'deliveries_per_sec'))}"
         )
         out.append("")
     with open(target, "w") as f:

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 systems=${SYSTEMS:-"channelgate raw django"}
 step_secs=${STEP_SECS:-2}
-rounds=${ROUNDS:-2}
+rounds=${ROUNDS:-3}
 results=bench/results/latest.jsonl
 mkdir -p bench/results target/bench
 : >"$results"
@@ -78,8 +78,9 @@ for system in $systems; do
   cleanup
 done
 
-# Throughput does move on a shared machine: the Rust systems take turns for $rounds rounds,
-# and the report gives every round and the ratios of their means. Django, far behind, runs once.
+# Throughput does move on a shared machine (a neighbour's burst can halve a run): the Rust
+# systems take turns for $rounds rounds, and the report gives every round and the ratios of
+# their medians. Django, far behind, runs once.
 for round in $(seq "$rounds"); do
   for system in $systems; do
     if [[ $system == django && $round -gt 1 ]]; then continue; fi
@@ -87,13 +88,13 @@ for round in $(seq "$rounds"); do
     start_system "$system"
     # S1's 10,000 sockets open as fast as they go: that opening is S4's connect storm.
     loadgen "$system" fanout-search --scenario S1 --storm-scenario S4 --conns 10000 --groups 100 \
-      --start-rate "$(start_rate "$system" 20000)" --step-secs "$step_secs" || true
+      --start-rate "$(start_rate "$system" 40000)" --step-secs "$step_secs" || true
     cleanup
     start_system "$system"
     # One event reaches 5,000 sockets one write at a time, so its last delivery comes a
     # fan-out later; S3 therefore runs until loss or a p99 over one second, not 100 ms.
     loadgen "$system" fanout-search --scenario S3 --conns 5000 --groups 1 --max-p99-ms 1000 \
-      --start-rate "$(start_rate "$system" 200000 5000)" --step-secs "$step_secs" || true
+      --start-rate "$(start_rate "$system" 400000 5000)" --step-secs "$step_secs" || true
     cleanup
   done
 done
@@ -118,7 +119,7 @@ if [[ " $systems " == *" channelgate "* ]]; then
   taskset -c 1 ./target/release/loadgen --system channelgate --jwt-secret "$secret" \
     --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" --grpc-addr "127.0.0.1:${grpc_ports[0]}" \
     --server-pid "${pids[-2]}" --server-pid "${pids[-1]}" \
-    fanout-search --scenario S5 --conns 10000 --groups 100 --start-rate 20000 --step-secs "$step_secs" \
+    fanout-search --scenario S5 --conns 10000 --groups 100 --start-rate 40000 --step-secs "$step_secs" \
     | tee -a "$results" || true
   cleanup
 fi

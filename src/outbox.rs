@@ -1,7 +1,7 @@
 //! A connection's outbound queue: bounded in bytes, drained in batches by its writer.
 //!
 //! Fan-out pushes into it without ever waiting; the socket's writer takes everything queued
-//! at once and writes it with one flush. A client that reads too slowly fills its queue and
+//! at once and hands it to the kernel in as few vectored writes as it takes. A client that reads too slowly fills its queue and
 //! is closed with [`CloseReason::SlowConsumer`], so it never delays others nor grows memory
 //! without bound.
 
