@@ -1,9 +1,9 @@
 //! A connection's outbound queue: bounded in bytes, drained in batches by its writer.
 //!
 //! Fan-out pushes into it without ever waiting; the socket's writer takes everything queued
-//! at once and hands it to the kernel in as few vectored writes as it takes. A client that reads too slowly fills its queue and
-//! is closed with [`CloseReason::SlowConsumer`], so it never delays others nor grows memory
-//! without bound.
+//! at once and hands it to the kernel in as few vectored writes as it takes. A client that
+//! reads too slowly fills its queue and is closed with [`CloseReason::SlowConsumer`], so it
+//! never delays others nor grows memory without bound.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
