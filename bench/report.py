@@ -124,6 +124,16 @@ def fanout_table(rows, scenario, title, out):
     if lost:
         out.append("")
         out.append("Undelivered in the step that failed (the rate above it): " + ", ".join(lost) + ".")
+    closed = [
+        f"{label(s, runs, i)}: {r['slow_consumer_closes']}"
+        for s, runs in found.items()
+        for i, r in enumerate(runs)
+        if r.get("slow_consumer_closes")
+    ]
+    out.append("")
+    out.append(
+        "Sockets closed as slow consumers: " + (", ".join(closed) + "." if closed else "none.")
+    )
     out.append("")
 
 
