@@ -1,6 +1,6 @@
 //! The socket protocol's edges: ping, garbage, limits and close codes.
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -156,4 +156,21 @@ async fn http_endpoints_answer() {
     assert!(metrics.contains("channelgate_connections 1"), "{metrics}");
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     assert!(get("/ws/core/").await.starts_with("HTTP/1.1 426"));
+}
+
+#[tokio::test]
+async fn a_websocket_ping_is_answered_with_its_pong_between_frames() {
+    let node = TestNode::start().await;
+    let mut c = node.client(1).await;
+    c.ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .expect("ping");
+    c.send(json!({"type": "ping"})).await;
+    let pong = tokio::time::timeout(PATIENCE, c.ws.next())
+        .await
+        .expect("an answer within the patience window")
+        .expect("socket still open")
+        .expect("no socket error");
+    assert_eq!(pong, Message::Pong(b"are you there".to_vec().into()));
+    assert_eq!(c.recv().await, json!({"type": "pong"}));
 }
