@@ -142,15 +142,19 @@ impl Client {
         self.ws.send(Message::text(text)).await.expect("send");
     }
 
+    /// The next message of any kind, which must come within [`PATIENCE`].
+    pub async fn next_message(&mut self) -> Message {
+        tokio::time::timeout(PATIENCE, self.ws.next())
+            .await
+            .expect("a frame within the patience window")
+            .expect("socket still open")
+            .expect("well-formed frames")
+    }
+
     /// The next frame, which must be JSON text and must come within [`PATIENCE`].
     pub async fn recv(&mut self) -> Value {
         loop {
-            let message = tokio::time::timeout(PATIENCE, self.ws.next())
-                .await
-                .expect("a frame within the patience window")
-                .expect("socket still open")
-                .expect("no socket error");
-            match message {
+            match self.next_message().await {
                 Message::Text(text) => return serde_json::from_str(&text).expect("JSON frame"),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
