@@ -132,6 +132,35 @@ impl Client {
         Ok(true)
     }
 
+    /// Subscribes to the page of table `table_id` and waits for its `page_add`.
+    pub async fn subscribe_table(&mut self, table_id: usize) -> Result<(), String> {
+        self.send_text(&format!(r#"{{"page":"table","table_id":{table_id}}}"#))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = None;
+        while answer.is_none() {
+            let open = self
+                .read_frames(|frame| {
+                    if let Frame::Text(text) = frame
+                        && answer.is_none()
+                    {
+                        if find(text, b"page_add").is_some() {
+                            answer = Some(Ok(()));
+                        } else if find(text, b"page_rejected").is_some() {
+                            let text = String::from_utf8_lossy(text);
+                            answer = Some(Err(format!("subscribe refused: {text}")));
+                        }
+                    }
+                })
+                .await
+                .map_err(|e| format!("before page_add: {e}"))?;
+            if !open && answer.is_none() {
+                return Err("socket closed before page_add".into());
+            }
+        }
+        answer.unwrap_or(Ok(()))
+    }
+
     /// The next whole frame's opcode and payload range in the buffer, if it is all there.
     fn next_frame(&self) -> Option<(u8, std::ops::Range<usize>)> {
         let input = &self.buf[self.start..self.end];

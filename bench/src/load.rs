@@ -52,7 +52,7 @@ pub struct Setup {
     pub django_publisher: Vec<String>,
 }
 
-fn now_micros() -> u64 {
+pub fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -214,31 +214,7 @@ async fn subscriber(
     )
     .await
     .map_err(|e| format!("handshake: {e}"))?;
-    ws.send_text(&format!(r#"{{"page":"table","table_id":{group}}}"#))
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut answer = None;
-    while answer.is_none() {
-        let open = ws
-            .read_frames(|frame| {
-                if let Frame::Text(text) = frame
-                    && answer.is_none()
-                {
-                    if find(text, b"page_add") {
-                        answer = Some(Ok(()));
-                    } else if find(text, b"page_rejected") {
-                        let text = String::from_utf8_lossy(text);
-                        answer = Some(Err(format!("subscribe refused: {text}")));
-                    }
-                }
-            })
-            .await
-            .map_err(|e| format!("before page_add: {e}"))?;
-        if !open && answer.is_none() {
-            return Err("socket closed before page_add".into());
-        }
-    }
-    answer.unwrap_or(Ok(()))?;
+    ws.subscribe_table(group).await?;
     tokio::spawn(async move {
         let count = |frame: Frame<'_>| {
             if let Frame::Text(text) = frame
@@ -252,10 +228,6 @@ async fn subscriber(
         seen.closed.fetch_add(1, Ordering::Relaxed);
     });
     Ok(())
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Handshakes in flight while sockets are opened: enough to keep every system busy.

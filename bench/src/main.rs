@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use channelgate::identity::sign_access_token;
 use channelgate::proto::gateway_client::GatewayClient;
@@ -18,6 +18,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 mod client;
 mod load;
+
+use client::{Client, Frame};
+use load::now_micros;
 
 #[derive(Parser)]
 #[command(about = "Load generator for channelgate")]
@@ -108,13 +111,6 @@ enum Scenario {
     },
 }
 
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or_default()
-}
-
 /// One received event: its number and how long it took to arrive.
 struct Received {
     n: u64,
@@ -129,29 +125,22 @@ async fn subscriber(
 ) -> Result<(), String> {
     let token = sign_access_token(args.jwt_secret.as_bytes(), "user_id", user_id, 3600)
         .map_err(|e| e.to_string())?;
-    let url = format!("ws://{}/ws/core/?jwt_token={token}", args.ws_addr);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    let stream = tokio::net::TcpStream::connect(&args.ws_addr)
         .await
-        .map_err(|e| e.to_string())?;
-    ws.send(Message::text(r#"{"page":"table","table_id":1}"#))
+        .map_err(|e| format!("connect {}: {e}", args.ws_addr))?;
+    let _ = stream.set_nodelay(true);
+    let path = format!("/ws/core/?jwt_token={token}");
+    let mut ws = Client::connect(stream, &args.ws_addr, &path)
         .await
-        .map_err(|e| e.to_string())?;
-    loop {
-        let Some(Ok(Message::Text(text))) = ws.next().await else {
-            return Err("socket closed".into());
-        };
-        let frame: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        if frame["type"] == "page_add" {
-            break;
-        }
-    }
+        .map_err(|e| format!("handshake: {e}"))?;
+    ws.subscribe_table(1).await?;
     tokio::spawn(async move {
-        while let Some(Ok(message)) = ws.next().await {
-            let Message::Text(text) = message else {
-                continue;
+        let forward = |frame: Frame<'_>| {
+            let Frame::Text(text) = frame else {
+                return;
             };
-            let Ok(frame) = serde_json::from_str::<serde_json::Value>(&text) else {
-                continue;
+            let Ok(frame) = serde_json::from_slice::<serde_json::Value>(text) else {
+                return;
             };
             if let (Some(n), Some(ts)) = (frame["n"].as_u64(), frame["ts"].as_u64()) {
                 let _ = tx.send(Received {
@@ -159,7 +148,8 @@ async fn subscriber(
                     latency_us: now_micros().saturating_sub(ts),
                 });
             }
-        }
+        };
+        while let Ok(true) = ws.read_frames(forward).await {}
     });
     Ok(())
 }
