@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::{Entry, RandomState};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use futures_util::future::BoxFuture;
 
@@ -145,6 +145,8 @@ pub struct Hub {
     /// Told of every membership added and removed, so the bus subscribes to the groups
     /// this node has members of, and only those.
     interest: Arc<dyn GroupInterest>,
+    /// Set by [`Hub::close_all`]: connections that join afterwards are closed at once.
+    closing: OnceLock<CloseReason>,
 }
 
 impl Hub {
@@ -164,6 +166,7 @@ impl Hub {
             max_pages,
             metrics,
             interest,
+            closing: OnceLock::new(),
         }
     }
 
@@ -189,6 +192,11 @@ impl Hub {
         self.metrics
             .connections_opened
             .fetch_add(1, Ordering::Relaxed);
+        // Read after the insert: a `close_all` that walked past this user's shard before
+        // the insert had already set it.
+        if let Some(reason) = self.closing.get() {
+            conn.outbox.close(*reason);
+        }
         conn
     }
 
@@ -427,8 +435,10 @@ impl Hub {
         disconnected
     }
 
-    /// Asks every connection to close with `reason` once its queued frames are written.
+    /// Asks every connection to close with `reason` once its queued frames are written,
+    /// and every connection that joins from now on too (the node is stopping).
     pub fn close_all(&self, reason: CloseReason) {
+        let _ = self.closing.set(reason);
         for shard in self.users.each_shard() {
             for conn in shard.values().flatten() {
                 conn.outbox.close(reason);
@@ -492,6 +502,16 @@ mod tests {
             },
             ignore_web_socket_id: None,
         }
+    }
+
+    #[test]
+    fn a_stopping_hub_closes_the_connections_it_has_and_those_that_join() {
+        let hub = hub();
+        let before = hub.connect("a".into(), 1);
+        hub.close_all(CloseReason::GoingAway);
+        let after = hub.connect("b".into(), 2);
+        assert_eq!(before.outbox.close_reason(), Some(CloseReason::GoingAway));
+        assert_eq!(after.outbox.close_reason(), Some(CloseReason::GoingAway));
     }
 
     #[test]

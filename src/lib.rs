@@ -236,7 +236,6 @@ impl Node {
             max_message_bytes: settings.max_message_bytes,
             inbound_burst: settings.inbound_burst,
             inbound_rate: settings.inbound_rate,
-            shutdown: shutdown_rx.clone(),
         });
         let permits = Arc::new(Semaphore::new(settings.max_connections));
         let ws_task = tokio::spawn(transport::http::serve(

@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -52,7 +51,6 @@ pub struct WsContext {
     pub max_message_bytes: usize,
     pub inbound_burst: u32,
     pub inbound_rate: u32,
-    pub shutdown: watch::Receiver<bool>,
 }
 
 /// An accepted handshake, waiting for hyper to hand over the connection.
@@ -199,11 +197,6 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let hub = ctx.session.hub.clone();
     let conn = hub.connect(web_socket_id.as_str().into(), identity.user_id);
-    // A node stopping closes every connection in the hub; one that joined after it did so
-    // sees the flag (it was raised before the hub was walked).
-    if *ctx.shutdown.borrow() {
-        conn.outbox.close(CloseReason::GoingAway);
-    }
     conn.outbox
         .push(Frame::from(server::authenticated(&web_socket_id, false)));
     let inbound = Inbound {
