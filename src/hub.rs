@@ -296,15 +296,17 @@ impl Hub {
                 exclude_user_ids,
                 payload,
             } => {
-                let frame = &Frame::text(payload);
                 let members = self
                     .groups
                     .shard(group.as_str())
                     .get(group.as_str())
                     .cloned();
+                // Most groups of a busy backend have nobody watching on this node: frame
+                // the payload only for one that has.
                 let Some(members) = members else {
                     return 0;
                 };
+                let frame = &Frame::text(payload);
                 let members = lock(&members);
                 self.send_all(&members.list, frame, |c| {
                     skip_socket(c) || exclude_user_ids.contains(&c.user_id)
@@ -330,13 +332,13 @@ impl Hub {
                 let frame = &Frame::text(payload);
                 user_ids
                     .iter()
-                    .map(|user_id| self.send_to_user(*user_id, frame, skip_socket))
+                    .map(|user_id| self.send_to_user(*user_id, || frame.clone(), skip_socket))
                     .sum()
             }
             Target::Individual { payloads } => payloads
                 .iter()
                 .map(|(user_id, payload)| {
-                    self.send_to_user(*user_id, &Frame::text(payload), skip_socket)
+                    self.send_to_user(*user_id, || Frame::text(payload), skip_socket)
                 })
                 .sum(),
         };
@@ -346,14 +348,16 @@ impl Hub {
         queued
     }
 
+    /// Sends to a user's connections on this node; `frame` is made only if there are some
+    /// (each node hears every user's individual payloads).
     fn send_to_user(
         &self,
         user_id: i64,
-        frame: &Frame,
+        frame: impl FnOnce() -> Frame,
         skip: impl Fn(&Connection) -> bool,
     ) -> usize {
         match self.users.shard(&user_id).get(&user_id) {
-            Some(conns) => self.send_all(conns, frame, skip),
+            Some(conns) => self.send_all(conns, &frame(), skip),
             None => 0,
         }
     }
