@@ -6,7 +6,8 @@
 //! joins `table-N` and gets a `page_add`), so one load generator drives both. Publishers
 //! send binary frames `<group>\n<payload>`; each member gets the payload as a text frame.
 //! Like channelgate it uses a 1 KiB read buffer, one task per socket and one queue per socket
-//! drained with one flush per batch.
+//! drained a batch at a time; it writes the plain tokio-tungstenite way (split socket, feed,
+//! one flush per batch), where channelgate frames an event once and writes with writev.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
