@@ -12,6 +12,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::RedisSettings;
+use crate::history::{HistorySettings, Retention};
 use crate::pages::{PageRegistry, PageSpec};
 
 /// channelgate: a real-time WebSocket gateway speaking Baserow's `/ws/core/` protocol.
@@ -168,6 +169,45 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_SHUTDOWN_TIMEOUT", value_name = "SECS")]
     pub shutdown_timeout: Option<u64>,
 
+    /// Event history for replay (`on` or `off`): every recorded event gets an id, carried
+    /// as `_event_id`, and a reconnecting client gets what it missed [default: on]
+    #[arg(long, env = "CHANNELGATE_HISTORY", value_name = "on|off")]
+    pub history: Option<String>,
+
+    /// Events kept per channel group, and for everyone (`users`, `all_users`)
+    /// [default: 1000]
+    #[arg(long, env = "CHANNELGATE_HISTORY_SIZE", value_name = "N")]
+    pub history_size: Option<usize>,
+
+    /// Events kept for user-targeted and individual publishes, one stream that all users
+    /// share [default: 10000]
+    #[arg(long, env = "CHANNELGATE_HISTORY_USER_SIZE", value_name = "N")]
+    pub history_user_size: Option<usize>,
+
+    /// Seconds an event is kept; a client whose cursor is older refreshes [default: 86400]
+    #[arg(long, env = "CHANNELGATE_HISTORY_TTL", value_name = "SECS")]
+    pub history_ttl: Option<u64>,
+
+    /// Bytes the in-memory history may hold (one node without Redis); the oldest events
+    /// go first [default: 268435456]
+    #[arg(long, env = "CHANNELGATE_HISTORY_MAX_BYTES", value_name = "BYTES")]
+    pub history_max_bytes: Option<usize>,
+
+    /// Events one replay sends at most; a client that missed more refreshes
+    /// [default: 200]
+    #[arg(long, env = "CHANNELGATE_REPLAY_LIMIT", value_name = "N")]
+    pub replay_limit: Option<usize>,
+
+    /// Replays a node serves at once; more are told to retry in a second
+    /// [default: 64]
+    #[arg(long, env = "CHANNELGATE_REPLAY_CONCURRENCY", value_name = "N")]
+    pub replay_concurrency: Option<usize>,
+
+    /// Milliseconds a replay waits for the history store before the client is told to
+    /// retry [default: 2000]
+    #[arg(long, env = "CHANNELGATE_HISTORY_TIMEOUT_MS", value_name = "MS")]
+    pub history_timeout_ms: Option<u64>,
+
     /// The page table (config file only); Baserow's five page types when absent.
     #[arg(skip)]
     pub pages: Option<Vec<PageSpec>>,
@@ -187,6 +227,8 @@ pub enum AuthorizerKind {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub dev: bool,
+    /// Event history and replay; `None`: off.
+    pub history: Option<HistorySettings>,
     pub ws_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub jwt_secret: String,
@@ -289,8 +331,32 @@ impl Settings {
         if inbound_rate == 0 || inbound_burst == 0 {
             return Err("--inbound-rate and --inbound-burst must be at least 1".into());
         }
+        let history = match options.history.as_deref().unwrap_or("on") {
+            "on" | "true" | "1" => Some(HistorySettings {
+                retention: Retention {
+                    events_per_stream: positive("history-size", options.history_size, 1000)?,
+                    user_events: positive("history-user-size", options.history_user_size, 10_000)?,
+                    max_age: Duration::from_secs(positive(
+                        "history-ttl",
+                        options.history_ttl.map(|v| v as usize),
+                        86_400,
+                    )? as u64),
+                    max_bytes: positive("history-max-bytes", options.history_max_bytes, 256 << 20)?,
+                },
+                replay_limit: positive("replay-limit", options.replay_limit, 200)?,
+                replay_concurrency: positive("replay-concurrency", options.replay_concurrency, 64)?,
+                timeout: Duration::from_millis(positive(
+                    "history-timeout-ms",
+                    options.history_timeout_ms.map(|v| v as usize),
+                    2000,
+                )? as u64),
+            }),
+            "off" | "false" | "0" => None,
+            other => return Err(format!("--history {other:?}: expected on or off")),
+        };
         Ok(Settings {
             dev,
+            history,
             ws_addr: options.ws_addr.unwrap_or(([127, 0, 0, 1], 8080).into()),
             grpc_addr: options.grpc_addr.unwrap_or(([127, 0, 0, 1], 50051).into()),
             jwt_secret,
@@ -369,6 +435,21 @@ mod tests {
             Settings::from_args(["channelgate", "--jwt-secret", "s", "--api-key", "k"]).unwrap();
         assert!(!ok.dev);
         assert_eq!(ok.pages.len(), 5);
+    }
+
+    #[test]
+    fn history_is_on_by_default_with_baserow_sized_limits() {
+        let s = Settings::from_args(["channelgate", "--dev"]).unwrap();
+        let history = s.history.expect("history on");
+        assert_eq!(history.replay_limit, 200);
+        assert_eq!(history.retention.events_per_stream, 1000);
+        assert_eq!(history.retention.max_age, Duration::from_secs(86_400));
+        let off = Settings::from_args(["channelgate", "--dev", "--history", "off"]).unwrap();
+        assert!(off.history.is_none());
+        let err = Settings::from_args(["channelgate", "--dev", "--history", "maybe"]).unwrap_err();
+        assert!(err.contains("--history"), "{err}");
+        let err = Settings::from_args(["channelgate", "--dev", "--replay-limit", "0"]).unwrap_err();
+        assert!(err.contains("--replay-limit"), "{err}");
     }
 
     #[test]

@@ -9,8 +9,10 @@ use std::time::Instant;
 
 use crate::authorizer::Authorizer;
 use crate::hub::Hub;
-use crate::permissions::{self, Scope};
-use crate::proto::{self, control_reply::Reply, control_request::Request};
+use crate::hub::Scope;
+use crate::permissions;
+use crate::proto;
+pub use crate::proto::{control_reply::Reply, control_request::Request};
 
 /// Answers control requests against this node's hub.
 pub struct ControlHandler {

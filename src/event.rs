@@ -26,6 +26,11 @@ pub struct Event {
     pub target: Target,
     /// The socket that caused the event; it does not receive it.
     pub ignore_web_socket_id: Option<String>,
+    /// Whether the event history keeps it (false: Baserow's `record=False`).
+    pub record: bool,
+    /// Its id in the event history, given when it is recorded; 0 until then, and for ever
+    /// when it is not recorded. Delivered payloads carry it as `_event_id`.
+    pub id: u64,
 }
 
 /// Who receives an event, with its payload(s).
@@ -91,6 +96,7 @@ pub fn from_request(
         payload,
         ignore_web_socket_id,
         exclude_user_ids,
+        skip_history,
     } = request;
     let checked = |field: &str, payload: String| check_payload(field, payload, max_payload_bytes);
     let exclusions_unused = |target: &str| {
@@ -176,6 +182,8 @@ pub fn from_request(
     Ok(Event {
         target,
         ignore_web_socket_id: Some(ignore_web_socket_id).filter(|id| !id.is_empty()),
+        record: !skip_history,
+        id: 0,
     })
 }
 
@@ -184,6 +192,7 @@ impl Event {
     pub fn to_request(&self) -> proto::PublishRequest {
         let mut request = proto::PublishRequest {
             ignore_web_socket_id: self.ignore_web_socket_id.clone().unwrap_or_default(),
+            skip_history: !self.record,
             ..Default::default()
         };
         match &self.target {
@@ -224,6 +233,49 @@ impl Event {
         request
     }
 
+    /// The event as the bus carries and the history keeps it.
+    pub fn to_bus(&self) -> proto::BusEvent {
+        proto::BusEvent {
+            event: Some(self.to_request()),
+            event_id: self.id,
+        }
+    }
+
+    /// Rebuilds an event from [`Event::to_bus`] bytes (with the id Redis appended).
+    pub fn from_bus(bytes: &[u8]) -> Option<Event> {
+        let bus = <proto::BusEvent as prost::Message>::decode(bytes).ok()?;
+        let mut event = Event::from_trusted(bus.event?)?;
+        event.id = bus.event_id;
+        Some(event)
+    }
+
+    /// What one socket gets of this event, by Baserow's rules: `None` for the socket that
+    /// caused it, for excluded users and for users it is not addressed to. A group event
+    /// is assumed to reach a member of its group.
+    pub fn payload_for(&self, web_socket_id: &str, user_id: i64) -> Option<&Payload> {
+        if self.ignore_web_socket_id.as_deref() == Some(web_socket_id) {
+            return None;
+        }
+        match &self.target {
+            Target::Group {
+                exclude_user_ids,
+                payload,
+                ..
+            }
+            | Target::Everyone {
+                exclude_user_ids,
+                payload,
+            } => (!exclude_user_ids.contains(&user_id)).then_some(payload),
+            Target::Users { user_ids, payload } => {
+                user_ids.binary_search(&user_id).is_ok().then_some(payload)
+            }
+            Target::Individual { payloads } => payloads
+                .binary_search_by_key(&user_id, |(user, _)| *user)
+                .ok()
+                .map(|i| &payloads[i].1),
+        }
+    }
+
     /// Rebuilds an event another node validated and sent with [`Event::to_request`]; its
     /// payloads are not parsed again. `None` when the request has no target.
     pub fn from_trusted(request: proto::PublishRequest) -> Option<Event> {
@@ -242,10 +294,14 @@ impl Event {
                 exclude_user_ids: Vec::new(),
                 payload: payload(),
             },
-            publish_request::Target::Users(users) => Target::Users {
-                user_ids: users.user_ids,
-                payload: payload(),
-            },
+            publish_request::Target::Users(users) => {
+                let mut user_ids = users.user_ids;
+                user_ids.sort_unstable();
+                Target::Users {
+                    user_ids,
+                    payload: payload(),
+                }
+            }
             publish_request::Target::Individual(individual) => {
                 let mut payloads: Vec<_> = individual
                     .payloads
@@ -259,6 +315,8 @@ impl Event {
         Some(Event {
             target,
             ignore_web_socket_id: Some(request.ignore_web_socket_id).filter(|id| !id.is_empty()),
+            record: !request.skip_history,
+            id: 0,
         })
     }
 }
@@ -372,9 +430,70 @@ mod tests {
             },
         ];
         for request in requests {
-            let event = from_request(request, 1024).unwrap();
-            assert_eq!(Event::from_trusted(event.to_request()), Some(event));
+            let mut event = from_request(request, 1024).unwrap();
+            assert_eq!(Event::from_trusted(event.to_request()), Some(event.clone()));
+            event.id = 7;
+            let bytes = prost::Message::encode_to_vec(&event.to_bus());
+            assert_eq!(Event::from_bus(&bytes), Some(event));
         }
+    }
+
+    #[test]
+    fn an_id_appended_to_the_bus_bytes_is_the_events_id() {
+        // What the Redis script does: field 2 (varint) after the event's own bytes.
+        let event = from_request(group("table-1", r#"{"type":"x"}"#), 1024).unwrap();
+        let mut bytes = prost::Message::encode_to_vec(&event.to_bus());
+        bytes.extend_from_slice(&[0x10, 0xac, 0x02]);
+        assert_eq!(Event::from_bus(&bytes).map(|e| e.id), Some(300));
+    }
+
+    #[test]
+    fn skip_history_is_kept_across_nodes() {
+        let request = PublishRequest {
+            skip_history: true,
+            ..group("table-1", r#"{"type":"x"}"#)
+        };
+        let event = from_request(request, 1024).unwrap();
+        assert!(!event.record);
+        assert_eq!(Event::from_trusted(event.to_request()), Some(event));
+    }
+
+    #[test]
+    fn each_socket_gets_what_baserow_would_send_it() {
+        let of = |request: PublishRequest| from_request(request, 1024).unwrap();
+        let grouped = of(PublishRequest {
+            exclude_user_ids: vec![3],
+            ignore_web_socket_id: "mine".into(),
+            ..group("table-1", r#"{"type":"g"}"#)
+        });
+        assert!(grouped.payload_for("other", 1).is_some());
+        assert!(grouped.payload_for("mine", 1).is_none());
+        assert!(grouped.payload_for("other", 3).is_none());
+        let users = of(PublishRequest {
+            target: Some(publish_request::Target::Users(UserTarget {
+                user_ids: vec![9, 2],
+                all_users: false,
+            })),
+            payload: r#"{"type":"u"}"#.into(),
+            ..Default::default()
+        });
+        assert!(users.payload_for("s", 2).is_some());
+        assert!(users.payload_for("s", 5).is_none());
+        let individual = of(PublishRequest {
+            target: Some(publish_request::Target::Individual(IndividualTarget {
+                payloads: [
+                    (1, r#"{"type":"a"}"#.to_string()),
+                    (2, r#"{"type":"b"}"#.to_string()),
+                ]
+                .into(),
+            })),
+            ..Default::default()
+        });
+        assert_eq!(
+            individual.payload_for("s", 2).map(|p| p.as_str()),
+            Some(r#"{"type":"b"}"#)
+        );
+        assert!(individual.payload_for("s", 3).is_none());
     }
 
     #[test]

@@ -16,13 +16,32 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use futures_util::future::BoxFuture;
 
-use crate::bus::GroupInterest;
 use crate::event::{Event, Target};
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, Pushed};
 use crate::pages::Page;
-use crate::permissions::Scope;
 use crate::protocol::{CloseReason, server};
+
+/// Told by the hub of each (connection, group) membership added and removed.
+pub trait GroupInterest: Send + Sync + 'static {
+    /// A membership was added. The future completes once the group's events reach this
+    /// node; it never fails (a bus that is down restores its subscriptions when back).
+    fn joined(&self, group: &Arc<str>) -> BoxFuture<'static, ()>;
+
+    /// A membership was removed.
+    fn left(&self, group: &Arc<str>);
+}
+
+/// For a node alone: every event is local, so there is nothing to subscribe to.
+pub struct NoInterest;
+
+impl GroupInterest for NoInterest {
+    fn joined(&self, _group: &Arc<str>) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    fn left(&self, _group: &Arc<str>) {}
+}
 
 const SHARDS: usize = 32;
 
@@ -69,9 +88,9 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Queues a frame for this connection, counting overflows.
-    fn send(&self, frame: &Frame, metrics: &Metrics) -> bool {
-        match self.outbox.push(frame.clone()) {
+    /// Queues an event's frame for this connection, counting overflows.
+    fn send(&self, frame: &Frame, id: u64, metrics: &Metrics) -> bool {
+        match self.outbox.push_event(frame.clone(), id) {
             Pushed::Queued => true,
             Pushed::Overflowed => {
                 metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
@@ -105,6 +124,28 @@ impl Members {
                 self.index.insert(moved.id, i);
             }
         }
+    }
+}
+
+/// Which subscriptions a check covers; every filter given must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Empty: every subscriber.
+    pub user_ids: Vec<i64>,
+    pub permission_group: Option<String>,
+    pub group: Option<String>,
+}
+
+impl Scope {
+    /// Whether a page of a connection is in scope (users are filtered by the hub).
+    pub fn covers(&self, page: &Page) -> bool {
+        self.permission_group
+            .as_deref()
+            .is_none_or(|pg| page.permission_group.as_deref() == Some(pg))
+            && self
+                .group
+                .as_deref()
+                .is_none_or(|g| page.group.as_ref() == g)
     }
 }
 
@@ -147,6 +188,8 @@ pub struct Hub {
     interest: Arc<dyn GroupInterest>,
     /// Set by [`Hub::close_all`]: connections that join afterwards are closed at once.
     closing: OnceLock<CloseReason>,
+    /// Whether connections keep the ids of their live events, for replays.
+    history: bool,
 }
 
 impl Hub {
@@ -167,7 +210,15 @@ impl Hub {
             metrics,
             interest,
             closing: OnceLock::new(),
+            history: false,
         }
+    }
+
+    /// A hub whose connections can replay: each keeps the ids of its live events, so a
+    /// replay leaves out what it already got.
+    pub fn with_history(mut self) -> Self {
+        self.history = true;
+        self
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -180,7 +231,11 @@ impl Hub {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             web_socket_id,
             user_id,
-            outbox: Outbox::new(self.outbox_limit_bytes),
+            outbox: if self.history {
+                Outbox::with_history(self.outbox_limit_bytes)
+            } else {
+                Outbox::new(self.outbox_limit_bytes)
+            },
             pages: Mutex::default(),
         });
         self.users
@@ -221,6 +276,14 @@ impl Hub {
         }
         drop(users);
         self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The channel groups of the connection's pages, each once.
+    pub fn groups_of(&self, conn: &Connection) -> Vec<Arc<str>> {
+        let mut groups: Vec<Arc<str>> = lock(&conn.pages).iter().map(|p| p.group.clone()).collect();
+        groups.sort();
+        groups.dedup();
+        groups
     }
 
     /// Whether the connection holds this page already.
@@ -288,6 +351,7 @@ impl Hub {
 
     /// Delivers an event to this node's recipients; returns how many frames were queued.
     pub fn deliver(&self, event: &Event) -> usize {
+        let id = event.id;
         let ignore = event.ignore_web_socket_id.as_deref();
         let skip_socket = |conn: &Connection| ignore == Some(conn.web_socket_id.as_ref());
         let queued = match &event.target {
@@ -306,9 +370,9 @@ impl Hub {
                 let Some(members) = members else {
                     return 0;
                 };
-                let frame = &Frame::text(payload);
+                let frame = &Frame::event(payload, id);
                 let members = lock(&members);
-                self.send_all(&members.list, frame, |c| {
+                self.send_all(&members.list, frame, id, |c| {
                     skip_socket(c) || exclude_user_ids.contains(&c.user_id)
                 })
             }
@@ -316,29 +380,29 @@ impl Hub {
                 exclude_user_ids,
                 payload,
             } => {
-                let frame = &Frame::text(payload);
+                let frame = &Frame::event(payload, id);
                 self.users
                     .each_shard()
                     .map(|shard| {
                         shard
                             .iter()
                             .filter(|(user_id, _)| !exclude_user_ids.contains(user_id))
-                            .map(|(_, conns)| self.send_all(conns, frame, skip_socket))
+                            .map(|(_, conns)| self.send_all(conns, frame, id, skip_socket))
                             .sum::<usize>()
                     })
                     .sum()
             }
             Target::Users { user_ids, payload } => {
-                let frame = &Frame::text(payload);
+                let frame = &Frame::event(payload, id);
                 user_ids
                     .iter()
-                    .map(|user_id| self.send_to_user(*user_id, || frame.clone(), skip_socket))
+                    .map(|user_id| self.send_to_user(*user_id, id, || frame.clone(), skip_socket))
                     .sum()
             }
             Target::Individual { payloads } => payloads
                 .iter()
                 .map(|(user_id, payload)| {
-                    self.send_to_user(*user_id, || Frame::text(payload), skip_socket)
+                    self.send_to_user(*user_id, id, || Frame::event(payload, id), skip_socket)
                 })
                 .sum(),
         };
@@ -353,11 +417,12 @@ impl Hub {
     fn send_to_user(
         &self,
         user_id: i64,
+        id: u64,
         frame: impl FnOnce() -> Frame,
         skip: impl Fn(&Connection) -> bool,
     ) -> usize {
         match self.users.shard(&user_id).get(&user_id) {
-            Some(conns) => self.send_all(conns, &frame(), skip),
+            Some(conns) => self.send_all(conns, &frame(), id, skip),
             None => 0,
         }
     }
@@ -366,12 +431,13 @@ impl Hub {
         &self,
         conns: &[Arc<Connection>],
         frame: &Frame,
+        id: u64,
         skip: impl Fn(&Connection) -> bool,
     ) -> usize {
         conns
             .iter()
             .filter(|c| !skip(c))
-            .filter(|c| c.send(frame, &self.metrics))
+            .filter(|c| c.send(frame, id, &self.metrics))
             .count()
     }
 
@@ -477,12 +543,7 @@ mod tests {
     use serde_json::json;
 
     fn hub() -> Hub {
-        Hub::new(
-            1 << 20,
-            10,
-            Arc::default(),
-            Arc::new(crate::bus::NoInterest),
-        )
+        Hub::new(1 << 20, 10, Arc::default(), Arc::new(NoInterest))
     }
 
     fn added(s: Subscribed) -> bool {
@@ -505,6 +566,8 @@ mod tests {
                 payload: text.into(),
             },
             ignore_web_socket_id: None,
+            record: true,
+            id: 0,
         }
     }
 
@@ -556,7 +619,7 @@ mod tests {
 
     #[test]
     fn page_limit_is_enforced() {
-        let hub = Hub::new(1 << 20, 2, Arc::default(), Arc::new(crate::bus::NoInterest));
+        let hub = Hub::new(1 << 20, 2, Arc::default(), Arc::new(NoInterest));
         let conn = hub.connect("a".into(), 1);
         assert!(added(hub.subscribe(&conn, table(1))));
         assert!(added(hub.subscribe(&conn, table(2))));

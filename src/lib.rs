@@ -11,25 +11,18 @@ pub mod bus;
 pub mod config;
 pub mod control;
 pub mod event;
+pub mod history;
 pub mod hub;
 pub mod identity;
 pub mod metrics;
 pub mod outbox;
 pub mod pages;
 pub mod permissions;
+pub mod proto;
 pub mod protocol;
 pub mod rate_limit;
 pub mod session;
 pub mod transport;
-
-/// The gRPC contract, generated from `proto/channelgate/v1/gateway.proto`.
-pub mod proto {
-    tonic::include_proto!("channelgate.v1");
-
-    /// Descriptors of the contract, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("channelgate_descriptor");
-}
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,14 +36,15 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::authorizer::{
     Authorizer, CachedAuthorizer, GrpcAuthorizer, HttpAuthorizer, StaticAuthorizer,
 };
-use crate::bus::{Bus, GroupInterest, MemoryBus, NoInterest, RedisBus};
+use crate::bus::{Bus, MemoryBus, RedisBus};
 use crate::config::{AuthorizerKind, Settings};
 use crate::control::ControlHandler;
-use crate::hub::Hub;
+use crate::history::memory::MemoryHistory;
+use crate::hub::{GroupInterest, Hub, NoInterest};
 use crate::identity::TokenVerifier;
 use crate::metrics::Metrics;
 use crate::pages::PageRegistry;
-use crate::session::SessionContext;
+use crate::session::{Replays, SessionContext};
 use crate::transport::grpc::{GatewayApi, gateway_service};
 use crate::transport::ws::WsContext;
 
@@ -192,12 +186,16 @@ impl Node {
             Some((_, (subscriptions, _))) => subscriptions.clone(),
             None => Arc::new(NoInterest),
         };
-        let hub = Arc::new(Hub::new(
+        let hub = Hub::new(
             settings.max_queue_bytes,
             settings.max_pages,
             metrics,
             interest,
-        ));
+        );
+        let hub = Arc::new(match settings.history {
+            Some(_) => hub.with_history(),
+            None => hub,
+        });
         let control = Arc::new(ControlHandler {
             hub: hub.clone(),
             authorizer: authorizer.clone(),
@@ -208,6 +206,7 @@ impl Node {
             Some((redis, (subscriptions, commands))) => Arc::new(
                 RedisBus::start(
                     redis,
+                    settings.history.as_ref(),
                     &settings.node_id,
                     hub.clone(),
                     control,
@@ -216,7 +215,13 @@ impl Node {
                 )
                 .map_err(StartError)?,
             ),
-            None => Arc::new(MemoryBus::new(hub.clone(), control)),
+            None => Arc::new(MemoryBus::new(
+                hub.clone(),
+                control,
+                settings
+                    .history
+                    .map(|history| Arc::new(MemoryHistory::new(history.retention))),
+            )),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
 
@@ -225,6 +230,15 @@ impl Node {
                 hub: hub.clone(),
                 pages,
                 authorizer: authorizer.clone(),
+                replays: bus
+                    .history()
+                    .zip(settings.history)
+                    .map(|(store, history)| Replays {
+                        store,
+                        limit: history.replay_limit,
+                        timeout: history.timeout,
+                        permits: Semaphore::new(history.replay_concurrency),
+                    }),
             }),
             verifier: TokenVerifier::new(
                 settings.jwt_secret.as_bytes(),

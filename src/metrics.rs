@@ -3,6 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::history::RefreshReason;
 use crate::hub::HubStats;
 use crate::protocol::RejectReason;
 
@@ -17,6 +18,16 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     pub invalid_frames: AtomicU64,
     pub pages_rejected: [AtomicU64; RejectReason::ALL.len()],
+    /// Events published through this node's API that the event history recorded.
+    pub events_recorded: AtomicU64,
+    /// Bytes the in-memory history holds (a gauge; 0 on Redis, whose memory is its own).
+    pub history_bytes: AtomicU64,
+    /// Replays answered with their events (`force_refresh: false`).
+    pub replays_served: AtomicU64,
+    pub events_replayed: AtomicU64,
+    pub replay_refreshes: [AtomicU64; RefreshReason::ALL.len()],
+    /// Replays told to come back later (`replay_events_retry`).
+    pub replay_retries: AtomicU64,
 }
 
 impl Metrics {
@@ -26,6 +37,14 @@ impl Metrics {
             .position(|r| *r == reason)
             .unwrap_or_default();
         self.pages_rejected[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn replay_refreshed(&self, reason: RefreshReason) {
+        let index = RefreshReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or_default();
+        self.replay_refreshes[index].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of these counters and the hub's gauges.
@@ -98,6 +117,48 @@ impl Metrics {
             "Client frames answered with an error frame.",
             counter(&self.invalid_frames),
         );
+        line(
+            "channelgate_events_recorded_total",
+            "counter",
+            "Events published through this node that the event history recorded.",
+            counter(&self.events_recorded),
+        );
+        line(
+            "channelgate_history_bytes",
+            "gauge",
+            "Bytes the in-memory event history holds (0 with Redis).",
+            counter(&self.history_bytes),
+        );
+        line(
+            "channelgate_replays_served_total",
+            "counter",
+            "Replays answered with their events (force_refresh false).",
+            counter(&self.replays_served),
+        );
+        line(
+            "channelgate_events_replayed_total",
+            "counter",
+            "Events sent by replays.",
+            counter(&self.events_replayed),
+        );
+        line(
+            "channelgate_replay_retries_total",
+            "counter",
+            "Replays told to retry later (replay_events_retry).",
+            counter(&self.replay_retries),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP channelgate_replay_refreshes_total Replays answered with force_refresh, by reason.\n# TYPE channelgate_replay_refreshes_total counter"
+        );
+        for (reason, count) in RefreshReason::ALL.iter().zip(&self.replay_refreshes) {
+            let _ = writeln!(
+                out,
+                "channelgate_replay_refreshes_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                counter(count)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP channelgate_pages_rejected_total Subscriptions refused, by reason.\n# TYPE channelgate_pages_rejected_total counter"

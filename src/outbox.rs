@@ -37,6 +37,21 @@ impl Frame {
         )
     }
 
+    /// An event's text frame: the payload, with its history id (when it has one) written
+    /// in as `_event_id`, last, so that it wins over any `_event_id` the payload had.
+    /// A checked payload is a JSON object, so it ends with `}`.
+    pub fn event(payload: &str, id: u64) -> Frame {
+        if id == 0 {
+            return Frame::text(payload);
+        }
+        let body = payload.trim_end();
+        let Some(open) = body.strip_suffix('}') else {
+            return Frame::text(payload);
+        };
+        let id = format!(",\"_event_id\":{id}}}");
+        Frame::encode(OP_TEXT, &[open.as_bytes(), id.as_bytes()])
+    }
+
     /// Bytes that are frames already (what the WebSocket reader writes: pongs).
     pub fn framed(bytes: Bytes) -> Frame {
         Frame(bytes)
@@ -104,12 +119,32 @@ pub struct Outbox {
     limit_bytes: usize,
 }
 
+/// Event ids a connection kept of what it got live, so that a replay leaves them out.
+#[derive(Default)]
+enum LiveIds {
+    /// History is off: nothing to replay, nothing to keep.
+    #[default]
+    Off,
+    Kept(Vec<u64>),
+    /// More than [`LIVE_IDS_KEPT`] arrived: a replay can no longer tell what is new.
+    Overflowed,
+}
+
+/// Ids a connection keeps of its live events. Baserow's client asks for its replay right
+/// after connecting, when it has got a few at most.
+const LIVE_IDS_KEPT: usize = 256;
+
 #[derive(Default)]
 struct State {
     frames: VecDeque<Frame>,
     bytes: usize,
     close: Option<CloseReason>,
     writer: Option<Waker>,
+    live_ids: LiveIds,
+    /// While a replay runs, the event frames that arrive meanwhile (with their ids), to be
+    /// sent once the replay is queued.
+    held: Option<Vec<(u64, Frame)>>,
+    held_bytes: usize,
 }
 
 impl State {
@@ -129,6 +164,13 @@ impl Outbox {
         }
     }
 
+    /// An outbox that keeps the ids of the events it queues, for replays.
+    pub fn with_history(limit_bytes: usize) -> Self {
+        let outbox = Outbox::new(limit_bytes);
+        outbox.lock().live_ids = LiveIds::Kept(Vec::new());
+        outbox
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic elsewhere cannot leave `State` half-updated, so a poisoned lock is usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -136,14 +178,22 @@ impl Outbox {
 
     /// Queues a frame, or closes the connection as a slow consumer when it would not fit.
     pub fn push(&self, frame: Frame) -> Pushed {
+        self.push_event(frame, 0)
+    }
+
+    /// Queues an event's frame (`id` 0: one the history does not keep). While a replay
+    /// runs, the frame waits until the replay is queued.
+    pub fn push_event(&self, frame: Frame, id: u64) -> Pushed {
         let mut state = self.lock();
         if state.close.is_some() {
             return Pushed::Closed;
         }
-        if state.bytes + frame.len() > self.limit_bytes {
+        if state.bytes + state.held_bytes + frame.len() > self.limit_bytes {
             state.close = Some(CloseReason::SlowConsumer);
             state.frames = VecDeque::new();
             state.bytes = 0;
+            state.held = None;
+            state.held_bytes = 0;
             let writer = state.writer.take();
             drop(state);
             if let Some(writer) = writer {
@@ -151,6 +201,25 @@ impl Outbox {
             }
             return Pushed::Overflowed;
         }
+        if id != 0 {
+            let state = &mut *state;
+            if let Some(held) = &mut state.held {
+                state.held_bytes += frame.len();
+                held.push((id, frame));
+                return Pushed::Queued;
+            }
+            if let LiveIds::Kept(ids) = &mut state.live_ids {
+                if ids.len() < LIVE_IDS_KEPT {
+                    ids.push(id);
+                } else {
+                    state.live_ids = LiveIds::Overflowed;
+                }
+            }
+        }
+        self.queue(state, frame)
+    }
+
+    fn queue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: Frame) -> Pushed {
         state.bytes += frame.len();
         state.frames.push_back(frame);
         // A writer with frames still queued has not parked since: no need to wake it.
@@ -164,6 +233,60 @@ impl Outbox {
             writer.wake();
         }
         Pushed::Queued
+    }
+
+    /// A replay begins: event frames are held back from now on, until [`Outbox::release`].
+    /// `false` when the connection got too many events live to tell them from replayed
+    /// ones; nothing is held then.
+    pub fn hold(&self) -> bool {
+        let mut state = self.lock();
+        if !matches!(state.live_ids, LiveIds::Kept(_)) {
+            return false;
+        }
+        state.held.get_or_insert_with(Vec::new);
+        true
+    }
+
+    /// The replay is ready: queues its events (leaving out each id the socket got live),
+    /// then `result`, then the events held meanwhile, in one step so that nothing comes
+    /// between. Returns how many replayed events were queued. The replay may take the
+    /// queue past its limit: it is bounded by the replay limit, and a client that does not
+    /// read it overflows on the next live event.
+    pub fn release(&self, replayed: Vec<(u64, Frame)>, result: Frame) -> usize {
+        let mut state = self.lock();
+        let held = state.held.take().unwrap_or_default();
+        state.held_bytes = 0;
+        if state.close.is_some() {
+            return 0;
+        }
+        let seen = |id: &u64| {
+            held.iter().any(|(held, _)| held == id)
+                || matches!(&state.live_ids, LiveIds::Kept(ids) if ids.contains(id))
+        };
+        let fresh: Vec<(u64, Frame)> = replayed.into_iter().filter(|(id, _)| !seen(id)).collect();
+        let sent = fresh.len();
+        if let LiveIds::Kept(ids) = &mut state.live_ids {
+            ids.extend(fresh.iter().chain(&held).map(|(id, _)| *id));
+            if ids.len() > LIVE_IDS_KEPT {
+                state.live_ids = LiveIds::Overflowed;
+            }
+        }
+        let was_empty = state.frames.is_empty();
+        for frame in fresh
+            .into_iter()
+            .map(|(_, frame)| frame)
+            .chain([result])
+            .chain(held.into_iter().map(|(_, frame)| frame))
+        {
+            state.bytes += frame.len();
+            state.frames.push_back(frame);
+        }
+        let writer = if was_empty { state.writer.take() } else { None };
+        drop(state);
+        if let Some(writer) = writer {
+            writer.wake();
+        }
+        sent
     }
 
     /// Asks the writer to close the connection once the frames queued so far are written.
@@ -225,6 +348,59 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn text_of(frame: &Frame) -> &str {
+        std::str::from_utf8(&frame.wire()[2..]).unwrap()
+    }
+
+    #[test]
+    fn an_event_frame_carries_its_id_last() {
+        let frame = Frame::event(r#"{"type":"x","_event_id":1} "#, 42);
+        assert_eq!(
+            text_of(&frame),
+            r#"{"type":"x","_event_id":1,"_event_id":42}"#
+        );
+        assert_eq!(
+            text_of(&Frame::event(r#"{"type":"x"}"#, 0)),
+            r#"{"type":"x"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replay_leaves_out_what_came_live_and_sends_what_came_meanwhile_after() {
+        let outbox = Outbox::with_history(10_000);
+        let event = |id: u64| Frame::event(r#"{"type":"e"}"#, id);
+        outbox.push_event(event(5), 5);
+        assert!(outbox.hold());
+        outbox.push_event(event(7), 7);
+        outbox.push(Frame::text("{\"type\":\"pong\"}"));
+        let replayed = [3, 5, 6, 7].map(|id| (id, event(id))).to_vec();
+        assert_eq!(outbox.release(replayed, Frame::text("result")), 2);
+        let mut batch = Vec::new();
+        outbox.next_batch(&mut batch).await;
+        let texts: Vec<&str> = batch.iter().map(text_of).collect();
+        assert_eq!(
+            texts,
+            [
+                r#"{"type":"e","_event_id":5}"#,
+                r#"{"type":"pong"}"#,
+                r#"{"type":"e","_event_id":3}"#,
+                r#"{"type":"e","_event_id":6}"#,
+                "result",
+                r#"{"type":"e","_event_id":7}"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_connection_that_got_too_much_live_cannot_replay() {
+        let outbox = Outbox::with_history(1 << 20);
+        for id in 1..=LIVE_IDS_KEPT as u64 + 1 {
+            outbox.push_event(Frame::event(r#"{"type":"e"}"#, id), id);
+        }
+        assert!(!outbox.hold());
+        assert!(!Outbox::new(100).hold());
+    }
 
     fn frame(n: usize) -> Frame {
         Frame::framed(Bytes::from(vec![b'x'; n]))

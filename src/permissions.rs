@@ -6,30 +6,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::authorizer::{AuthorizeRequest, Authorizer};
-use crate::hub::{Connection, Hub};
+use crate::hub::{Connection, Hub, Scope};
 use crate::pages::Page;
-
-/// Which subscriptions a check covers; every filter given must match.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Scope {
-    /// Empty: every subscriber.
-    pub user_ids: Vec<i64>,
-    pub permission_group: Option<String>,
-    pub group: Option<String>,
-}
-
-impl Scope {
-    /// Whether a page of a connection is in scope (users are filtered by the hub).
-    pub fn covers(&self, page: &Page) -> bool {
-        self.permission_group
-            .as_deref()
-            .is_none_or(|pg| page.permission_group.as_deref() == Some(pg))
-            && self
-                .group
-                .as_deref()
-                .is_none_or(|g| page.group.as_ref() == g)
-    }
-}
 
 /// One subscription that lost its permission.
 #[derive(Debug, Clone, PartialEq)]

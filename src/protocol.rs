@@ -21,8 +21,10 @@ pub enum ClientFrame {
     /// `{"type": "ping"}`.
     Ping,
     /// `{"type": "replay_events", "last_seen_id": N, "supports_retry": bool}`.
+    /// `last_seen_id` is `None` when missing or not a JSON integer; `supports_retry` is
+    /// true only when sent as `true`.
     ReplayEvents {
-        last_seen_id: i64,
+        last_seen_id: Option<i64>,
         supports_retry: bool,
     },
 }
@@ -104,22 +106,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     match object.get("type") {
         None => Err(FrameError::UnknownFrame),
         Some(Value::String(t)) if t == "ping" => Ok(ClientFrame::Ping),
-        Some(Value::String(t)) if t == "replay_events" => {
-            let last_seen_id = match object.get("last_seen_id") {
-                None | Some(Value::Null) => -2,
-                Some(v) => v.as_i64().ok_or(FrameError::InvalidField("last_seen_id"))?,
-            };
-            let supports_retry = match object.get("supports_retry") {
-                None | Some(Value::Null) => false,
-                Some(v) => v
-                    .as_bool()
-                    .ok_or(FrameError::InvalidField("supports_retry"))?,
-            };
-            Ok(ClientFrame::ReplayEvents {
-                last_seen_id,
-                supports_retry,
-            })
-        }
+        Some(Value::String(t)) if t == "replay_events" => Ok(ClientFrame::ReplayEvents {
+            last_seen_id: object.get("last_seen_id").and_then(Value::as_i64),
+            supports_retry: object.get("supports_retry") == Some(&Value::Bool(true)),
+        }),
         Some(Value::String(t)) => Err(FrameError::UnknownType(t.clone())),
         Some(_) => Err(FrameError::InvalidField("type")),
     }
@@ -207,6 +197,21 @@ pub mod server {
 
     pub fn force_disconnect() -> String {
         r#"{"type":"force_disconnect"}"#.to_string()
+    }
+
+    /// The end of a replay (Baserow's `replay_events_result`).
+    pub fn replay_result(force_refresh: bool, latest_event_id: i64) -> String {
+        json!({
+            "type": "replay_events_result",
+            "force_refresh": force_refresh,
+            "latest_event_id": latest_event_id,
+        })
+        .to_string()
+    }
+
+    /// A replay the node cannot serve now; the client asks again after `retry_after_ms`.
+    pub fn replay_retry(retry_after_ms: u64) -> String {
+        json!({"type": "replay_events_retry", "retry_after_ms": retry_after_ms}).to_string()
     }
 }
 
@@ -300,6 +305,30 @@ mod tests {
         assert_eq!(
             parse_client_frame(r#"{"type":"ping"}"#),
             Ok(ClientFrame::Ping)
+        );
+    }
+
+    #[test]
+    fn replay_requests_take_any_cursor() {
+        let replay = |text: &str| match parse_client_frame(text) {
+            Ok(ClientFrame::ReplayEvents {
+                last_seen_id,
+                supports_retry,
+            }) => (last_seen_id, supports_retry),
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(
+            replay(r#"{"type":"replay_events","last_seen_id":7,"supports_retry":true}"#),
+            (Some(7), true)
+        );
+        assert_eq!(replay(r#"{"type":"replay_events"}"#), (None, false));
+        assert_eq!(
+            replay(r#"{"type":"replay_events","last_seen_id":"7","supports_retry":1}"#),
+            (None, false)
+        );
+        assert_eq!(
+            replay(r#"{"type":"replay_events","last_seen_id":1.5}"#),
+            (None, false)
         );
     }
 

@@ -6,20 +6,40 @@
 //! `page_add` queued) before the next frame of that client is looked at.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
 
 use crate::authorizer::{AuthorizeRequest, Authorizer};
+use crate::history::{self, Cursor, Outcome, RefreshReason, StreamKey};
 use crate::hub::{Connection, Hub, Subscribed};
 use crate::outbox::Frame;
 use crate::pages::{PageError, PageRegistry};
 use crate::protocol::{ClientFrame, FrameError, RejectReason, parse_client_frame, server};
+
+/// How long a client told to retry a replay waits first.
+const REPLAY_RETRY_AFTER_MS: u64 = 1000;
 
 /// What a session needs from its node.
 pub struct SessionContext {
     pub hub: Arc<Hub>,
     pub pages: PageRegistry,
     pub authorizer: Arc<dyn Authorizer>,
+    /// Replays from the event history; `None` when history is off.
+    pub replays: Option<Replays>,
+}
+
+/// What a node needs to serve replays.
+pub struct Replays {
+    pub store: Arc<dyn history::Store>,
+    /// Events one replay sends at most.
+    pub limit: usize,
+    /// How long the store has to answer.
+    pub timeout: Duration,
+    /// One per replay being served; none left means overload.
+    pub permits: Semaphore,
 }
 
 /// The protocol state of one connection.
@@ -67,10 +87,112 @@ impl Session {
             ClientFrame::Subscribe { page, params } => self.subscribe(page, params).await,
             ClientFrame::Unsubscribe { page, params } => self.unsubscribe(page, params),
             ClientFrame::Ping => self.send(server::pong()),
-            ClientFrame::ReplayEvents { .. } => self.send(server::error(
-                "replay_disabled",
-                "event history is off on this gateway (replay_enabled is false)",
-            )),
+            ClientFrame::ReplayEvents {
+                last_seen_id,
+                supports_retry,
+            } => match &self.ctx.replays {
+                Some(replays) => {
+                    self.replay(
+                        replays,
+                        Cursor::from_last_seen(last_seen_id),
+                        supports_retry,
+                    )
+                    .await
+                }
+                None => self.send(server::error(
+                    "replay_disabled",
+                    "event history is off on this gateway (replay_enabled is false)",
+                )),
+            },
+        }
+    }
+
+    /// Answers `replay_events` (DESIGN §6). Event frames that arrive while the history is
+    /// read are held back and sent after the replay, and any id the socket already got
+    /// live is left out of it, so each id reaches the socket once.
+    async fn replay(&self, replays: &Replays, cursor: Cursor, supports_retry: bool) {
+        let metrics = self.ctx.hub.metrics();
+        let refresh = |reason: RefreshReason, latest: i64| {
+            metrics.replay_refreshed(reason);
+            Frame::from(server::replay_result(true, latest))
+        };
+        let overloaded = || {
+            if supports_retry {
+                metrics.replay_retries.fetch_add(1, Ordering::Relaxed);
+                Frame::from(server::replay_retry(REPLAY_RETRY_AFTER_MS))
+            } else {
+                refresh(RefreshReason::Overloaded, history::NO_REPLAY_AVAILABLE)
+            }
+        };
+        let after = match cursor {
+            Cursor::FirstConnect | Cursor::Lost => {
+                let latest = tokio::time::timeout(replays.timeout, replays.store.latest()).await;
+                let answer = match (cursor, latest) {
+                    (Cursor::FirstConnect, Ok(Ok(latest))) => {
+                        Frame::from(server::replay_result(false, latest as i64))
+                    }
+                    (_, Ok(Ok(latest))) => refresh(RefreshReason::LostCursor, latest as i64),
+                    (_, Ok(Err(error))) => {
+                        tracing::warn!(%error, "replay baseline not read");
+                        overloaded()
+                    }
+                    (_, Err(_)) => overloaded(),
+                };
+                self.conn.outbox.push(answer);
+                return;
+            }
+            Cursor::After(after) => after,
+        };
+        let Ok(_permit) = replays.permits.try_acquire() else {
+            self.conn.outbox.push(overloaded());
+            return;
+        };
+        if !self.conn.outbox.hold() {
+            let answer = refresh(RefreshReason::TooLate, history::NO_REPLAY_AVAILABLE);
+            self.conn.outbox.push(answer);
+            return;
+        }
+        let keys = StreamKey::of_socket(self.ctx.hub.groups_of(&self.conn));
+        let read = tokio::time::timeout(replays.timeout, replays.store.read(keys, after)).await;
+        let snapshot = match read {
+            Ok(Ok(snapshot)) => snapshot,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "replay not read");
+                self.conn.outbox.release(Vec::new(), overloaded());
+                return;
+            }
+            Err(_) => {
+                self.conn.outbox.release(Vec::new(), overloaded());
+                return;
+            }
+        };
+        let socket = history::Socket {
+            web_socket_id: &self.conn.web_socket_id,
+            user_id: self.conn.user_id,
+        };
+        match history::plan(after, &snapshot, socket, replays.limit) {
+            Outcome::Replay {
+                events,
+                latest_event_id,
+            } => {
+                let frames = events
+                    .iter()
+                    .map(|(id, payload)| (*id, Frame::event(payload, *id)))
+                    .collect();
+                let result = Frame::from(server::replay_result(false, latest_event_id as i64));
+                let sent = self.conn.outbox.release(frames, result);
+                metrics.replays_served.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .events_replayed
+                    .fetch_add(sent as u64, Ordering::Relaxed);
+            }
+            Outcome::Refresh {
+                reason,
+                latest_event_id,
+            } => {
+                let answer = refresh(reason, latest_event_id);
+                self.conn.outbox.release(Vec::new(), answer);
+            }
         }
     }
 

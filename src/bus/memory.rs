@@ -1,39 +1,70 @@
-//! The in-memory bus of a node running alone: publishing is delivering to the local hub.
+//! The in-memory bus of a node running alone: publishing is delivering to the local hub,
+//! and recording an event in the in-memory history in the same step.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{Bus, BusUnavailable};
-use crate::control::ControlHandler;
+use crate::control::{ControlHandler, Reply, Request};
 use crate::event::Event;
+use crate::history::{self, memory::MemoryHistory};
 use crate::hub::Hub;
-use crate::proto::control_reply::Reply;
-use crate::proto::control_request::Request;
 
 /// One node, no network: an event is in every recipient's queue when `publish` returns,
 /// so sequential publishes keep their order; control requests are answered locally.
 pub struct MemoryBus {
     hub: Arc<Hub>,
     control: Arc<ControlHandler>,
+    history: Option<Arc<MemoryHistory>>,
     ready: watch::Sender<bool>,
 }
 
 impl MemoryBus {
-    pub fn new(hub: Arc<Hub>, control: Arc<ControlHandler>) -> Self {
+    /// `history`: the in-memory event history, when it is on.
+    pub fn new(
+        hub: Arc<Hub>,
+        control: Arc<ControlHandler>,
+        history: Option<Arc<MemoryHistory>>,
+    ) -> Self {
         MemoryBus {
             hub,
             control,
+            history,
             ready: watch::Sender::new(true),
+        }
+    }
+
+    fn deliver(&self, event: Event) -> u64 {
+        match &self.history {
+            Some(history) if event.record => {
+                let (id, _) = history.record(event, |event| self.hub.deliver(event));
+                self.hub
+                    .metrics()
+                    .history_bytes
+                    .store(history.bytes() as u64, Ordering::Relaxed);
+                id
+            }
+            _ => {
+                self.hub.deliver(&event);
+                0
+            }
         }
     }
 }
 
 impl Bus for MemoryBus {
-    fn publish(&self, event: Event) -> BoxFuture<'_, Result<(), BusUnavailable>> {
-        self.hub.deliver(&event);
-        Box::pin(std::future::ready(Ok(())))
+    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, BusUnavailable>> {
+        Box::pin(std::future::ready(Ok(self.deliver(event))))
+    }
+
+    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, BusUnavailable>> {
+        Box::pin(std::future::ready(Ok(events
+            .into_iter()
+            .map(|event| self.deliver(event))
+            .collect())))
     }
 
     fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Vec<Reply>, BusUnavailable>> {
@@ -42,5 +73,11 @@ impl Bus for MemoryBus {
 
     fn readiness(&self) -> watch::Receiver<bool> {
         self.ready.subscribe()
+    }
+
+    fn history(&self) -> Option<Arc<dyn history::Store>> {
+        self.history
+            .clone()
+            .map(|history| history as Arc<dyn history::Store>)
     }
 }

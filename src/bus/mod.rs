@@ -2,8 +2,8 @@
 //!
 //! The gRPC service publishes into the bus and never into a hub directly, so the same code
 //! serves one node (the in-memory bus) and many (Redis). Each node's hub tells the bus
-//! which groups it has members of ([`GroupInterest`]), and the bus delivers events for
-//! those groups, user-targeted events and control requests into it.
+//! which groups it has members of ([`crate::hub::GroupInterest`]), and the bus delivers
+//! events for those groups, user-targeted events and control requests into it.
 
 mod memory;
 mod redis;
@@ -16,9 +16,9 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
+use crate::control::{Reply, Request};
 use crate::event::Event;
-use crate::proto::control_reply::Reply;
-use crate::proto::control_request::Request;
+use crate::history;
 
 /// The bus could not take a request; the gRPC API answers `UNAVAILABLE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,11 +30,17 @@ impl std::fmt::Display for BusUnavailable {
     }
 }
 
-/// Moves events and control requests between nodes.
+/// Moves events and control requests between nodes, and keeps the event history.
 pub trait Bus: Send + Sync + 'static {
-    /// Completes once the bus has accepted the event for delivery to every node. Events
-    /// published one after another to one group are delivered in that order everywhere.
-    fn publish(&self, event: Event) -> BoxFuture<'_, Result<(), BusUnavailable>>;
+    /// Completes once the bus has accepted the event for delivery to every node, and
+    /// returns its history id (0: not recorded). With history on, giving the id, storing
+    /// the event and publishing it are one step, so a group's live order is its id order.
+    /// Events published one after another to one group are delivered in that order
+    /// everywhere.
+    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, BusUnavailable>>;
+
+    /// Publishes events in order, as one step where the bus can, and returns their ids.
+    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, BusUnavailable>>;
 
     /// Asks every live node, this one included, and returns the replies that arrived
     /// within the bus's deadline.
@@ -43,29 +49,11 @@ pub trait Bus: Send + Sync + 'static {
     /// Whether the bus works now (`/readyz`, health); changes are announced.
     fn readiness(&self) -> watch::Receiver<bool>;
 
+    /// Where replays read the event history; `None` when history is off.
+    fn history(&self) -> Option<Arc<dyn history::Store>>;
+
     /// The node is stopping: stop listening and tell the other nodes not to wait for it.
     fn leave(&self) -> BoxFuture<'_, ()> {
         Box::pin(std::future::ready(()))
     }
-}
-
-/// Told by the hub of each (connection, group) membership added and removed.
-pub trait GroupInterest: Send + Sync + 'static {
-    /// A membership was added. The future completes once the group's events reach this
-    /// node; it never fails (a bus that is down restores its subscriptions when back).
-    fn joined(&self, group: &Arc<str>) -> BoxFuture<'static, ()>;
-
-    /// A membership was removed.
-    fn left(&self, group: &Arc<str>);
-}
-
-/// For a node alone: every event is local, so there is nothing to subscribe to.
-pub struct NoInterest;
-
-impl GroupInterest for NoInterest {
-    fn joined(&self, _group: &Arc<str>) -> BoxFuture<'static, ()> {
-        Box::pin(std::future::ready(()))
-    }
-
-    fn left(&self, _group: &Arc<str>) {}
 }

@@ -7,11 +7,10 @@ use tonic::{Request, Response, Status};
 
 use crate::bus::Bus;
 use crate::control;
+use crate::control::{Reply as ControlReply, Request as ControlRequest};
 use crate::event::{self, InvalidEvent};
 use crate::hub::Hub;
 use crate::proto;
-use crate::proto::control_reply::Reply as ControlReply;
-use crate::proto::control_request::Request as ControlRequest;
 use crate::proto::gateway_server::{Gateway, GatewayServer};
 
 /// Largest gRPC message accepted, so a batch of large payloads fits.
@@ -36,15 +35,13 @@ impl Gateway for GatewayApi {
     ) -> Result<Response<proto::PublishResponse>, Status> {
         let event =
             event::from_request(request.into_inner(), self.max_payload_bytes).map_err(invalid)?;
-        self.bus
+        let event_id = self
+            .bus
             .publish(event)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        self.hub
-            .metrics()
-            .events_published
-            .fetch_add(1, Ordering::Relaxed);
-        Ok(Response::new(proto::PublishResponse { event_id: 0 }))
+        self.published(1, event_id != 0);
+        Ok(Response::new(proto::PublishResponse { event_id }))
     }
 
     async fn publish_batch(
@@ -63,21 +60,19 @@ impl Gateway for GatewayApi {
                     .map_err(|e| invalid(e.within(&format!("events[{i}]"))))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let total = events.len();
-        for (published, event) in events.into_iter().enumerate() {
-            self.bus.publish(event).await.map_err(|e| {
-                Status::unavailable(format!(
-                    "{e} ({published} of {total} events were published)"
-                ))
-            })?;
-            self.hub
-                .metrics()
-                .events_published
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Response::new(proto::PublishBatchResponse {
-            event_ids: vec![0; total],
-        }))
+        let total = events.len() as u64;
+        let event_ids = self
+            .bus
+            .publish_batch(events)
+            .await
+            .map_err(|e| Status::unavailable(format!("{e} (the batch was not published)")))?;
+        let recorded = event_ids.iter().filter(|id| **id != 0).count() as u64;
+        let metrics = self.hub.metrics();
+        metrics.events_published.fetch_add(total, Ordering::Relaxed);
+        metrics
+            .events_recorded
+            .fetch_add(recorded, Ordering::Relaxed);
+        Ok(Response::new(proto::PublishBatchResponse { event_ids }))
     }
 
     async fn check_permission(
@@ -124,6 +119,16 @@ impl Gateway for GatewayApi {
 }
 
 impl GatewayApi {
+    fn published(&self, events: u64, recorded: bool) {
+        let metrics = self.hub.metrics();
+        metrics
+            .events_published
+            .fetch_add(events, Ordering::Relaxed);
+        if recorded {
+            metrics.events_recorded.fetch_add(events, Ordering::Relaxed);
+        }
+    }
+
     async fn ask_all(&self, request: ControlRequest) -> Result<Vec<ControlReply>, Status> {
         self.bus
             .ask_all(request)

@@ -197,8 +197,10 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let hub = ctx.session.hub.clone();
     let conn = hub.connect(web_socket_id.as_str().into(), identity.user_id);
-    conn.outbox
-        .push(Frame::from(server::authenticated(&web_socket_id, false)));
+    conn.outbox.push(Frame::from(server::authenticated(
+        &web_socket_id,
+        ctx.session.replays.is_some(),
+    )));
     let inbound = Inbound {
         tcp: tcp.clone(),
         early,

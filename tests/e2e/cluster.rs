@@ -15,7 +15,7 @@ use crate::common::*;
 use crate::redis_server::{RedisServer, free_port};
 
 /// A node of the cluster on `redis`, ready to serve.
-async fn node_on(redis: &RedisServer, prefix: &str, node_id: &str) -> TestNode {
+pub async fn node_on(redis: &RedisServer, prefix: &str, node_id: &str) -> TestNode {
     let node = TestNode::start_with(&[
         "--redis-url",
         &redis.url(),
@@ -46,12 +46,12 @@ async fn three_nodes(test: &str) -> (RedisServer, [TestNode; 3], Grpc) {
 }
 
 /// A prefix of its own for each test.
-fn prefix(test: &str) -> String {
+pub fn prefix(test: &str) -> String {
     format!("cgtest-{test}-{}", std::process::id())
 }
 
 /// Polls `check` until it holds, or fails the test after `PATIENCE`.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

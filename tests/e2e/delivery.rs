@@ -9,8 +9,13 @@ use serde_json::json;
 
 use crate::common::*;
 
-async fn publish(grpc: &mut Grpc, request: PublishRequest) {
-    grpc.publish(request).await.expect("publish accepted");
+/// Publishes and returns the event's history id.
+async fn publish(grpc: &mut Grpc, request: PublishRequest) -> u64 {
+    grpc.publish(request)
+        .await
+        .expect("publish accepted")
+        .into_inner()
+        .event_id
 }
 
 /// Sends the marker to everyone.
@@ -39,11 +44,15 @@ async fn group_reaches_members_but_not_the_ignored_socket_nor_excluded_users() {
         exclude_user_ids: vec![3],
         ..group_request("table-7", event("rows_created", 1))
     };
-    publish(&mut grpc, request).await;
+    let id = publish(&mut grpc, request).await;
+    assert_ne!(id, 0, "history is on by default");
     mark(&mut grpc).await;
 
     let frame = colleague.recv().await;
-    assert_eq!(frame, json!({"type": "rows_created", "n": 1}));
+    assert_eq!(
+        frame,
+        json!({"type": "rows_created", "n": 1, "_event_id": id})
+    );
     expect_event(&mut colleague, "marker").await;
     for c in [&mut author, &mut excluded, &mut outsider] {
         expect_event(c, "marker").await;
@@ -139,13 +148,17 @@ async fn individual_payloads_reach_each_user_with_their_own() {
         ignore_web_socket_id: alice_author.web_socket_id.clone(),
         ..Default::default()
     };
-    publish(&mut grpc, request).await;
+    let id = publish(&mut grpc, request).await;
     mark(&mut grpc).await;
+    // One id for the publish, carried by each user's own payload.
     assert_eq!(
         alice.recv().await,
-        json!({"type": "notify", "for": "alice"})
+        json!({"type": "notify", "for": "alice", "_event_id": id})
     );
-    assert_eq!(bob.recv().await, json!({"type": "notify", "for": "bob"}));
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "notify", "for": "bob", "_event_id": id})
+    );
     for c in [&mut alice, &mut bob, &mut alice_author, &mut carol] {
         expect_event(c, "marker").await;
     }

@@ -22,9 +22,35 @@ async fn publish_batch_delivers_in_order_with_one_id_per_event() {
         .await
         .expect("batch")
         .into_inner();
-    assert_eq!(response.event_ids, vec![0; 50]);
-    for n in 0..50 {
-        assert_eq!(c.recv().await["n"], n);
+    let ids = response.event_ids;
+    assert_eq!(ids.len(), 50);
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+    for (n, id) in ids.iter().enumerate() {
+        let frame = c.recv().await;
+        assert_eq!(
+            (frame["n"].as_u64(), frame["_event_id"].as_u64()),
+            (Some(n as u64), Some(*id))
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_history_off_ids_are_zero_and_payloads_verbatim() {
+    let node = TestNode::start_with(&["--history", "off"]).await;
+    let mut grpc = node.grpc().await;
+    let mut c = node.client(1).await;
+    c.join(json!({"page": "table", "table_id": 1})).await;
+    let events = (0..3)
+        .map(|n| group_request("table-1", event("batch", n)))
+        .collect();
+    let response = grpc
+        .publish_batch(PublishBatchRequest { events })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!(response.event_ids, vec![0; 3]);
+    for n in 0..3 {
+        assert_eq!(c.recv().await, json!({"type": "batch", "n": n}));
     }
 }
 

@@ -48,7 +48,7 @@ async fn a_valid_token_authenticates_its_user() {
     let (first, _) = attempt(&node, &format!("jwt_token={}", node.token(42))).await;
     assert_eq!(first["type"], "authentication");
     assert_eq!(first["success"], true);
-    assert_eq!(first["replay_enabled"], false);
+    assert_eq!(first["replay_enabled"], true);
     let id = first["web_socket_id"].as_str().expect("an id");
     assert!(uuid_like(id), "{id}");
 }

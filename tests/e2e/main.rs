@@ -11,4 +11,5 @@ mod identity;
 mod pages;
 mod protocol;
 mod redis_server;
+mod replay;
 mod shutdown;

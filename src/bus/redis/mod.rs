@@ -4,7 +4,8 @@
 //! - `P:g:<group>`: one per channel group; a node subscribes while it has local members;
 //! - `P:broadcast`: user-targeted events and the `users` group, for every node;
 //! - `P:control` and `P:reply:<node id>`: cluster-wide requests and their replies;
-//! - keys `P:node:<node id>` (expiring heartbeats) and the set `P:nodes` name live nodes.
+//! - keys `P:node:<node id>` (expiring heartbeats) and the set `P:nodes` name live nodes;
+//! - `P:h:*`: the event history ([`history`]).
 //!
 //! One pub/sub connection per node receives everything in order, so events published one
 //! after another to a group reach every node in that order. When Redis goes away the node
@@ -22,11 +23,16 @@ use prost::Message as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Bus, BusUnavailable, GroupInterest};
-use crate::control::ControlHandler;
+mod history;
+
+use super::{Bus, BusUnavailable};
+use crate::control::{ControlHandler, Reply, Request};
 use crate::event::{Event, Target};
+use crate::history::{self as event_history, HistorySettings};
+use crate::hub::GroupInterest;
 use crate::hub::Hub;
-use crate::proto::{self, control_reply::Reply, control_request::Request};
+use crate::proto;
+use history::RedisHistory;
 
 /// How often a node renews its heartbeat, and how long one lives.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -309,6 +315,9 @@ impl Shared {
 /// The bus of a node in a cluster.
 pub struct RedisBus {
     shared: Arc<Shared>,
+    /// The publish script, which also records events when `recording`.
+    history: Arc<RedisHistory>,
+    recording: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -317,6 +326,7 @@ impl RedisBus {
     /// not ready and connects as soon as it can. A malformed URL is an error.
     pub fn start(
         settings: &RedisSettings,
+        history: Option<&HistorySettings>,
         node_id: &str,
         hub: Arc<Hub>,
         control: Arc<ControlHandler>,
@@ -346,7 +356,16 @@ impl RedisBus {
             tokio::spawn(listener.run(commands.0)),
             tokio::spawn(heartbeats(shared.clone())),
         ];
-        Ok(RedisBus { shared, tasks })
+        let defaults = HistorySettings::default();
+        let recording = history.is_some();
+        let history = history.unwrap_or(&defaults);
+        let history = Arc::new(RedisHistory::new(shared.clone(), history.retention));
+        Ok(RedisBus {
+            shared,
+            history,
+            recording,
+            tasks,
+        })
     }
 
     fn unavailable_unless_ready(&self) -> Result<(), BusUnavailable> {
@@ -367,16 +386,37 @@ impl Drop for RedisBus {
 }
 
 impl Bus for RedisBus {
-    fn publish(&self, event: Event) -> BoxFuture<'_, Result<(), BusUnavailable>> {
+    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, BusUnavailable>> {
         Box::pin(async move {
             self.unavailable_unless_ready()?;
+            if self.recording && event.record {
+                let ids = self.history.publish(&[event], true).await;
+                return ids
+                    .map(|ids| ids.first().copied().unwrap_or_default())
+                    .map_err(BusUnavailable);
+            }
             let channel = match &event.target {
                 Target::Group { group, .. } => self.shared.names.group(group),
                 _ => self.shared.names.broadcast(),
             };
-            let bytes = event.to_request().encode_to_vec();
-            self.shared.publish_bytes(channel, bytes).await.map(|_| ())
+            let bytes = event.to_bus().encode_to_vec();
+            self.shared.publish_bytes(channel, bytes).await.map(|_| 0)
         })
+    }
+
+    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, BusUnavailable>> {
+        Box::pin(async move {
+            self.unavailable_unless_ready()?;
+            self.history
+                .publish(&events, self.recording)
+                .await
+                .map_err(BusUnavailable)
+        })
+    }
+
+    fn history(&self) -> Option<Arc<dyn event_history::Store>> {
+        self.recording
+            .then(|| self.history.clone() as Arc<dyn event_history::Store>)
     }
 
     fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Vec<Reply>, BusUnavailable>> {
@@ -587,11 +627,11 @@ impl Listener {
                 Err(error) => tracing::warn!(%error, "undecodable control reply"),
             }
         } else {
-            match proto::PublishRequest::decode(payload).map(Event::from_trusted) {
-                Ok(Some(event)) => {
+            match Event::from_bus(payload) {
+                Some(event) => {
                     self.hub.deliver(&event);
                 }
-                Ok(None) | Err(_) => tracing::warn!(channel, "undecodable event"),
+                None => tracing::warn!(channel, "undecodable event"),
             }
         }
     }
