@@ -213,6 +213,9 @@ pub struct Options {
     pub pages: Option<Vec<PageSpec>>,
 }
 
+/// The longest `--history-ttl`: ten years, so that "now less the age limit" stays a time.
+const MAX_HISTORY_TTL_SECS: u64 = 10 * 365 * 86_400;
+
 /// Which authorizer decides subscriptions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthorizerKind {
@@ -289,10 +292,49 @@ impl Options {
     }
 }
 
+/// `--history` and its limits; `None` when history is off.
+fn history_settings(options: &Options) -> Result<Option<HistorySettings>, String> {
+    let positive = |name: &str, value: Option<usize>, default: usize| match value {
+        Some(0) => Err(format!("--{name} must be at least 1")),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    let history = match options.history.as_deref().unwrap_or("on") {
+        "on" | "true" | "1" => Some(HistorySettings {
+            retention: Retention {
+                events_per_stream: positive("history-size", options.history_size, 1000)?,
+                user_events: positive("history-user-size", options.history_user_size, 10_000)?,
+                max_age: Duration::from_secs(match options.history_ttl {
+                    Some(0) => return Err("--history-ttl must be at least 1".into()),
+                    Some(secs) if secs > MAX_HISTORY_TTL_SECS => {
+                        return Err(format!(
+                            "--history-ttl {secs} is over ten years ({MAX_HISTORY_TTL_SECS} s)"
+                        ));
+                    }
+                    Some(secs) => secs,
+                    None => 86_400,
+                }),
+                max_bytes: positive("history-max-bytes", options.history_max_bytes, 256 << 20)?,
+            },
+            replay_limit: positive("replay-limit", options.replay_limit, 200)?,
+            replay_concurrency: positive("replay-concurrency", options.replay_concurrency, 64)?,
+            timeout: Duration::from_millis(positive(
+                "history-timeout-ms",
+                options.history_timeout_ms.map(|v| v as usize),
+                2000,
+            )? as u64),
+        }),
+        "off" | "false" | "0" => None,
+        other => return Err(format!("--history {other:?}: expected on or off")),
+    };
+    Ok(history)
+}
+
 impl Settings {
     /// Checks options and fills in defaults.
     pub fn resolve(options: Options) -> Result<Settings, String> {
         let dev = options.dev.unwrap_or(false);
+        let history = history_settings(&options)?;
         let (jwt_secret, jwt_secret_generated) = match options.jwt_secret {
             Some(secret) if secret.is_empty() => return Err("--jwt-secret is empty".into()),
             Some(secret) => (secret, false),
@@ -331,29 +373,6 @@ impl Settings {
         if inbound_rate == 0 || inbound_burst == 0 {
             return Err("--inbound-rate and --inbound-burst must be at least 1".into());
         }
-        let history = match options.history.as_deref().unwrap_or("on") {
-            "on" | "true" | "1" => Some(HistorySettings {
-                retention: Retention {
-                    events_per_stream: positive("history-size", options.history_size, 1000)?,
-                    user_events: positive("history-user-size", options.history_user_size, 10_000)?,
-                    max_age: Duration::from_secs(positive(
-                        "history-ttl",
-                        options.history_ttl.map(|v| v as usize),
-                        86_400,
-                    )? as u64),
-                    max_bytes: positive("history-max-bytes", options.history_max_bytes, 256 << 20)?,
-                },
-                replay_limit: positive("replay-limit", options.replay_limit, 200)?,
-                replay_concurrency: positive("replay-concurrency", options.replay_concurrency, 64)?,
-                timeout: Duration::from_millis(positive(
-                    "history-timeout-ms",
-                    options.history_timeout_ms.map(|v| v as usize),
-                    2000,
-                )? as u64),
-            }),
-            "off" | "false" | "0" => None,
-            other => return Err(format!("--history {other:?}: expected on or off")),
-        };
         Ok(Settings {
             dev,
             history,
