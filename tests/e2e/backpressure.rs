@@ -16,10 +16,17 @@ async fn a_reader_that_never_reads_is_closed_as_slow_consumer_while_a_fast_one_g
 
     // 2,000 events of 8 KiB: far more than the socket buffers and the 64 KiB queue hold.
     let pad = "p".repeat(8 * 1024);
+    // In batches of four (32 KiB, which the fast reader's 64 KiB queue takes), so that the
+    // slow reader reads before its close write gives up (10 s) even on a loaded machine.
     let publisher = tokio::spawn(async move {
-        for n in 0..2000 {
-            let payload = json!({"type": "bulk", "n": n, "pad": pad}).to_string();
-            grpc.publish(group_request("table-1", payload))
+        for batch in 0..500 {
+            let events = (batch * 4..(batch + 1) * 4)
+                .map(|n| {
+                    let payload = json!({"type": "bulk", "n": n, "pad": pad}).to_string();
+                    group_request("table-1", payload)
+                })
+                .collect();
+            grpc.publish_batch(channelgate::proto::PublishBatchRequest { events })
                 .await
                 .expect("publish");
         }

@@ -347,7 +347,7 @@ async fn cursors_trimming_and_the_limit_on_redis() {
     cursors_and_limits(&node).await;
 }
 
-/// With a one-second history: a recent cursor replays, an old one refreshes.
+/// With a two-second history: a recent cursor replays, an old one refreshes.
 async fn expiry(node: &TestNode) {
     let addr = node.node.ws_addr.to_string();
     let mut grpc = node.grpc().await;
@@ -355,7 +355,7 @@ async fn expiry(node: &TestNode) {
     let id = publish(&mut grpc, group_request("table-1", event("e", 1))).await;
     let (got, _) = replay_fresh_all(&addr, &mut grpc, json!(start)).await;
     assert_eq!(got, [id]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     publish(&mut grpc, group_request("table-2", event("e", 2))).await;
     let (events, result) = replay_fresh(&addr, json!(start), true).await;
     assert!(events.is_empty(), "{events:?}");
@@ -364,7 +364,7 @@ async fn expiry(node: &TestNode) {
 
 #[tokio::test]
 async fn expired_history_forces_a_refresh_on_one_node() {
-    expiry(&TestNode::start_with(&["--history-ttl", "1"]).await).await;
+    expiry(&TestNode::start_with(&["--history-ttl", "2"]).await).await;
 }
 
 #[tokio::test]
@@ -396,7 +396,7 @@ async fn a_stalled_store_and_too_many_replays_ask_to_retry_or_refresh() {
         "--replay-concurrency",
         "1",
         "--history-timeout-ms",
-        "400",
+        "1500",
     ])
     .await;
     assert!(node.node.ready(PATIENCE).await);
@@ -405,10 +405,11 @@ async fn a_stalled_store_and_too_many_replays_ask_to_retry_or_refresh() {
     let cursor = publish(&mut grpc, group_request("table-1", event("e", 0))).await;
     let mut stalled = Client::authenticated(&addr, 1).await;
     join_all(&mut stalled, &[TABLE_1]).await;
+    // Redis holds back every script (and write) for four seconds: the replay stalls.
     let mut admin = redis.client().await;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
-        .arg(1500)
+        .arg(4000)
         .arg("WRITE")
         .query_async(&mut admin)
         .await
@@ -429,7 +430,8 @@ async fn a_stalled_store_and_too_many_replays_ask_to_retry_or_refresh() {
         stalled.recv().await,
         json!({"type": "replay_events_retry", "retry_after_ms": 1000})
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Once Redis answers again, the retry is served.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let (events, result) = replay(&mut stalled, json!(cursor), true).await;
     assert!(events.is_empty());
     assert_eq!(result["latest_event_id"], cursor);
