@@ -147,30 +147,32 @@ impl Metrics {
             "Replays told to retry later (replay_events_retry).",
             counter(&self.replay_retries),
         );
-        let _ = writeln!(
-            out,
-            "# HELP channelgate_replay_refreshes_total Replays answered with force_refresh, by reason.\n# TYPE channelgate_replay_refreshes_total counter"
+        let by_reason = |out: &mut String, name: &str, help: &str, counts: Vec<(&str, u64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (reason, count) in counts {
+                let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
+            }
+        };
+        by_reason(
+            &mut out,
+            "channelgate_replay_refreshes_total",
+            "Replays answered with force_refresh, by reason.",
+            RefreshReason::ALL
+                .iter()
+                .zip(&self.replay_refreshes)
+                .map(|(reason, count)| (reason.as_str(), counter(count)))
+                .collect(),
         );
-        for (reason, count) in RefreshReason::ALL.iter().zip(&self.replay_refreshes) {
-            let _ = writeln!(
-                out,
-                "channelgate_replay_refreshes_total{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                counter(count)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP channelgate_pages_rejected_total Subscriptions refused, by reason.\n# TYPE channelgate_pages_rejected_total counter"
+        by_reason(
+            &mut out,
+            "channelgate_pages_rejected_total",
+            "Subscriptions refused, by reason.",
+            RejectReason::ALL
+                .iter()
+                .zip(&self.pages_rejected)
+                .map(|(reason, count)| (reason.as_str(), counter(count)))
+                .collect(),
         );
-        for (reason, count) in RejectReason::ALL.iter().zip(&self.pages_rejected) {
-            let _ = writeln!(
-                out,
-                "channelgate_pages_rejected_total{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                counter(count)
-            );
-        }
         out
     }
 }

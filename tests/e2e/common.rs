@@ -192,6 +192,15 @@ impl Client {
     }
 }
 
+/// Publishes and returns the event's history id.
+pub async fn publish(grpc: &mut Grpc, request: channelgate::proto::PublishRequest) -> u64 {
+    grpc.publish(request)
+        .await
+        .expect("publish accepted")
+        .into_inner()
+        .event_id
+}
+
 /// A group event's payload.
 pub fn event(kind: &str, n: i64) -> String {
     json!({"type": kind, "n": n}).to_string()

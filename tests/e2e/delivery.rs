@@ -9,15 +9,6 @@ use serde_json::json;
 
 use crate::common::*;
 
-/// Publishes and returns the event's history id.
-async fn publish(grpc: &mut Grpc, request: PublishRequest) -> u64 {
-    grpc.publish(request)
-        .await
-        .expect("publish accepted")
-        .into_inner()
-        .event_id
-}
-
 /// Sends the marker to everyone.
 async fn mark(grpc: &mut Grpc) {
     publish(grpc, group_request("users", event("marker", 0))).await;

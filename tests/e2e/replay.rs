@@ -67,14 +67,6 @@ async fn baseline(client: &mut Client) -> u64 {
     result["latest_event_id"].as_u64().expect("an id")
 }
 
-async fn publish(grpc: &mut Grpc, request: PublishRequest) -> u64 {
-    grpc.publish(request)
-        .await
-        .expect("publish")
-        .into_inner()
-        .event_id
-}
-
 fn users(user_ids: Vec<i64>, all_users: bool, payload: String) -> PublishRequest {
     PublishRequest {
         target: Some(Target::Users(UserTarget {
