@@ -516,6 +516,32 @@ impl Hub {
         }
     }
 
+    /// Closes every member of a group with `reason`; returns how many.
+    pub fn close_group(&self, group: &str, reason: CloseReason) -> usize {
+        let members = self.groups.shard(group).get(group).cloned();
+        let Some(members) = members else {
+            return 0;
+        };
+        let members = lock(&members).list.clone();
+        for conn in &members {
+            conn.outbox.close(reason);
+        }
+        members.len()
+    }
+
+    /// Closes every connection with `reason` (connections that join later stay open);
+    /// returns how many.
+    pub fn close_connections(&self, reason: CloseReason) -> usize {
+        let mut closed = 0;
+        for shard in self.users.each_shard() {
+            for conn in shard.values().flatten() {
+                conn.outbox.close(reason);
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     pub fn stats(&self) -> HubStats {
         let users = self
             .users

@@ -301,6 +301,17 @@ async fn when_redis_dies_publishes_fail_and_when_it_returns_events_flow_again() 
         a.node.ready(PATIENCE).await && b.node.ready(PATIENCE).await,
         "nodes reconnect"
     );
+    // The restarted Redis lost the event history, so nothing proves the sockets missed
+    // nothing: they are told to reconnect (1012), and their clients replay or refresh.
+    for s in [&mut on_a, &mut on_b] {
+        let close = s.recv_close().await.expect("a close frame");
+        assert_eq!(u16::from(close.code), 1012);
+    }
+    let mut on_a = a.client(1).await;
+    let mut on_b = b.client(2).await;
+    for s in [&mut on_a, &mut on_b] {
+        s.join(json!({"page": "table", "table_id": 1})).await;
+    }
     eventually("Publish works again", async || {
         grpc.clone()
             .publish(group_request("table-1", event("back", 1)))
@@ -315,6 +326,117 @@ async fn when_redis_dies_publishes_fail_and_when_it_returns_events_flow_again() 
         .await
         .expect("publish");
     expect(&mut on_b, "still").await;
+}
+
+/// Drops the pub/sub connection that listens on `channels` channels, as Redis does to a
+/// subscriber that lags behind.
+async fn kill_pubsub_with(redis: &RedisServer, channels: usize) {
+    let mut admin = redis.client().await;
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT LIST");
+    let wanted = format!(" sub={channels} ");
+    let id = clients
+        .lines()
+        .find(|line| line.contains(&wanted))
+        .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .unwrap_or_else(|| panic!("a pub/sub connection on {channels} channels in {clients}"))
+        .to_string();
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT KILL");
+}
+
+#[tokio::test]
+async fn without_history_a_dropped_subscription_closes_the_sockets_that_may_have_missed_events() {
+    let redis = RedisServer::start();
+    let p = prefix("no-catch-up");
+    let args = |id: &'static str| {
+        vec![
+            "--redis-url".to_string(),
+            redis.url(),
+            "--redis-prefix".into(),
+            p.clone(),
+            "--node-id".into(),
+            id.into(),
+            "--history".into(),
+            "off".into(),
+        ]
+    };
+    let nodes = [args("a"), args("b")];
+    let mut started = Vec::new();
+    for args in &nodes {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let node = TestNode::start_with(&args).await;
+        assert!(node.node.ready(PATIENCE).await);
+        started.push(node);
+    }
+    let mut on_b = started[1].client(2).await;
+    on_b.join(json!({"page": "table", "table_id": 1})).await;
+    kill_pubsub_with(&redis, 4).await;
+    let close = on_b.recv_close().await.expect("a close frame");
+    assert_eq!(
+        u16::from(close.code),
+        1012,
+        "reconnect: events may have been missed"
+    );
+    let mut again = started[1].client(2).await;
+    again.join(json!({"page": "table", "table_id": 1})).await;
+    // The close came once node b was subscribed again: events flow to the new socket.
+    let mut grpc = started[0].grpc().await;
+    grpc.publish(group_request("table-1", event("back", 1)))
+        .await
+        .expect("publish");
+    expect(&mut again, "back").await;
+}
+
+#[tokio::test]
+async fn a_node_whose_subscription_drops_catches_up_from_the_history() {
+    let redis = RedisServer::start();
+    let p = prefix("catch-up");
+    let a = node_on(&redis, &p, "a").await;
+    let b = node_on(&redis, &p, "b").await;
+    let mut on_b = b.client(2).await;
+    on_b.join(json!({"page": "table", "table_id": 1})).await;
+    let mut grpc = a.grpc().await;
+    let publisher = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for n in 0..400 {
+            let request = group_request("table-1", event("e", n));
+            if let Ok(response) = grpc.publish(request).await {
+                ids.push(response.into_inner().event_id);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        ids
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // What Redis does to a subscriber that lags: drop its pub/sub connection. Node b's
+    // is the one with four channels (broadcast, control, its replies and table-1).
+    kill_pubsub_with(&redis, 4).await;
+    let published = publisher.await.expect("publisher");
+    let last = *published.last().expect("some publishes succeeded");
+    let mut got = Vec::new();
+    while got.last() != Some(&last) {
+        let frame = on_b.recv().await;
+        got.push(frame["_event_id"].as_u64().expect("an event"));
+    }
+    let missing: Vec<&u64> = published.iter().filter(|id| !got.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} accepted events never arrived: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(got.len(), published.len(), "no event twice");
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order");
 }
 
 async fn health_of(node: &TestNode) -> i32 {

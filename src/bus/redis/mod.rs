@@ -13,7 +13,7 @@
 //! restores every subscription; sockets stay connected throughout.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,10 +28,11 @@ mod history;
 use super::{Bus, BusUnavailable};
 use crate::control::{ControlHandler, Reply, Request};
 use crate::event::{Event, Target};
-use crate::history::{self as event_history, HistorySettings};
+use crate::history::{self as event_history, HistorySettings, Store as _, StreamKey};
 use crate::hub::GroupInterest;
 use crate::hub::Hub;
 use crate::proto;
+use crate::protocol::CloseReason;
 use history::RedisHistory;
 
 /// How often a node renews its heartbeat, and how long one lives.
@@ -346,20 +347,23 @@ impl RedisBus {
             asking: Mutex::default(),
             control_timeout: settings.control_timeout,
         });
+        let defaults = HistorySettings::default();
+        let recording = history.is_some();
+        let history = history.unwrap_or(&defaults);
+        let history = Arc::new(RedisHistory::new(shared.clone(), history.retention));
         let listener = Listener {
             shared: shared.clone(),
             hub,
             control,
             subscriptions,
+            history: recording.then(|| history.clone()),
+            delivered_through: AtomicU64::new(0),
+            was_connected: AtomicBool::new(false),
         };
         let tasks = vec![
             tokio::spawn(listener.run(commands.0)),
             tokio::spawn(heartbeats(shared.clone())),
         ];
-        let defaults = HistorySettings::default();
-        let recording = history.is_some();
-        let history = history.unwrap_or(&defaults);
-        let history = Arc::new(RedisHistory::new(shared.clone(), history.retention));
         Ok(RedisBus {
             shared,
             history,
@@ -514,6 +518,14 @@ struct Listener {
     hub: Arc<Hub>,
     control: Arc<ControlHandler>,
     subscriptions: Arc<Subscriptions>,
+    /// The event history, to catch up after a lost connection; `None` when history is off.
+    history: Option<Arc<RedisHistory>>,
+    /// The highest event id this node has delivered or caught up to. Events arrive in id
+    /// order on the one pub/sub connection, so an event at or below it is one the node
+    /// already delivered while catching up.
+    delivered_through: AtomicU64,
+    /// Whether a connection worked before: the next one must make up for the gap.
+    was_connected: AtomicBool,
 }
 
 impl Listener {
@@ -554,6 +566,8 @@ impl Listener {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         self.subscriptions.mark_connected(&wanted);
+        self.catch_up(&wanted).await.map_err(unreachable)?;
+        self.was_connected.store(true, Ordering::Release);
         self.shared.set_ready(true);
         tracing::info!(groups = wanted.len(), "Redis bus connected");
         loop {
@@ -568,6 +582,71 @@ impl Listener {
                 },
             }
         }
+    }
+
+    /// Makes up for what a lost connection missed, before the node is ready again: the
+    /// events after the last one delivered, read from the history, for the groups with
+    /// local members, for users and for everyone. Sockets whose streams lost events in the
+    /// meantime (or all sockets, with history off) are closed with 1012, so their clients
+    /// reconnect and replay or refresh instead of living with a silent hole.
+    async fn catch_up(&self, groups: &[Arc<str>]) -> Result<(), String> {
+        let reconnect = self.was_connected.load(Ordering::Acquire);
+        let Some(history) = &self.history else {
+            if reconnect {
+                tracing::warn!(
+                    "Redis pub/sub reconnected without event history: closing sockets that may have missed events"
+                );
+                self.hub.close_connections(CloseReason::Restart);
+            }
+            return Ok(());
+        };
+        let after = self.delivered_through.load(Ordering::Acquire);
+        if !reconnect || after == 0 {
+            let latest = history.latest().await.map_err(|e| e.to_string())?;
+            self.delivered_through.fetch_max(latest, Ordering::AcqRel);
+            return Ok(());
+        }
+        let keys = StreamKey::of_socket(groups.iter().cloned());
+        let snapshot = history
+            .read(keys.clone(), after)
+            .await
+            .map_err(|e| e.to_string())?;
+        if snapshot.latest < after {
+            // Not the store the node knew (replaced, or its clock behind): its ids say
+            // nothing about what was missed.
+            let closed = self.hub.close_connections(CloseReason::Restart);
+            self.delivered_through
+                .store(snapshot.latest, Ordering::Release);
+            tracing::warn!(
+                closed,
+                "Redis lost the event history: sockets closed to reconnect"
+            );
+            return Ok(());
+        }
+        let mut events: Vec<_> = snapshot.streams.iter().flat_map(|s| &s.events).collect();
+        events.sort_unstable_by_key(|event| event.id);
+        for event in &events {
+            self.hub.deliver(event);
+        }
+        let mut closed = 0;
+        for (key, stream) in keys.iter().zip(&snapshot.streams) {
+            if stream.lost_through > after {
+                closed += match key {
+                    StreamKey::Group(group) => self.hub.close_group(group, CloseReason::Restart),
+                    StreamKey::Everyone | StreamKey::Users => {
+                        self.hub.close_connections(CloseReason::Restart)
+                    }
+                };
+            }
+        }
+        self.delivered_through
+            .fetch_max(snapshot.latest, Ordering::AcqRel);
+        tracing::info!(
+            caught_up = events.len(),
+            closed,
+            "Redis pub/sub reconnected; missed events delivered from the history"
+        );
+        Ok(())
     }
 
     async fn apply(&self, sink: &mut PubSubSink, command: Command) -> Result<(), String> {
@@ -628,8 +707,14 @@ impl Listener {
             }
         } else {
             match Event::from_bus(payload) {
-                Some(event) => {
+                Some(event) if event.id == 0 => {
                     self.hub.deliver(&event);
+                }
+                Some(event) => {
+                    if event.id > self.delivered_through.load(Ordering::Acquire) {
+                        self.hub.deliver(&event);
+                        self.delivered_through.store(event.id, Ordering::Release);
+                    }
                 }
                 None => tracing::warn!(channel, "undecodable event"),
             }
