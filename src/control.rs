@@ -14,6 +14,15 @@ use crate::permissions;
 use crate::proto;
 pub use crate::proto::{control_reply::Reply, control_request::Request};
 
+/// What the nodes said to a cluster-wide request.
+#[derive(Debug, Default)]
+pub struct Answers {
+    pub replies: Vec<Reply>,
+    /// Live nodes that did not answer within the deadline: the request may not have
+    /// reached their sockets.
+    pub missing: Vec<String>,
+}
+
 /// Answers control requests against this node's hub.
 pub struct ControlHandler {
     pub hub: Arc<Hub>,

@@ -8,7 +8,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{Bus, BusUnavailable};
-use crate::control::{ControlHandler, Reply, Request};
+use crate::control::{Answers, ControlHandler, Request};
 use crate::event::Event;
 use crate::history::{self, memory::MemoryHistory};
 use crate::hub::Hub;
@@ -67,8 +67,13 @@ impl Bus for MemoryBus {
             .collect())))
     }
 
-    fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Vec<Reply>, BusUnavailable>> {
-        Box::pin(async move { Ok(vec![self.control.answer(request).await]) })
+    fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Answers, BusUnavailable>> {
+        Box::pin(async move {
+            Ok(Answers {
+                replies: vec![self.control.answer(request).await],
+                missing: Vec::new(),
+            })
+        })
     }
 
     fn readiness(&self) -> watch::Receiver<bool> {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-use crate::control::{Reply, Request};
+use crate::control::{Answers, Request};
 use crate::event::Event;
 use crate::history;
 
@@ -43,8 +43,8 @@ pub trait Bus: Send + Sync + 'static {
     fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, BusUnavailable>>;
 
     /// Asks every live node, this one included, and returns the replies that arrived
-    /// within the bus's deadline.
-    fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Vec<Reply>, BusUnavailable>>;
+    /// within the bus's deadline, and which live nodes did not answer.
+    fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Answers, BusUnavailable>>;
 
     /// Whether the bus works now (`/readyz`, health); changes are announced.
     fn readiness(&self) -> watch::Receiver<bool>;

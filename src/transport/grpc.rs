@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use crate::bus::Bus;
 use crate::control;
-use crate::control::{Reply as ControlReply, Request as ControlRequest};
+use crate::control::{Answers, Reply as ControlReply, Request as ControlRequest};
 use crate::event::{self, InvalidEvent};
 use crate::hub::Hub;
 use crate::proto;
@@ -81,10 +81,10 @@ impl Gateway for GatewayApi {
     ) -> Result<Response<proto::CheckPermissionResponse>, Status> {
         let request = request.into_inner();
         check_user_ids("user_ids", &request.user_ids)?;
-        let replies = self
+        let answers = self
             .ask_all(ControlRequest::CheckPermission(request))
             .await?;
-        let merged = control::merge_check(replies);
+        let merged = control::merge_check(every_node("CheckPermission", answers)?);
         tracing::info!(
             checked = merged.checked,
             revoked = merged.revoked.len(),
@@ -103,18 +103,22 @@ impl Gateway for GatewayApi {
             return Err(Status::invalid_argument("user_ids: must not be empty"));
         }
         check_user_ids("user_ids", &request.user_ids)?;
-        let replies = self.ask_all(ControlRequest::Disconnect(request)).await?;
-        Ok(Response::new(control::merge_disconnect(replies)))
+        let answers = self.ask_all(ControlRequest::Disconnect(request)).await?;
+        Ok(Response::new(control::merge_disconnect(every_node(
+            "Disconnect",
+            answers,
+        )?)))
     }
 
     async fn info(
         &self,
         _request: Request<proto::InfoRequest>,
     ) -> Result<Response<proto::InfoResponse>, Status> {
-        let replies = self
+        // Counters of the nodes that answered: a node that did not is simply not listed.
+        let answers = self
             .ask_all(ControlRequest::Info(proto::InfoRequest {}))
             .await?;
-        Ok(Response::new(control::merge_info(replies)))
+        Ok(Response::new(control::merge_info(answers.replies)))
     }
 }
 
@@ -129,12 +133,25 @@ impl GatewayApi {
         }
     }
 
-    async fn ask_all(&self, request: ControlRequest) -> Result<Vec<ControlReply>, Status> {
+    async fn ask_all(&self, request: ControlRequest) -> Result<Answers, Status> {
         self.bus
             .ask_all(request)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))
     }
+}
+
+/// The replies of a request that must reach every socket: `UNAVAILABLE`, naming the nodes,
+/// when a live node did not answer (it may not have acted; the request is safe to repeat).
+fn every_node(call: &str, answers: Answers) -> Result<Vec<ControlReply>, Status> {
+    if answers.missing.is_empty() {
+        return Ok(answers.replies);
+    }
+    Err(Status::unavailable(format!(
+        "{call} was applied by {} node(s), but {} did not answer in time; retry it (it is safe to repeat)",
+        answers.replies.len(),
+        answers.missing.join(", ")
+    )))
 }
 
 fn check_user_ids(field: &str, user_ids: &[i64]) -> Result<(), Status> {

@@ -399,6 +399,96 @@ async fn without_history_a_dropped_subscription_closes_the_sockets_that_may_have
 }
 
 #[tokio::test]
+async fn a_revoke_that_misses_a_node_fails_naming_it_and_its_retry_reaches_it() {
+    let redis = RedisServer::start();
+    let p = prefix("revoke-missed");
+    let extra = ["--control-timeout-ms", "500"];
+    let start = async |id: &str| {
+        let url = redis.url();
+        let args = [
+            &["--redis-url", &url, "--redis-prefix", &p, "--node-id", id][..],
+            &extra,
+        ]
+        .concat();
+        let node = TestNode::start_with(&args).await;
+        assert!(node.node.ready(PATIENCE).await);
+        node
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    let mut on_b = b.client(2).await;
+    on_b.join(json!({"page": "table", "table_id": 1})).await;
+    let grpc = a.grpc().await;
+    let revoke = CheckPermissionRequest {
+        user_ids: vec![2],
+        permission_group: "permissions-table-1".into(),
+        revoke: true,
+        ..Default::default()
+    };
+    // Node b's pub/sub connection drops; the revoke goes out before b is back.
+    kill_pubsub_with(&redis, 4).await;
+    let status = grpc
+        .clone()
+        .check_permission(revoke.clone())
+        .await
+        .expect_err("a node did not answer");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains(" b "),
+        "names node b: {}",
+        status.message()
+    );
+    // The backend retries; once b is back, it applies it.
+    let started = Instant::now();
+    let revoked = loop {
+        match grpc.clone().check_permission(revoke.clone()).await {
+            Ok(response) => break Some(response.into_inner()),
+            Err(_) if started.elapsed() < PATIENCE => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(_) => break None,
+        }
+    };
+    let revoked = revoked.expect("an answer");
+    assert_eq!(revoked.nodes, 2);
+    assert_eq!(revoked.revoked.len(), 1, "{revoked:?}");
+    expect(&mut on_b, "page_discard").await;
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_redis_re_checks_its_pages_before_serving_again() {
+    let redis = RedisServer::start();
+    let backend = crate::backend::Backend::new(|_, _| true);
+    let url = backend.serve_http().await;
+    let p = prefix("revalidate");
+    let node = TestNode::start_with(&[
+        "--redis-url",
+        &redis.url(),
+        "--redis-prefix",
+        &p,
+        "--node-id",
+        "b",
+        "--authorizer",
+        &url,
+        "--authorizer-secret",
+        "s3cret",
+    ])
+    .await;
+    assert!(node.node.ready(PATIENCE).await);
+    let mut socket = node.client(2).await;
+    socket.join(json!({"page": "table", "table_id": 1})).await;
+    // The backend takes table 1 away from user 2, and its CheckPermission never reached
+    // this node: the node was cut off.
+    backend.set_policy(|user, group| !(user == 2 && group == "table-1"));
+    kill_pubsub_with(&redis, 4).await;
+    let discard = socket.recv().await;
+    assert_eq!(
+        discard,
+        json!({"type": "page_discard", "page": "table", "parameters": {"table_id": 1}})
+    );
+}
+
+#[tokio::test]
 async fn a_node_whose_subscription_drops_catches_up_from_the_history() {
     let redis = RedisServer::start();
     let p = prefix("catch-up");

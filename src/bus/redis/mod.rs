@@ -12,7 +12,7 @@
 //! reports not ready, `Publish` fails with `UNAVAILABLE`, and a reconnect with backoff
 //! restores every subscription; sockets stay connected throughout.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod history;
 
 use super::{Bus, BusUnavailable};
-use crate::control::{ControlHandler, Reply, Request};
+use crate::control::{Answers, ControlHandler, Reply, Request};
 use crate::event::{Event, Target};
 use crate::history::{self as event_history, HistorySettings, Store as _, StreamKey};
 use crate::hub::GroupInterest;
@@ -218,7 +218,7 @@ struct Shared {
     publisher: Mutex<Option<ConnectionManager>>,
     ready: watch::Sender<bool>,
     /// Control requests this node asked, by id, waiting for replies.
-    asking: Mutex<HashMap<String, mpsc::UnboundedSender<Reply>>>,
+    asking: Mutex<HashMap<String, mpsc::UnboundedSender<(String, Reply)>>>,
     control_timeout: Duration,
 }
 
@@ -252,7 +252,7 @@ impl Shared {
     }
 
     /// Nodes whose heartbeat is alive; forgets the others.
-    async fn live_nodes(&self) -> Result<usize, BusUnavailable> {
+    async fn live_nodes(&self) -> Result<Vec<String>, BusUnavailable> {
         let mut connection = self.publisher().await?;
         let fail = |e: redis::RedisError| BusUnavailable(format!("Redis: {e}"));
         let nodes: Vec<String> = redis::cmd("SMEMBERS")
@@ -261,7 +261,7 @@ impl Shared {
             .await
             .map_err(fail)?;
         if nodes.is_empty() {
-            return Ok(0);
+            return Ok(nodes);
         }
         let keys: Vec<String> = nodes.iter().map(|n| self.names.heartbeat(n)).collect();
         let beats: Vec<Option<String>> = redis::cmd("MGET")
@@ -282,7 +282,12 @@ impl Shared {
                 .query_async(&mut connection)
                 .await;
         }
-        Ok(beats.iter().filter(|b| b.is_some()).count())
+        Ok(nodes
+            .into_iter()
+            .zip(beats)
+            .filter(|(_, beat)| beat.is_some())
+            .map(|(node, _)| node)
+            .collect())
     }
 
     async fn heartbeat(&self) -> Result<(), BusUnavailable> {
@@ -423,7 +428,7 @@ impl Bus for RedisBus {
             .then(|| self.history.clone() as Arc<dyn event_history::Store>)
     }
 
-    fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Vec<Reply>, BusUnavailable>> {
+    fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Answers, BusUnavailable>> {
         Box::pin(async move {
             self.unavailable_unless_ready()?;
             let shared = &self.shared;
@@ -437,27 +442,37 @@ impl Bus for RedisBus {
                     reply_to: shared.names.node_id.clone(),
                     request: Some(request),
                 };
-                let listening = shared
+                shared
                     .publish_bytes(shared.names.control(), message.encode_to_vec())
                     .await?;
-                // A node listening without a heartbeat is starting; one with a heartbeat
-                // but not listening is gone: wait for nodes that are both.
-                Ok::<_, BusUnavailable>(live.min(usize::try_from(listening).unwrap_or(0)))
+                Ok::<_, BusUnavailable>(live)
             }
             .await;
-            let mut answers = Vec::new();
-            if let Ok(expected) = asked {
+            let mut answers = Answers::default();
+            if let Ok(live) = &asked {
+                // Every live node must answer, for the request to have reached every
+                // socket; one that is cut off from Redis keeps its heartbeat a while,
+                // so it shows up as missing rather than being forgotten.
+                let mut answered = HashSet::new();
                 let deadline = tokio::time::sleep(shared.control_timeout);
                 tokio::pin!(deadline);
-                while answers.len() < expected.max(1) {
+                while answered.is_empty() || !live.iter().all(|n| answered.contains(n)) {
                     tokio::select! {
                         reply = replies.recv() => match reply {
-                            Some(reply) => answers.push(reply),
+                            Some((node, reply)) => {
+                                answered.insert(node);
+                                answers.replies.push(reply);
+                            }
                             None => break,
                         },
                         _ = &mut deadline => break,
                     }
                 }
+                answers.missing = live
+                    .iter()
+                    .filter(|n| !answered.contains(*n))
+                    .cloned()
+                    .collect();
             }
             lock(&shared.asking).remove(&id);
             asked?;
@@ -584,9 +599,10 @@ impl Listener {
         }
     }
 
-    /// Makes up for what a lost connection missed, before the node is ready again: the
-    /// events after the last one delivered, read from the history, for the groups with
-    /// local members, for users and for everyone. Sockets whose streams lost events in the
+    /// Makes up for what a lost connection missed, before the node is ready again: pages
+    /// are re-checked with the authorizer (a revoke may have missed the node), then the
+    /// events after the last one delivered are read from the history and delivered, for
+    /// the groups with local members, for users and for everyone. Sockets whose streams lost events in the
     /// meantime (or all sockets, with history off) are closed with 1012, so their clients
     /// reconnect and replay or refresh instead of living with a silent hole.
     async fn catch_up(&self, groups: &[Arc<str>]) -> Result<(), String> {
@@ -606,6 +622,8 @@ impl Listener {
             self.delivered_through.fetch_max(latest, Ordering::AcqRel);
             return Ok(());
         }
+        // Pages first, so no page the backend took away meanwhile gets what it missed.
+        self.revalidate().await;
         let keys = StreamKey::of_socket(groups.iter().cloned());
         let snapshot = history
             .read(keys.clone(), after)
@@ -647,6 +665,19 @@ impl Listener {
             "Redis pub/sub reconnected; missed events delivered from the history"
         );
         Ok(())
+    }
+
+    /// A node cut off from Redis may have missed a revoke: it asks the authorizer again
+    /// about every page its sockets hold, as a `CheckPermission` would.
+    async fn revalidate(&self) {
+        let request = Request::CheckPermission(proto::CheckPermissionRequest::default());
+        if let Reply::CheckPermission(outcome) = self.control.answer(request).await {
+            tracing::info!(
+                checked = outcome.checked,
+                revoked = outcome.revoked.len(),
+                "pages re-checked after the Redis reconnect"
+            );
+        }
     }
 
     async fn apply(&self, sink: &mut PubSubSink, command: Command) -> Result<(), String> {
@@ -696,10 +727,11 @@ impl Listener {
             match proto::ControlReply::decode(payload) {
                 Ok(proto::ControlReply {
                     id,
+                    node_id,
                     reply: Some(reply),
                 }) => {
                     if let Some(asker) = lock(&self.shared.asking).get(&id) {
-                        let _ = asker.send(reply);
+                        let _ = asker.send((node_id, reply));
                     }
                 }
                 Ok(_) => tracing::warn!("control reply without an answer"),
@@ -731,6 +763,7 @@ impl Listener {
         tokio::spawn(async move {
             let reply = proto::ControlReply {
                 id: request.id,
+                node_id: shared.names.node_id.clone(),
                 reply: Some(control.answer(question).await),
             };
             let channel = shared.names.reply(&request.reply_to);
