@@ -489,6 +489,37 @@ async fn a_node_cut_off_from_redis_re_checks_its_pages_before_serving_again() {
 }
 
 #[tokio::test]
+async fn a_frozen_redis_makes_the_node_not_ready_within_seconds_and_it_recovers() {
+    let redis = RedisServer::start();
+    let p = prefix("frozen");
+    let node = node_on(&redis, &p, "a").await;
+    let mut socket = node.client(1).await;
+    socket.join(json!({"page": "table", "table_id": 1})).await;
+    redis.freeze();
+    let frozen = Instant::now();
+    let mut ready = node.node.ready(Duration::ZERO).await;
+    while ready && frozen.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = node.node.ready(Duration::ZERO).await;
+    }
+    let noticed = frozen.elapsed();
+    redis.thaw();
+    assert!(!ready, "still ready {noticed:?} after Redis froze");
+    assert!(
+        noticed < Duration::from_secs(5),
+        "noticed after {noticed:?}"
+    );
+    assert!(
+        node.node.ready(PATIENCE).await,
+        "ready again once Redis answers"
+    );
+    let mut grpc = node.grpc().await;
+    let id = publish(&mut grpc, group_request("table-1", event("back", 1))).await;
+    let frame = socket.recv().await;
+    assert_eq!(frame["_event_id"], id, "{frame}");
+}
+
+#[tokio::test]
 async fn a_node_whose_subscription_drops_catches_up_from_the_history() {
     let redis = RedisServer::start();
     let p = prefix("catch-up");

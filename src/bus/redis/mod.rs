@@ -43,6 +43,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long one Redis command may take before the bus counts Redis as unavailable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the pub/sub connection pings Redis: a frozen or silent Redis sends nothing,
+/// so without it the node would not notice. No pong within `COMMAND_TIMEOUT` breaks the
+/// connection: the node turns not ready and reconnects.
+const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
 
 /// What the Redis bus needs to know.
 #[derive(Debug, Clone)]
@@ -585,12 +589,21 @@ impl Listener {
         self.was_connected.store(true, Ordering::Release);
         self.shared.set_ready(true);
         tracing::info!(groups = wanted.len(), "Redis bus connected");
+        let mut watchdog = tokio::time::interval(WATCHDOG_EVERY);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 message = stream.next() => match message {
                     Some(message) => self.dispatch(message.get_channel_name(), message.get_payload_bytes()),
                     None => return Err(Broken::Lost("pub/sub connection closed".into())),
                 },
+                _ = watchdog.tick() => {
+                    match tokio::time::timeout(COMMAND_TIMEOUT, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => return Err(Broken::Lost(format!("ping failed: {error}"))),
+                        Err(_) => return Err(Broken::Lost(format!("no answer to a ping within {COMMAND_TIMEOUT:?}"))),
+                    }
+                }
                 command = commands.recv() => match command {
                     Some(command) => self.apply(&mut sink, command).await.map_err(Broken::Lost)?,
                     None => return Ok(()),
