@@ -150,8 +150,9 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_MAX_PAGES", value_name = "N")]
     pub max_pages: Option<usize>,
 
-    /// Open WebSocket connections the node accepts; more wait in the listen backlog
-    /// [default: 100000]
+    /// Open connections (WebSocket and HTTP) the node serves; more are answered 503 at
+    /// once. Capped below the open-file limit, which the node raises to its hard limit
+    /// at start [default: 100000]
     #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 

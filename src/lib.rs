@@ -31,7 +31,6 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::authorizer::{
     Authorizer, CachedAuthorizer, GrpcAuthorizer, HttpAuthorizer, StaticAuthorizer,
@@ -62,6 +61,36 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// File descriptors kept for what is not a WebSocket: listeners, gRPC calls, Redis, the
+/// authorizer, and the sockets being refused with 503.
+fn reserved_fds(limit: u64) -> u64 {
+    (limit / 4).min(1024)
+}
+
+/// Raises the open-file soft limit to the hard one, and caps `wanted` connections below
+/// it, so that the node refuses the excess with 503 instead of running out of descriptors.
+fn connection_limit(wanted: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the open-file limit; --max-connections is not capped");
+            return wanted;
+        }
+    };
+    let room = usize::try_from(limit - reserved_fds(limit))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if wanted > room {
+        tracing::warn!(
+            max_connections = wanted,
+            open_file_limit = limit,
+            capped_at = room,
+            "--max-connections is above what the open-file limit allows; capped"
+        );
+    }
+    wanted.min(room)
 }
 
 /// Completes once the node's shutdown signal turns true (at once if it already has).
@@ -148,6 +177,8 @@ pub struct Node {
     settings: Settings,
     shutdown: watch::Sender<bool>,
     permits: Arc<Semaphore>,
+    /// `--max-connections`, capped below the open-file limit.
+    max_connections: usize,
     ws_task: JoinHandle<()>,
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -251,7 +282,8 @@ impl Node {
             inbound_burst: settings.inbound_burst,
             inbound_rate: settings.inbound_rate,
         });
-        let permits = Arc::new(Semaphore::new(settings.max_connections));
+        let max_connections = connection_limit(settings.max_connections);
+        let permits = Arc::new(Semaphore::new(max_connections));
         let ws_task = tokio::spawn(transport::http::serve(
             ws_listener,
             ws_ctx,
@@ -277,9 +309,10 @@ impl Node {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(gateway_service(api, settings.api_key.as_deref()))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-                    stopped(&mut grpc_shutdown).await
-                }),
+                .serve_with_incoming_shutdown(
+                    transport::http::incoming(grpc_listener),
+                    async move { stopped(&mut grpc_shutdown).await },
+                ),
         );
         tracing::info!(node_id = %settings.node_id, %ws_addr, %grpc_addr, authorizer = %authorizer.describe(), "channelgate node started");
         Ok(Node {
@@ -290,6 +323,7 @@ impl Node {
             settings,
             shutdown,
             permits,
+            max_connections,
             ws_task,
             grpc_task,
         })
@@ -314,7 +348,7 @@ impl Node {
         let _ = self.shutdown.send(true);
         self.hub.close_all(protocol::CloseReason::GoingAway);
         let deadline = self.settings.shutdown_timeout;
-        let all = u32::try_from(self.settings.max_connections).unwrap_or(u32::MAX);
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(deadline, async {
             let _ = self.ws_task.await;
             // Every connection holds a permit until it ends.

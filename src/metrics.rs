@@ -11,6 +11,8 @@ use crate::protocol::RejectReason;
 #[derive(Default)]
 pub struct Metrics {
     pub connections_opened: AtomicU64,
+    /// Connections answered with 503 because the node was at `--max-connections`.
+    pub connections_refused: AtomicU64,
     pub authentication_failures: AtomicU64,
     pub events_published: AtomicU64,
     pub frames_queued: AtomicU64,
@@ -86,6 +88,12 @@ impl Metrics {
             "counter",
             "WebSocket connections accepted.",
             counter(&self.connections_opened),
+        );
+        line(
+            "channelgate_connections_refused_total",
+            "counter",
+            "Connections refused with 503 at --max-connections.",
+            counter(&self.connections_refused),
         );
         line(
             "channelgate_authentication_failures_total",

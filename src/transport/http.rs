@@ -7,7 +7,12 @@
 //! in the same task that accepted the TCP connection, holding its connection permit.
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio::io::AsyncWriteExt;
 
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -30,24 +35,27 @@ pub async fn serve(
 ) {
     let routes = warp::service(routes(ctx.clone()));
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = crate::stopped(&mut shutdown) => return,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: log, breathe, keep serving.
                     tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
             _ = crate::stopped(&mut shutdown) => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Full: say so at once rather than leave the client hanging in the backlog.
+            ctx.session
+                .hub
+                .metrics()
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(refuse(stream));
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
@@ -58,6 +66,35 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// How long an accept loop waits after a failed accept (out of file descriptors, say), so
+/// that it never spins.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Answers a connection over `--max-connections` with 503 and closes it.
+async fn refuse(mut stream: TcpStream) {
+    const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 20\r\nconnection: close\r\nretry-after: 1\r\n\r\nconnections at limit";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(FULL)).await;
+}
+
+/// Accepted TCP connections for the gRPC server; a failed accept is logged and retried
+/// after a pause (tonic's own listener retries at once, which spins on EMFILE).
+pub fn incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<TcpStream>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((Ok(stream), listener));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "gRPC accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            }
+        }
+    })
 }
 
 async fn serve_connection<R>(

@@ -8,6 +8,7 @@ mod common;
 mod delivery;
 mod grpc_api;
 mod identity;
+mod limits;
 mod pages;
 mod protocol;
 mod redis_server;

@@ -1,0 +1,134 @@
+//! Limits a node keeps under pressure, checked on a real node process with a small
+//! open-file limit: connections over the cap are refused at once, and running out of file
+//! descriptors never makes an accept loop spin.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite;
+
+use crate::common::*;
+use crate::redis_server::free_port;
+
+/// A node process whose open-file limit is `fds`.
+struct Limited {
+    child: tokio::process::Child,
+    ws_addr: String,
+    grpc_addr: String,
+}
+
+impl Limited {
+    async fn start(fds: u32, extra: &[&str]) -> Limited {
+        let ws_addr = format!("127.0.0.1:{}", free_port());
+        let grpc_addr = format!("127.0.0.1:{}", free_port());
+        let child = tokio::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_channelgate"))
+            .args(["--ws-addr", &ws_addr, "--grpc-addr", &grpc_addr])
+            .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the channelgate binary runs");
+        let node = Limited {
+            child,
+            ws_addr,
+            grpc_addr,
+        };
+        let started = Instant::now();
+        while TcpStream::connect(&node.ws_addr).await.is_err() {
+            assert!(started.elapsed() < PATIENCE, "the node never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+
+    /// CPU seconds the process has used (user and system).
+    fn cpu_seconds(&self) -> f64 {
+        let pid = self.child.id().expect("running");
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat format")
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: f64 =
+            fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+        ticks / 100.0
+    }
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_at_once_with_503() {
+    let node = Limited::start(1024, &["--max-connections", "5"]).await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(Client::authenticated(&node.ws_addr, 1).await);
+    }
+    let url = format!("ws://{}/ws/core/?jwt_token={}", node.ws_addr, token(1));
+    let started = Instant::now();
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(&url),
+    )
+    .await
+    .expect("an answer, not a wait in the backlog");
+    match attempt {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    drop(held.pop());
+    // A place is free again: the next client gets in.
+    let started = Instant::now();
+    loop {
+        let attempt = tokio_tungstenite::connect_async(&url).await;
+        if attempt.is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "never let in again: {attempt:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_never_spins_and_the_node_recovers() {
+    let node = Limited::start(128, &[]).await;
+    // Idle TCP connections to the gRPC port until the node has no descriptors left.
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        if let Ok(stream) = TcpStream::connect(&node.grpc_addr).await {
+            idle.push(stream);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = node.cpu_seconds();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = node.cpu_seconds() - before;
+    assert!(
+        used < 0.5,
+        "the node used {used:.2} s of CPU in 2 s while out of descriptors"
+    );
+    drop(idle);
+    let started = Instant::now();
+    loop {
+        let url = format!("ws://{}/ws/core/?jwt_token={}", node.ws_addr, token(1));
+        if tokio_tungstenite::connect_async(&url).await.is_ok() {
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE, "the node never served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
