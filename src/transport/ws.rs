@@ -445,7 +445,14 @@ async fn read_loop(
                 Err(FrameError::Binary)
             }
             Message::Close(_) => return CloseReason::Normal,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            // Control frames count too: each ping costs a pong.
+            Message::Ping(_) | Message::Pong(_) => {
+                if !bucket.take(Instant::now()) {
+                    return CloseReason::RateLimited;
+                }
+                Ok(())
+            }
+            Message::Frame(_) => Ok(()),
         };
         if handled.is_ok() {
             garbage_in_a_row = 0;

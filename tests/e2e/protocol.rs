@@ -85,6 +85,21 @@ async fn a_flood_closes_with_1008_but_a_burst_of_100_is_fine() {
 }
 
 #[tokio::test]
+async fn a_flood_of_websocket_pings_counts_against_the_rate_limit() {
+    let node = TestNode::start().await;
+    let mut flood = node.client(1).await;
+    for _ in 0..5000 {
+        flood
+            .ws
+            .feed(Message::Ping(vec![1].into()))
+            .await
+            .expect("feed");
+    }
+    let _ = flood.ws.flush().await;
+    assert_eq!(close_code(&mut flood).await, Some(1008));
+}
+
+#[tokio::test]
 async fn an_oversize_message_closes_with_1009() {
     let node = TestNode::start_with(&["--max-message-bytes", "4096"]).await;
     let mut c = node.client(1).await;
