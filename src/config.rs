@@ -146,6 +146,15 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_MAX_PAYLOAD_BYTES", value_name = "BYTES")]
     pub max_payload_bytes: Option<usize>,
 
+    /// Events one PublishBatch may carry; more fail with INVALID_ARGUMENT [default: 1000]
+    #[arg(long, env = "CHANNELGATE_MAX_BATCH_EVENTS", value_name = "N")]
+    pub max_batch_events: Option<usize>,
+
+    /// Payload bytes one PublishBatch may carry; more fail with INVALID_ARGUMENT, so that
+    /// one batch cannot overflow a subscriber's queue [default: --max-queue-bytes]
+    #[arg(long, env = "CHANNELGATE_MAX_BATCH_BYTES", value_name = "BYTES")]
+    pub max_batch_bytes: Option<usize>,
+
     /// Pages one connection may hold; more get `too_many_pages` [default: 100]
     #[arg(long, env = "CHANNELGATE_MAX_PAGES", value_name = "N")]
     pub max_pages: Option<usize>,
@@ -252,6 +261,8 @@ pub struct Settings {
     pub max_queue_bytes: usize,
     pub max_message_bytes: usize,
     pub max_payload_bytes: usize,
+    pub max_batch_events: usize,
+    pub max_batch_bytes: usize,
     pub max_pages: usize,
     pub max_connections: usize,
     pub inbound_burst: u32,
@@ -336,6 +347,11 @@ impl Settings {
     pub fn resolve(options: Options) -> Result<Settings, String> {
         let dev = options.dev.unwrap_or(false);
         let history = history_settings(&options)?;
+        let max_queue_bytes = match options.max_queue_bytes {
+            Some(0) => return Err("--max-queue-bytes must be at least 1".into()),
+            Some(bytes) => bytes,
+            None => 1 << 20,
+        };
         let (jwt_secret, jwt_secret_generated) = match options.jwt_secret {
             Some(secret) if secret.is_empty() => return Err("--jwt-secret is empty".into()),
             Some(secret) => (secret, false),
@@ -418,7 +434,9 @@ impl Settings {
                     .filter(|o| !o.is_empty())
                     .collect()
             }),
-            max_queue_bytes: positive("max-queue-bytes", options.max_queue_bytes, 1 << 20)?,
+            max_queue_bytes,
+            max_batch_events: positive("max-batch-events", options.max_batch_events, 1000)?,
+            max_batch_bytes: positive("max-batch-bytes", options.max_batch_bytes, max_queue_bytes)?,
             max_message_bytes: positive("max-message-bytes", options.max_message_bytes, 64 << 10)?,
             max_payload_bytes: positive("max-payload-bytes", options.max_payload_bytes, 1 << 20)?,
             max_pages: positive("max-pages", options.max_pages, 100)?,

@@ -301,6 +301,8 @@ impl Node {
             hub: hub.clone(),
             bus: bus.clone(),
             max_payload_bytes: settings.max_payload_bytes,
+            max_batch_events: settings.max_batch_events,
+            max_batch_bytes: settings.max_batch_bytes,
         };
         let mut grpc_shutdown = shutdown_rx;
         let grpc_task = tokio::spawn(

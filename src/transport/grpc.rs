@@ -21,6 +21,21 @@ pub struct GatewayApi {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
     pub max_payload_bytes: usize,
+    /// Events one `PublishBatch` may carry.
+    pub max_batch_events: usize,
+    /// Payload bytes one `PublishBatch` may carry.
+    pub max_batch_bytes: usize,
+}
+
+/// The payload bytes a publish request carries.
+fn payload_bytes(request: &proto::PublishRequest) -> usize {
+    let individual = match &request.target {
+        Some(proto::publish_request::Target::Individual(individual)) => {
+            individual.payloads.values().map(String::len).sum()
+        }
+        _ => 0,
+    };
+    request.payload.len() + individual
 }
 
 fn invalid(error: InvalidEvent) -> Status {
@@ -52,6 +67,21 @@ impl Gateway for GatewayApi {
         if requests.is_empty() {
             return Err(Status::invalid_argument("events: must not be empty"));
         }
+        if requests.len() > self.max_batch_events {
+            return Err(Status::invalid_argument(format!(
+                "events: {} events; a batch holds at most {} (--max-batch-events)",
+                requests.len(),
+                self.max_batch_events
+            )));
+        }
+        let bytes: usize = requests.iter().map(payload_bytes).sum();
+        if bytes > self.max_batch_bytes {
+            return Err(Status::invalid_argument(format!(
+                "events: {bytes} bytes of payloads; a batch holds at most {} (--max-batch-bytes), \
+                 so that one batch cannot overflow a subscriber's queue",
+                self.max_batch_bytes
+            )));
+        }
         let events = requests
             .into_iter()
             .enumerate()
@@ -61,11 +91,12 @@ impl Gateway for GatewayApi {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let total = events.len() as u64;
-        let event_ids = self
-            .bus
-            .publish_batch(events)
-            .await
-            .map_err(|e| Status::unavailable(format!("{e} (the batch was not published)")))?;
+        let event_ids = self.bus.publish_batch(events).await.map_err(|e| {
+            Status::unavailable(format!(
+                "{e}: a batch is published whole or not at all; after a timeout it may \
+                     still be published once Redis answers"
+            ))
+        })?;
         let recorded = event_ids.iter().filter(|id| **id != 0).count() as u64;
         let metrics = self.hub.metrics();
         metrics.events_published.fetch_add(total, Ordering::Relaxed);

@@ -35,6 +35,54 @@ async fn publish_batch_delivers_in_order_with_one_id_per_event() {
 }
 
 #[tokio::test]
+async fn a_batch_too_large_for_a_subscriber_is_refused_and_nobody_is_closed() {
+    let node = TestNode::start().await;
+    let mut grpc = node.grpc().await;
+    let mut c = node.client(1).await;
+    c.join(json!({"page": "table", "table_id": 1})).await;
+    let many = (0..1001)
+        .map(|n| group_request("table-1", event("batch", n)))
+        .collect();
+    let status = grpc
+        .publish_batch(PublishBatchRequest { events: many })
+        .await
+        .expect_err("over the count");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("--max-batch-events"),
+        "{}",
+        status.message()
+    );
+    // 30,000 small events used to overflow every subscriber's 1 MiB queue; now the bytes
+    // of a batch are bounded by that queue.
+    let pad = "x".repeat(2000);
+    let heavy = (0..600)
+        .map(|n| {
+            group_request(
+                "table-1",
+                json!({"type": "big", "n": n, "pad": pad}).to_string(),
+            )
+        })
+        .collect();
+    let status = grpc
+        .publish_batch(PublishBatchRequest { events: heavy })
+        .await
+        .expect_err("over the bytes");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("--max-batch-bytes"),
+        "{}",
+        status.message()
+    );
+    let id = publish(&mut grpc, group_request("table-1", event("after", 1))).await;
+    assert_eq!(
+        c.recv().await["_event_id"],
+        id,
+        "still subscribed, nothing sent before"
+    );
+}
+
+#[tokio::test]
 async fn with_history_off_ids_are_zero_and_payloads_verbatim() {
     let node = TestNode::start_with(&["--history", "off"]).await;
     let mut grpc = node.grpc().await;
