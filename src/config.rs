@@ -165,6 +165,12 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Milliseconds a client has to send its HTTP request headers (the WebSocket
+    /// handshake included); a connection that sends nothing, or too slowly, is closed
+    /// [default: 10000]
+    #[arg(long, env = "CHANNELGATE_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+
     /// Frames a client may send in a burst before the rate limit applies [default: 100]
     #[arg(long, env = "CHANNELGATE_INBOUND_BURST", value_name = "N")]
     pub inbound_burst: Option<u32>,
@@ -263,6 +269,7 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     pub max_batch_events: usize,
     pub max_batch_bytes: usize,
+    pub handshake_timeout: Duration,
     pub max_pages: usize,
     pub max_connections: usize,
     pub inbound_burst: u32,
@@ -436,6 +443,11 @@ impl Settings {
             }),
             max_queue_bytes,
             max_batch_events: positive("max-batch-events", options.max_batch_events, 1000)?,
+            handshake_timeout: Duration::from_millis(positive(
+                "handshake-timeout-ms",
+                options.handshake_timeout_ms.map(|ms| ms as usize),
+                10_000,
+            )? as u64),
             max_batch_bytes: positive("max-batch-bytes", options.max_batch_bytes, max_queue_bytes)?,
             max_message_bytes: positive("max-message-bytes", options.max_message_bytes, 64 << 10)?,
             max_payload_bytes: positive("max-payload-bytes", options.max_payload_bytes, 1 << 20)?,

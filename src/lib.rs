@@ -279,6 +279,7 @@ impl Node {
             bus: bus.clone(),
             allowed_origins: settings.allowed_origins.clone(),
             max_message_bytes: settings.max_message_bytes,
+            handshake_timeout: settings.handshake_timeout,
             inbound_burst: settings.inbound_burst,
             inbound_rate: settings.inbound_rate,
         });

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use warp::Filter;
@@ -136,6 +136,8 @@ where
         })
     };
     http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.handshake_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await?;

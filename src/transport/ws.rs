@@ -49,6 +49,9 @@ pub struct WsContext {
     pub bus: Arc<dyn Bus>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_message_bytes: usize,
+    /// How long a client has to send its request headers (the handshake, or any HTTP
+    /// request); a connection that sends nothing, or too slowly, is closed.
+    pub handshake_timeout: Duration,
     pub inbound_burst: u32,
     pub inbound_rate: u32,
 }

@@ -132,3 +132,49 @@ async fn running_out_of_file_descriptors_never_spins_and_the_node_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Reads until the peer closes; `true` if it did within `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn silent_and_slow_handshakes_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let node = TestNode::start_with(&["--handshake-timeout-ms", "500"]).await;
+    let addr = node.node.ws_addr;
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    // Slowloris: a request line, then a header line now and then, never the end.
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET /ws/core/ HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let trickle = async {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                return true;
+            }
+        }
+        closed_within(&mut slow, Duration::from_millis(100)).await
+    };
+    let (silent_closed, slow_closed) =
+        tokio::join!(closed_within(&mut silent, Duration::from_secs(3)), trickle);
+    assert!(silent_closed, "a connection that sends nothing is closed");
+    assert!(slow_closed, "a handshake that never ends is closed");
+    // A prompt client is served as ever.
+    let mut client = node.client(1).await;
+    client
+        .join(serde_json::json!({"page": "table", "table_id": 1}))
+        .await;
+}
