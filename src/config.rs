@@ -171,6 +171,12 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
     pub handshake_timeout_ms: Option<u64>,
 
+    /// Milliseconds between the server's pings to each socket; a client that answers
+    /// nothing for two intervals (a dead or half-open peer) is closed with 1001
+    /// [default: 20000]
+    #[arg(long, env = "CHANNELGATE_PING_INTERVAL_MS", value_name = "MS")]
+    pub ping_interval_ms: Option<u64>,
+
     /// Frames a client may send in a burst before the rate limit applies [default: 100]
     #[arg(long, env = "CHANNELGATE_INBOUND_BURST", value_name = "N")]
     pub inbound_burst: Option<u32>,
@@ -270,6 +276,7 @@ pub struct Settings {
     pub max_batch_events: usize,
     pub max_batch_bytes: usize,
     pub handshake_timeout: Duration,
+    pub ping_interval: Duration,
     pub max_pages: usize,
     pub max_connections: usize,
     pub inbound_burst: u32,
@@ -443,6 +450,11 @@ impl Settings {
             }),
             max_queue_bytes,
             max_batch_events: positive("max-batch-events", options.max_batch_events, 1000)?,
+            ping_interval: Duration::from_millis(positive(
+                "ping-interval-ms",
+                options.ping_interval_ms.map(|ms| ms as usize),
+                20_000,
+            )? as u64),
             handshake_timeout: Duration::from_millis(positive(
                 "handshake-timeout-ms",
                 options.handshake_timeout_ms.map(|ms| ms as usize),

@@ -280,6 +280,7 @@ impl Node {
             allowed_origins: settings.allowed_origins.clone(),
             max_message_bytes: settings.max_message_bytes,
             handshake_timeout: settings.handshake_timeout,
+            ping_interval: settings.ping_interval,
             inbound_burst: settings.inbound_burst,
             inbound_rate: settings.inbound_rate,
         });

@@ -22,11 +22,17 @@ pub struct Frame(Bytes);
 
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
 
 impl Frame {
     /// A text frame.
     pub fn text(text: &str) -> Frame {
         Frame::encode(OP_TEXT, &[text.as_bytes()])
+    }
+
+    /// A ping without payload: the client's pong shows it is still there.
+    pub fn ping() -> Frame {
+        Frame::encode(OP_PING, &[])
     }
 
     /// A close frame with the reason's code and text.

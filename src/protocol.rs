@@ -224,6 +224,8 @@ pub enum CloseReason {
     Disconnected,
     /// 1001: the node is shutting down.
     GoingAway,
+    /// 1001: the client answered no ping for two ping intervals (a dead or half-open peer).
+    Unresponsive,
     /// 1002: the client broke the WebSocket protocol (unmasked frame, bad opcode, ...).
     ProtocolError,
     /// 1007: a text frame that is not valid UTF-8.
@@ -249,7 +251,7 @@ impl CloseReason {
     pub fn code(self) -> u16 {
         match self {
             CloseReason::Normal | CloseReason::Disconnected => 1000,
-            CloseReason::GoingAway => 1001,
+            CloseReason::GoingAway | CloseReason::Unresponsive => 1001,
             CloseReason::ProtocolError => 1002,
             CloseReason::InvalidUtf8 => 1007,
             CloseReason::AuthenticationFailed
@@ -268,6 +270,7 @@ impl CloseReason {
             CloseReason::Normal => "normal closure",
             CloseReason::Disconnected => "disconnected by the backend",
             CloseReason::GoingAway => "node shutting down",
+            CloseReason::Unresponsive => "no answer to pings",
             CloseReason::ProtocolError => "WebSocket protocol error",
             CloseReason::InvalidUtf8 => "invalid UTF-8 in a text frame",
             CloseReason::AuthenticationFailed => "authentication failed",

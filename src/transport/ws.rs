@@ -9,6 +9,7 @@
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,8 @@ pub struct WsContext {
     /// How long a client has to send its request headers (the handshake, or any HTTP
     /// request); a connection that sends nothing, or too slowly, is closed.
     pub handshake_timeout: Duration,
+    /// How often the server pings each socket; a client silent for two intervals is gone.
+    pub ping_interval: Duration,
     pub inbound_burst: u32,
     pub inbound_rate: u32,
 }
@@ -213,9 +216,11 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         WebSocketStream::from_raw_socket(inbound, Role::Server, Some(ws_config(&ctx))).await;
     let session = Session::new(ctx.session.clone(), conn.clone());
 
+    let heard = Heard::new();
     let writer = write_loop(&tcp, &conn.outbox);
-    let reader = read_loop(&mut stream, &session, &ctx);
-    tokio::pin!(writer, reader);
+    let reader = read_loop(&mut stream, &session, &ctx, &heard);
+    let pinger = keep_alive(&conn.outbox, &heard, ctx.ping_interval);
+    tokio::pin!(writer, reader, pinger);
     tokio::select! {
         _ = &mut writer => {
             // Our close frame is out: give the client a moment to answer it.
@@ -225,8 +230,53 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
             conn.outbox.close(reason);
             let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, &mut writer).await;
         }
+        reason = &mut pinger => {
+            // A peer that answers nothing will not read a close frame either: brief.
+            conn.outbox.close(reason);
+            let _ = tokio::time::timeout(CLOSE_LINGER, &mut writer).await;
+        }
     }
     hub.disconnect(&conn);
+}
+
+/// When the client was last heard from, for the pinger.
+struct Heard {
+    since: Instant,
+    /// Milliseconds after `since`.
+    last_ms: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            since: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last)
+    }
+}
+
+/// Pings the client every `every`; one that sent nothing for two intervals (no pong, no
+/// frame) is dead or half-open, and its connection ends.
+async fn keep_alive(outbox: &Outbox, heard: &Heard, every: Duration) -> CloseReason {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if heard.silent_for() > every * 2 {
+            return CloseReason::Unresponsive;
+        }
+        outbox.push(Frame::ping());
+    }
 }
 
 fn ws_config(ctx: &WsContext) -> WebSocketConfig {
@@ -416,10 +466,12 @@ async fn read_loop(
     stream: &mut WebSocketStream<Inbound>,
     session: &Session,
     ctx: &WsContext,
+    heard: &Heard,
 ) -> CloseReason {
     let mut bucket = TokenBucket::new(ctx.inbound_burst, ctx.inbound_rate, Instant::now());
     let mut garbage_in_a_row = 0;
     while let Some(message) = stream.next().await {
+        heard.now();
         let message = match message {
             Ok(message) => message,
             Err(WsError::Utf8(_)) => return CloseReason::InvalidUtf8,

@@ -178,3 +178,26 @@ async fn silent_and_slow_handshakes_are_closed() {
         .join(serde_json::json!({"page": "table", "table_id": 1}))
         .await;
 }
+
+#[tokio::test]
+async fn a_client_that_answers_no_ping_is_closed_and_one_that_does_stays() {
+    use futures_util::StreamExt;
+    let node = TestNode::start_with(&["--ping-interval-ms", "200"]).await;
+    let mut alive = node.client(1).await;
+    let mut silent = node.client(2).await;
+    // `alive` reads, so its WebSocket client answers each ping; `silent` reads nothing.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        if let Ok(message) = tokio::time::timeout(Duration::from_millis(100), alive.ws.next()).await
+        {
+            let message = message.expect("open").expect("frame");
+            assert!(message.is_ping(), "only pings: {message:?}");
+        }
+    }
+    alive
+        .join(serde_json::json!({"page": "table", "table_id": 1}))
+        .await;
+    let close = silent.recv_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(node.node.hub.stats().connections, 1);
+}
