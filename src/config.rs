@@ -186,6 +186,12 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_INBOUND_RATE", value_name = "N")]
     pub inbound_rate: Option<u32>,
 
+    /// Seconds over which a stopping node (SIGTERM) closes its sockets with 1012, a few at
+    /// a time, after `/readyz` turned 503, so that clients do not all reconnect at once;
+    /// 0 closes them all at once with 1001 [default: 0]
+    #[arg(long, env = "CHANNELGATE_DRAIN_SECONDS", value_name = "SECS")]
+    pub drain_seconds: Option<u64>,
+
     /// Seconds a shutdown waits for sockets to close and gRPC calls to finish
     /// [default: 10]
     #[arg(long, env = "CHANNELGATE_SHUTDOWN_TIMEOUT", value_name = "SECS")]
@@ -277,6 +283,8 @@ pub struct Settings {
     pub max_batch_bytes: usize,
     pub handshake_timeout: Duration,
     pub ping_interval: Duration,
+    /// Spread of the closes of a stopping node; zero: all at once.
+    pub drain: Duration,
     pub max_pages: usize,
     pub max_connections: usize,
     pub inbound_burst: u32,
@@ -468,6 +476,7 @@ impl Settings {
             inbound_burst,
             inbound_rate,
             shutdown_timeout: Duration::from_secs(options.shutdown_timeout.unwrap_or(10)),
+            drain: Duration::from_secs(options.drain_seconds.unwrap_or(0)),
             pages,
         })
     }

@@ -516,6 +516,14 @@ impl Hub {
         }
     }
 
+    /// Every connection, copied out of the locks.
+    pub fn connections(&self) -> Vec<Arc<Connection>> {
+        self.users
+            .each_shard()
+            .flat_map(|shard| shard.values().flatten().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Closes every member of a group with `reason`; returns how many.
     pub fn close_group(&self, group: &str, reason: CloseReason) -> usize {
         let members = self.groups.shard(group).get(group).cloned();

@@ -179,6 +179,7 @@ pub struct Node {
     permits: Arc<Semaphore>,
     /// `--max-connections`, capped below the open-file limit.
     max_connections: usize,
+    ws_ctx: Arc<WsContext>,
     ws_task: JoinHandle<()>,
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -283,12 +284,13 @@ impl Node {
             ping_interval: settings.ping_interval,
             inbound_burst: settings.inbound_burst,
             inbound_rate: settings.inbound_rate,
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         let max_connections = connection_limit(settings.max_connections);
         let permits = Arc::new(Semaphore::new(max_connections));
         let ws_task = tokio::spawn(transport::http::serve(
             ws_listener,
-            ws_ctx,
+            ws_ctx.clone(),
             permits.clone(),
             shutdown_rx.clone(),
         ));
@@ -328,6 +330,7 @@ impl Node {
             shutdown,
             permits,
             max_connections,
+            ws_ctx,
             ws_task,
             grpc_task,
         })
@@ -346,9 +349,33 @@ impl Node {
         &self.settings
     }
 
+    /// `--drain-seconds`: `/readyz` turns 503 so that load balancers stop sending, then the
+    /// sockets are closed with 1012 (restart: reconnect) a few at a time over `period`, so
+    /// that their clients do not all reconnect at once.
+    async fn drain(&self, period: std::time::Duration) {
+        self.ws_ctx
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let connections = self.hub.connections();
+        tracing::info!(connections = connections.len(), ?period, "draining");
+        const TICK: std::time::Duration = std::time::Duration::from_millis(50);
+        let ticks = (period.as_millis() / TICK.as_millis()).max(1) as usize;
+        let per_tick = connections.len().div_ceil(ticks).max(1);
+        let mut interval = tokio::time::interval(TICK);
+        for batch in connections.chunks(per_tick) {
+            interval.tick().await;
+            for conn in batch {
+                conn.outbox.close(protocol::CloseReason::Restart);
+            }
+        }
+    }
+
     /// Stops accepting, closes every socket with 1001 and lets in-flight gRPC calls finish,
     /// all within `--shutdown-timeout`.
     pub async fn shutdown(self) {
+        if !self.settings.drain.is_zero() {
+            self.drain(self.settings.drain).await;
+        }
         let _ = self.shutdown.send(true);
         self.hub.close_all(protocol::CloseReason::GoingAway);
         let deadline = self.settings.shutdown_timeout;

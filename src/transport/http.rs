@@ -158,7 +158,10 @@ fn routes(
     let healthz = warp::path!("healthz").map(|| "ok\n".into_response());
     let ready_ctx = ctx.clone();
     let readyz = warp::path!("readyz").map(move || {
-        if *ready_ctx.bus.readiness().borrow() {
+        if ready_ctx.draining.load(Ordering::Relaxed) {
+            warp::reply::with_status("draining\n", http::StatusCode::SERVICE_UNAVAILABLE)
+                .into_response()
+        } else if *ready_ctx.bus.readiness().borrow() {
             "ready\n".into_response()
         } else {
             warp::reply::with_status("bus unavailable\n", http::StatusCode::SERVICE_UNAVAILABLE)

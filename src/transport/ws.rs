@@ -55,6 +55,8 @@ pub struct WsContext {
     pub handshake_timeout: Duration,
     /// How often the server pings each socket; a client silent for two intervals is gone.
     pub ping_interval: Duration,
+    /// Set when the node starts draining: `/readyz` answers 503 from then on.
+    pub draining: std::sync::atomic::AtomicBool,
     pub inbound_burst: u32,
     pub inbound_rate: u32,
 }
