@@ -186,6 +186,11 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_INBOUND_RATE", value_name = "N")]
     pub inbound_rate: Option<u32>,
 
+    /// Log lines as `text` or as `json` objects, one per line (for log collectors);
+    /// `RUST_LOG` sets the level [default: text]
+    #[arg(long, env = "CHANNELGATE_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<String>,
+
     /// Seconds over which a stopping node (SIGTERM) closes its sockets with 1012, a few at
     /// a time, after `/readyz` turned 503, so that clients do not all reconnect at once;
     /// 0 closes them all at once with 1001 [default: 0]
@@ -285,6 +290,8 @@ pub struct Settings {
     pub ping_interval: Duration,
     /// Spread of the closes of a stopping node; zero: all at once.
     pub drain: Duration,
+    /// Logs as JSON lines rather than text.
+    pub log_json: bool,
     pub max_pages: usize,
     pub max_connections: usize,
     pub inbound_burst: u32,
@@ -477,6 +484,11 @@ impl Settings {
             inbound_rate,
             shutdown_timeout: Duration::from_secs(options.shutdown_timeout.unwrap_or(10)),
             drain: Duration::from_secs(options.drain_seconds.unwrap_or(0)),
+            log_json: match options.log_format.as_deref().unwrap_or("text") {
+                "text" => false,
+                "json" => true,
+                other => return Err(format!("--log-format {other:?}: expected text or json")),
+            },
             pages,
         })
     }

@@ -9,13 +9,6 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "channelgate=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     // clap prints --help, --version and usage errors itself, with the right exit code.
     let options = Options::parse();
     let settings = match options.with_file().and_then(Settings::resolve) {
@@ -25,6 +18,17 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "channelgate=info".into()),
+        )
+        .with_writer(std::io::stderr);
+    if settings.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let node = match Node::start(settings).await {
         Ok(node) => node,
         Err(error) => {

@@ -201,3 +201,42 @@ async fn a_client_that_answers_no_ping_is_closed_and_one_that_does_stays() {
     assert_eq!(u16::from(close.code), 1001);
     assert_eq!(node.node.hub.stats().connections, 1);
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_a_line_and_never_carry_secrets() {
+    use tokio::io::AsyncBufReadExt;
+    let ws_addr = format!("127.0.0.1:{}", free_port());
+    let grpc_addr = format!("127.0.0.1:{}", free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelgate"))
+        .args(["--ws-addr", &ws_addr, "--grpc-addr", &grpc_addr])
+        .args([
+            "--jwt-secret",
+            SECRET,
+            "--api-key",
+            API_KEY,
+            "--log-format",
+            "json",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the channelgate binary runs");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut started = false;
+    while !started {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("a log line in time")
+            .expect("readable")
+            .expect("the node logs its start");
+        let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON object a line");
+        assert!(entry["level"].is_string(), "{entry}");
+        assert!(
+            !line.contains(SECRET) && !line.contains(API_KEY),
+            "a secret in {line}"
+        );
+        started = entry["fields"]["message"] == "channelgate node started";
+    }
+}
