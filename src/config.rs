@@ -177,6 +177,16 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_PING_INTERVAL_MS", value_name = "MS")]
     pub ping_interval_ms: Option<u64>,
 
+    /// WebSockets one user may hold on one node; more are closed with 1008 (anonymous
+    /// sockets count per address instead) [default: 100]
+    #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS_PER_USER", value_name = "N")]
+    pub max_connections_per_user: Option<usize>,
+
+    /// Connections one client address may hold on one node; more get 503
+    /// [default: 50000]
+    #[arg(long, env = "CHANNELGATE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
     /// Frames a client may send in a burst before the rate limit applies [default: 100]
     #[arg(long, env = "CHANNELGATE_INBOUND_BURST", value_name = "N")]
     pub inbound_burst: Option<u32>,
@@ -286,6 +296,8 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     pub max_batch_events: usize,
     pub max_batch_bytes: usize,
+    pub max_connections_per_user: usize,
+    pub max_connections_per_ip: usize,
     pub handshake_timeout: Duration,
     pub ping_interval: Duration,
     /// Spread of the closes of a stopping node; zero: all at once.
@@ -465,6 +477,16 @@ impl Settings {
             }),
             max_queue_bytes,
             max_batch_events: positive("max-batch-events", options.max_batch_events, 1000)?,
+            max_connections_per_user: positive(
+                "max-connections-per-user",
+                options.max_connections_per_user,
+                100,
+            )?,
+            max_connections_per_ip: positive(
+                "max-connections-per-ip",
+                options.max_connections_per_ip,
+                50_000,
+            )?,
             ping_interval: Duration::from_millis(positive(
                 "ping-interval-ms",
                 options.ping_interval_ms.map(|ms| ms as usize),

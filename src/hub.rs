@@ -516,6 +516,11 @@ impl Hub {
         }
     }
 
+    /// Connections this user has open on this node.
+    pub fn connections_of(&self, user_id: i64) -> usize {
+        self.users.shard(&user_id).get(&user_id).map_or(0, Vec::len)
+    }
+
     /// Every connection, copied out of the locks.
     pub fn connections(&self) -> Vec<Arc<Connection>> {
         self.users

@@ -285,6 +285,8 @@ impl Node {
             inbound_burst: settings.inbound_burst,
             inbound_rate: settings.inbound_rate,
             draining: std::sync::atomic::AtomicBool::new(false),
+            max_connections_per_user: settings.max_connections_per_user,
+            max_connections_per_ip: settings.max_connections_per_ip,
         });
         let max_connections = connection_limit(settings.max_connections);
         let permits = Arc::new(Semaphore::new(max_connections));

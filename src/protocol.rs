@@ -234,6 +234,8 @@ pub enum CloseReason {
     AuthenticationFailed,
     /// 1008: more frames than the inbound rate limit allows.
     RateLimited,
+    /// 1008: the user has `--max-connections-per-user` open already.
+    TooManyConnections,
     /// 1008: too many malformed frames in a row.
     RepeatedGarbage,
     /// 1009: a message over the gateway's inbound size limit.
@@ -256,6 +258,7 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => 1007,
             CloseReason::AuthenticationFailed
             | CloseReason::RateLimited
+            | CloseReason::TooManyConnections
             | CloseReason::RepeatedGarbage => 1008,
             CloseReason::MessageTooBig => 1009,
             CloseReason::Internal => 1011,
@@ -275,6 +278,7 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => "invalid UTF-8 in a text frame",
             CloseReason::AuthenticationFailed => "authentication failed",
             CloseReason::RateLimited => "inbound rate limit exceeded",
+            CloseReason::TooManyConnections => "too many connections for this user",
             CloseReason::RepeatedGarbage => "too many malformed frames",
             CloseReason::MessageTooBig => "message too big",
             CloseReason::Internal => "internal error",

@@ -6,7 +6,9 @@
 //! [`super::ws`] with the gateway's own `WebSocketConfig`, and the socket session then runs
 //! in the same task that accepted the TCP connection, holding its connection permit.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,6 +36,10 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let routes = warp::service(routes(ctx.clone()));
+    let per_ip = Arc::new(PerIp {
+        open: Mutex::default(),
+        limit: ctx.max_connections_per_ip,
+    });
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -57,6 +63,15 @@ pub async fn serve(
             tokio::spawn(refuse(stream));
             continue;
         };
+        let Some(ip_slot) = per_ip.admit(peer.ip()) else {
+            ctx.session
+                .hub
+                .metrics()
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let routes = routes.clone();
@@ -64,7 +79,47 @@ pub async fn serve(
             if let Err(error) = serve_connection(stream, ctx, routes, permit).await {
                 tracing::debug!(%peer, %error, "HTTP connection ended with an error");
             }
+            drop(ip_slot);
         });
+    }
+}
+
+/// Open connections per client address, bounded by `--max-connections-per-ip`.
+struct PerIp {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    limit: usize,
+}
+
+/// One connection of an address; counted until dropped.
+struct IpSlot {
+    per_ip: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            per_ip: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.per_ip.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -55,6 +55,10 @@ pub struct WsContext {
     pub handshake_timeout: Duration,
     /// How often the server pings each socket; a client silent for two intervals is gone.
     pub ping_interval: Duration,
+    /// Sockets one user may hold on this node; more are closed with 1008.
+    pub max_connections_per_user: usize,
+    /// Connections one client address may hold; more get 503.
+    pub max_connections_per_ip: usize,
     /// Set when the node starts draining: `/readyz` answers 503 from then on.
     pub draining: std::sync::atomic::AtomicBool,
     pub inbound_burst: u32,
@@ -205,6 +209,12 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let hub = ctx.session.hub.clone();
     let conn = hub.connect(web_socket_id.as_str().into(), identity.user_id);
+    if identity.user_id != crate::identity::ANONYMOUS_USER_ID
+        && hub.connections_of(identity.user_id) > ctx.max_connections_per_user
+    {
+        // Counted after joining, so two racing connections cannot both slip in.
+        conn.outbox.close(CloseReason::TooManyConnections);
+    }
     conn.outbox.push(Frame::from(server::authenticated(
         &web_socket_id,
         ctx.session.replays.is_some(),

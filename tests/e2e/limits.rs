@@ -240,3 +240,33 @@ async fn json_logs_are_one_object_a_line_and_never_carry_secrets() {
         started = entry["fields"]["message"] == "channelgate node started";
     }
 }
+
+#[tokio::test]
+async fn connections_per_user_and_per_address_are_bounded() {
+    let node = TestNode::start_with(&["--max-connections-per-user", "2"]).await;
+    let addr = node.node.ws_addr.to_string();
+    let _first = Client::authenticated(&addr, 7).await;
+    let _second = Client::authenticated(&addr, 7).await;
+    let mut third = Client::open(&format!("ws://{addr}/ws/core/?jwt_token={}", token(7))).await;
+    let close = third.recv_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    // Another user, and anonymous sockets, are not held to user 7's count.
+    let _other = Client::authenticated(&addr, 8).await;
+    for _ in 0..3 {
+        let mut anonymous = Client::authenticated(&addr, 0).await;
+        anonymous
+            .join(serde_json::json!({"page": "view", "slug": "v"}))
+            .await;
+    }
+
+    let node = Limited::start(1024, &["--max-connections-per-ip", "3"]).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Client::authenticated(&node.ws_addr, 1).await);
+    }
+    let url = format!("ws://{}/ws/core/?jwt_token={}", node.ws_addr, token(2));
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("expected a 503, got {other:?}"),
+    }
+}
