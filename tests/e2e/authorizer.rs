@@ -139,7 +139,16 @@ async fn answers_are_cached_per_user_and_group() {
 async fn a_reconnect_storm_asks_the_backend_a_handful_of_times() {
     let backend = Backend::new(|_, _| true);
     backend.set_delay(Duration::from_millis(300));
-    let node = node_with(&backend.serve_grpc().await, &["--authorizer-cache-ms", "0"]).await;
+    let node = node_with(
+        &backend.serve_grpc().await,
+        &[
+            "--authorizer-cache-ms",
+            "0",
+            "--max-connections-per-user",
+            "200",
+        ],
+    )
+    .await;
     let mut sockets = Vec::new();
     for _ in 0..200 {
         sockets.push(node.client(1).await);
