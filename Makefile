@@ -35,8 +35,10 @@ cluster: deps
 	$(CARGO) build --release
 	bash scripts/cluster.sh
 
-## Side-by-side benchmarks (channelgate, a raw broadcaster, Django Channels); writes
-## BENCHMARKS.md. About a quarter of an hour; sets up its Python venv under bench/ on first use.
+## Side-by-side benchmarks (channelgate, a raw broadcaster, Django Channels) and what event
+## history costs (H1, R1, R2); writes BENCHMARKS.md. About a quarter of an hour; sets up its
+## Python venv under bench/ on first use. ONLY=history (or classic) runs a part, into
+## target/bench/BENCHMARKS-$$ONLY.md; bench/run.sh lists the other knobs.
 bench: deps
 	bash bench/run.sh
 

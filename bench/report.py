@@ -137,6 +137,151 @@ def fanout_table(rows, scenario, title, out):
     out.append("")
 
 
+H1_SETUPS = {1: "one node, in-memory history", 2: "two nodes on Redis, history in Redis streams"}
+
+
+def on_off_ratio(runs, key):
+    """History on / off, on the medians over rounds."""
+    on = [r for r in runs if r.get("history") == "on"]
+    off = [r for r in runs if r.get("history") == "off"]
+    if not on or not off:
+        return "n/a"
+    return ratio(median(on, key), median(off, key))
+
+
+def history_cost(rows, out):
+    found = [r for r in rows if r.get("scenario") == "H1"]
+    if not found:
+        return
+    first = found[0]
+    out.append("## H1: publish cost, history on against off\n")
+    out.append(
+        f"A fixed-rate fan-out that both settings sustain: {first['conns']:,} sockets in "
+        f"{first['groups']} groups of {first['conns'] // first['groups']}, "
+        f"{fmt(first['target_deliveries_per_sec'])} deliveries/s "
+        f"({fmt(first['target_deliveries_per_sec'] / (first['conns'] // first['groups']))} events/s) "
+        f"for {first['secs']:g} s after a second of warm-up, 200-byte payloads; every server "
+        "process on core 0 counts (the nodes and, on Redis, redis-server), the load generator on "
+        "core 1; `--history on` and `off` take turns, a fresh server each run, one tokio worker per node "
+        "either way (one core). Two nodes: each group's sockets are on one of them, half the groups on "
+        "each, all published through the first, so half the events cross Redis."
+    )
+    out.append("")
+    for nodes in sorted({r["nodes"] for r in found}):
+        runs = [r for r in found if r["nodes"] == nodes]
+        out.append(f"### {H1_SETUPS.get(nodes, f'{nodes} nodes')}\n")
+        out.append(
+            "| history | round | server CPU | CPU ms per 1,000 events | p50 (ms) | p99 (ms) | server RSS | delivered | with `_event_id` |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in sorted(runs, key=lambda r: (r["history"] != "on", r["round"])):
+            out.append(
+                f"| {r['history']} | {r['round']} | {r['cpu_percent']:.0f}% | "
+                f"{r['cpu_ms_per_1000_events']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{r['rss_kib'] / 1024:.0f} MiB | {fmt(r['received'])} of {fmt(r['expected'])} | "
+                f"{fmt(r['deliveries_with_event_id'])} |"
+            )
+        out.append("")
+        out.append(
+            "History on / off (medians over rounds): "
+            f"server CPU {on_off_ratio(runs, 'cpu_percent')}, "
+            f"CPU per 1,000 events {on_off_ratio(runs, 'cpu_ms_per_1000_events')}, "
+            f"p50 {on_off_ratio(runs, 'p50_ms')}, p99 {on_off_ratio(runs, 'p99_ms')}, "
+            f"server RSS {on_off_ratio(runs, 'rss_kib')}."
+        )
+        short = [r for r in runs if r["received"] != r["expected"]]
+        if short:
+            out.append("")
+            out.append(
+                "Not everything arrived in: "
+                + ", ".join(f"history {r['history']} round {r['round']}" for r in short)
+                + " (the rate was not sustained there)."
+            )
+        out.append("")
+
+
+R1_STORES = {"memory": "one node, in memory", "redis": "Redis (published through one node, replayed on the other)"}
+
+
+def replay_speed(rows, out):
+    found = [r for r in rows if r.get("scenario") == "R1"]
+    if not found:
+        return
+    first = found[0]
+    out.append("## R1: replay speed to one socket\n")
+    out.append(
+        f"{first['events']:,} events (200 bytes) published to one group nobody listens to, then one "
+        "socket subscribes and replays them all from a cursor taken before them (nodes run with "
+        f"`--replay-limit {first['events']} --history-size {first['events']}`); timed from sending "
+        f"`replay_events` to receiving `replay_events_result`, {first['replays']} replays one after "
+        "another, on core 0 as above; a replay is incomplete unless it brings every event once, in "
+        "id order, and nothing follows its result within 0.3 s. The last column is how fast the "
+        "backlog went in, 500 events per `PublishBatch` call, one call at a time."
+    )
+    out.append("")
+    out.append("| history store | replay, median (ms) | each replay (ms) | events/s | to the first event (ms) | retries | incomplete replays | publishing them, events/s |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for r in found:
+        out.append(
+            f"| {R1_STORES.get(r['store'], r['store'])} | {r['median_ms']:.1f} | "
+            f"{', '.join(f'{x:.1f}' for x in r['replay_ms'])} | {fmt(r['events_per_sec'])} | "
+            f"{r['first_event_ms_median']:.1f} | {r['retries']} | {r['bad_replays']} | "
+            f"{fmt(r['publish_batched_events_per_sec'])} |"
+        )
+    stores = {r["store"]: r for r in found}
+    if "memory" in stores and "redis" in stores:
+        out.append("")
+        out.append(
+            f"Redis / memory: {ratio(stores['redis']['median_ms'], stores['memory']['median_ms'])} replay time."
+        )
+    problems = [p for r in found for p in r.get("problems", [])]
+    if problems:
+        out.append("")
+        out.append("Problems: " + "; ".join(problems) + ".")
+    out.append("")
+
+
+def replay_storm(rows, out):
+    found = [r for r in rows if r.get("scenario") == "R2"]
+    if not found:
+        return
+    first = found[0]
+    per_group = first["sockets"] // first["groups"]
+    out.append("## R2: replay storm after a node loss\n")
+    out.append(
+        f"Two nodes on Redis (defaults: `--replay-concurrency 64`, `--replay-limit 200`), all on core 0. "
+        f"{first['sockets']:,} sockets on node A, each with its own `web_socket_id`, in "
+        f"{first['groups']} groups of {per_group}, take a baseline (`last_seen_id: -1`); node A is "
+        f"killed (SIGKILL); {first['events_per_group']} events per group are published through node B; "
+        "then every socket reconnects to node B at once, subscribes again and replays with "
+        "`supports_retry`, resending after `retry_after_ms` when told to. Per socket: from its first "
+        "`replay_events` to its `replay_events_result`; served: from the request that was served."
+    )
+    out.append("")
+    out.append("| p50 (ms) | p99 (ms) | max (ms) | wall time (s) | retries | sockets that retried | most retries of one | served p50 / p99 (ms) | server CPU | sockets without exactly their events |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    for r in found:
+        out.append(
+            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['wall_secs']:.2f} | "
+            f"{fmt(r['retries'])} | {fmt(r['sockets_that_retried'])} | {r['max_retries_of_a_socket']} | "
+            f"{r['served_p50_ms']:.1f} / {r['served_p99_ms']:.1f} | {fmt(r['cpu_percent'])}% | "
+            f"{r['bad_sockets']} |"
+        )
+    out.append("")
+    out.append(
+        f"Every socket must get exactly its group's {first['events_per_group']} events before its "
+        "result, once each and in id order, and a result naming the last of their ids; nothing more "
+        "may come in the 0.3 s after it. The last column counts the sockets that did not (it must "
+        "be 0). Wall time: from the first reconnect to the last result; server CPU: node B and "
+        "redis-server over that time."
+    )
+    problems = [p for r in found for p in r.get("problems", [])]
+    if problems:
+        out.append("")
+        out.append("First problems: " + "; ".join(problems) + ".")
+    out.append("")
+
+
 def main():
     path, target = sys.argv[1], sys.argv[2]
     rows = load(path)
@@ -154,7 +299,8 @@ def main():
         "run in rounds with channelgate and the raw broadcaster taking turns (Django once); each",
         "round has its row and the ratios are of the medians. The load generator reads with its own",
         "framing (`bench/src/client.rs`) so that it is not what limits a table. A shared machine:",
-        "read the ratios, not the absolute numbers.",
+        "read the ratios, not the absolute numbers. channelgate runs with its defaults, event",
+        "history on, in S1..S5; H1 measures what history costs, R1 and R2 how replays go.",
         "",
     ]
     fanout_table(rows, "S1", "fan-out, 10,000 connections in 100 groups of 100", out)
@@ -201,6 +347,9 @@ def main():
             f"{ratio(median(s5['channelgate'], 'deliveries_per_sec'), median(s1['channelgate'], 'deliveries_per_sec'))}"
         )
         out.append("")
+    history_cost(rows, out)
+    replay_speed(rows, out)
+    replay_storm(rows, out)
     with open(target, "w") as f:
         f.write("\n".join(out) + "\n")
 

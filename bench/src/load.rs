@@ -30,7 +30,7 @@ pub enum System {
 
 impl System {
     /// The name the report keys its rows by.
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             System::Channelgate => "channelgate",
             System::Raw => "raw",
@@ -89,7 +89,7 @@ impl Histogram {
 }
 
 /// p50, p90, p99 and max in milliseconds, from taken counts.
-fn percentiles(counts: &[u64]) -> [f64; 4] {
+pub(crate) fn percentiles(counts: &[u64]) -> [f64; 4] {
     let total: u64 = counts.iter().sum();
     let at = |p: f64| {
         let rank = ((total as f64) * p).ceil().max(1.0) as u64;
@@ -119,20 +119,23 @@ pub struct Seen {
     pub received: AtomicU64,
     pub latency: Histogram,
     pub closed: AtomicUsize,
+    /// Deliveries that carried a history id (`"_event_id":N` as the last key).
+    pub with_event_id: AtomicU64,
 }
 
 impl Seen {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Seen {
             received: AtomicU64::new(0),
             latency: Histogram::new(),
             closed: AtomicUsize::new(0),
+            with_event_id: AtomicU64::new(0),
         }
     }
 }
 
 /// CPU time (ticks) and RSS (KiB) of the server processes.
-fn proc_sample(pids: &[u32]) -> (u64, u64) {
+pub(crate) fn proc_sample(pids: &[u32]) -> (u64, u64) {
     let mut ticks = 0;
     let mut rss = 0;
     for pid in pids {
@@ -161,7 +164,7 @@ fn proc_sample(pids: &[u32]) -> (u64, u64) {
     (ticks, rss)
 }
 
-const TICKS_PER_SEC: f64 = 100.0;
+pub(crate) const TICKS_PER_SEC: f64 = 100.0;
 
 /// The send time stamped in a payload, found without a JSON parser.
 fn stamp(text: &[u8]) -> Option<u64> {
@@ -222,6 +225,9 @@ async fn subscriber(
             {
                 seen.latency.record(now_micros().saturating_sub(ts));
                 seen.received.fetch_add(1, Ordering::Relaxed);
+                if has_event_id(text) {
+                    seen.with_event_id.fetch_add(1, Ordering::Relaxed);
+                }
             }
         };
         while let Ok(true) = ws.read_frames(count).await {}
@@ -230,12 +236,19 @@ async fn subscriber(
     Ok(())
 }
 
+/// Whether a payload ends with the history id the gateway appends (`,"_event_id":N}`);
+/// only its tail is looked at.
+fn has_event_id(text: &[u8]) -> bool {
+    let tail = &text[text.len().saturating_sub(40)..];
+    tail.windows(13).any(|w| w == b",\"_event_id\":")
+}
+
 /// Handshakes in flight while sockets are opened: enough to keep every system busy.
 const OPEN_CONCURRENCY: usize = 512;
 
 /// Opens the subscribers numbered `sockets` over `groups` groups.
 /// Returns the time the last `page_add` arrived after the start.
-async fn open(
+pub(crate) async fn open(
     setup: &Arc<Setup>,
     sockets: std::ops::Range<usize>,
     groups: usize,
@@ -270,7 +283,7 @@ async fn open(
     Ok(started.elapsed())
 }
 
-fn payload(n: u64, group: usize, size: usize) -> String {
+pub(crate) fn payload(n: u64, group: usize, size: usize) -> String {
     let head = json!({"type": "bench", "n": n, "ts": now_micros(), "g": group}).to_string();
     let pad = size.saturating_sub(head.len() + 9);
     format!(
@@ -382,15 +395,18 @@ async fn publish(
 }
 
 /// One paced run: what was expected, what arrived, how fast and how late.
-struct Step {
-    deliveries_per_sec: f64,
-    expected: u64,
-    received: u64,
-    latency_ms: [f64; 4],
-    cpu_percent: f64,
+pub(crate) struct Step {
+    pub deliveries_per_sec: f64,
+    pub expected: u64,
+    pub received: u64,
+    pub latency_ms: [f64; 4],
+    pub cpu_percent: f64,
+    /// Events published, and the server CPU seconds the step took.
+    pub events: u64,
+    pub cpu_secs: f64,
 }
 
-async fn step(
+pub(crate) async fn step(
     setup: &Setup,
     seen: &Seen,
     groups: usize,
@@ -420,16 +436,19 @@ async fn step(
     let elapsed = started.elapsed().as_secs_f64();
     let (cpu_after, _) = proc_sample(&setup.server_pids);
     let received = seen.received.load(Ordering::Relaxed) - before;
+    let cpu_secs = (cpu_after - cpu_before) as f64 / TICKS_PER_SEC;
     Ok(Step {
+        events,
+        cpu_secs,
         deliveries_per_sec: received as f64 / elapsed.max(duration.as_secs_f64()),
         expected,
         received,
         latency_ms: percentiles(&seen.latency.take()),
-        cpu_percent: (cpu_after - cpu_before) as f64 / TICKS_PER_SEC / elapsed * 100.0,
+        cpu_percent: cpu_secs / elapsed * 100.0,
     })
 }
 
-fn log_step(setup: &Setup, scenario: &str, rate: f64, result: &Step) {
+pub(crate) fn log_step(setup: &Setup, scenario: &str, rate: f64, result: &Step) {
     eprintln!(
         "{scenario} {} target {rate:.0}/s: {:.0}/s, {} of {}, p99 {:.2} ms, cpu {:.0}%",
         setup.system.name(),
@@ -666,6 +685,10 @@ mod tests {
         assert!((0.3..0.32).contains(&p50), "{p50}");
         assert!((10.0..10.02).contains(&p99), "{p99}");
         assert!((10.0..10.02).contains(&max), "{max}");
+        assert!(has_event_id(
+            br#"{"type":"bench","ts":1,"_event_id":1800000000000000}"#
+        ));
+        assert!(!has_event_id(br#"{"type":"bench","ts":1}"#));
         let body = payload(7, 3, 200);
         assert_eq!(body.len(), 200);
         assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());

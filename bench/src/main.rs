@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 mod client;
+mod history;
 mod load;
 
 use client::{Client, Frame};
@@ -92,6 +93,54 @@ enum Scenario {
     Storm {
         #[arg(long, default_value_t = 10_000)]
         conns: usize,
+    },
+    /// H1: server CPU, latency and RSS of a fixed-rate fan-out (one node, or several given
+    /// in `--ws-addr`), for one history setting of the server; pass every server pid.
+    PublishCost {
+        /// The server's `--history` (only labels the result; `on` also expects ids).
+        #[arg(long)]
+        history: String,
+        #[arg(long, default_value_t = 1)]
+        round: u32,
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        #[arg(long, default_value_t = 100)]
+        groups: usize,
+        /// Deliveries per second (events per second times the members of a group).
+        #[arg(long, default_value_t = 30_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 4.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+    },
+    /// R1: `events` published to a group nobody listens to, then replayed to one socket on
+    /// the first `--ws-addr`, `replays` times; the node needs `--replay-limit` and
+    /// `--history-size` of at least `events`.
+    ReplayOne {
+        #[arg(long, default_value_t = 10_000)]
+        events: usize,
+        #[arg(long, default_value_t = 3)]
+        replays: usize,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        /// Where the history lives (labels the result: memory or redis).
+        #[arg(long)]
+        store: String,
+    },
+    /// R2: sockets on node A (first `--ws-addr`) take baselines, A is killed, events are
+    /// published through `--grpc-addr` (node B's), and every socket reconnects to node B
+    /// (second `--ws-addr`) at once and replays.
+    ReplayStorm {
+        #[arg(long, default_value_t = 1000)]
+        sockets: usize,
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
+        #[arg(long, default_value_t = 200)]
+        events_per_group: usize,
+        /// Node A's pid, killed with SIGKILL once the sockets are in place.
+        #[arg(long)]
+        kill_pid: u32,
     },
     /// Serve an allow-all authorizer backend (HTTP and gRPC) until killed.
     ServeAuthorizer {
@@ -272,6 +321,48 @@ async fn main() -> Result<(), String> {
             )
             .await;
         }
+        Scenario::PublishCost {
+            history,
+            round,
+            conns,
+            groups,
+            rate,
+            secs,
+            size,
+        } => {
+            return history::publish_cost(
+                setup()?,
+                *conns,
+                *groups,
+                *rate,
+                *secs,
+                *size,
+                history,
+                *round,
+            )
+            .await;
+        }
+        Scenario::ReplayOne {
+            events,
+            replays,
+            size,
+            store,
+        } => return history::replay_one(setup()?, *events, *replays, *size, store).await,
+        Scenario::ReplayStorm {
+            sockets,
+            groups,
+            events_per_group,
+            kill_pid,
+        } => {
+            return history::replay_storm(
+                setup()?,
+                *sockets,
+                *groups,
+                *events_per_group,
+                *kill_pid,
+            )
+            .await;
+        }
         Scenario::Idle { conns } => return load::idle(setup()?, conns).await,
         Scenario::Storm { conns } => return load::storm(setup()?, *conns).await,
         _ => {}
@@ -302,6 +393,9 @@ async fn main() -> Result<(), String> {
         Scenario::ServeAuthorizer { .. }
         | Scenario::FanoutSearch { .. }
         | Scenario::Idle { .. }
+        | Scenario::PublishCost { .. }
+        | Scenario::ReplayOne { .. }
+        | Scenario::ReplayStorm { .. }
         | Scenario::Storm { .. } => unreachable!("handled above"),
         Scenario::Subscribe { count } => {
             let token = sign_access_token(args.jwt_secret.as_bytes(), "user_id", 1, 3600)
