@@ -19,8 +19,15 @@ use crate::outbox::Frame;
 use crate::pages::{PageError, PageRegistry};
 use crate::protocol::{ClientFrame, FrameError, RejectReason, parse_client_frame, server};
 
-/// How long a client told to retry a replay waits first.
-const REPLAY_RETRY_AFTER_MS: u64 = 1000;
+/// How long a client told to retry a replay waits first: a second on average, spread
+/// over 500–1,500 ms so that a refused crowd does not come back all at once.
+fn replay_retry_after_ms() -> u64 {
+    500 + (uuid::Uuid::new_v4().as_u128() % 1001) as u64
+}
+
+/// How long a replay waits for a free slot before its client is told to retry: a slot
+/// frees every few milliseconds in a storm, so a short wait serves the crowd in one pass.
+const REPLAY_SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// What a session needs from its node.
 pub struct SessionContext {
@@ -119,7 +126,7 @@ impl Session {
         let overloaded = || {
             if supports_retry {
                 metrics.replay_retries.fetch_add(1, Ordering::Relaxed);
-                Frame::from(server::replay_retry(REPLAY_RETRY_AFTER_MS))
+                Frame::from(server::replay_retry(replay_retry_after_ms()))
             } else {
                 refresh(RefreshReason::Overloaded, history::NO_REPLAY_AVAILABLE)
             }
@@ -143,7 +150,8 @@ impl Session {
             }
             Cursor::After(after) => after,
         };
-        let Ok(_permit) = replays.permits.try_acquire() else {
+        let wait = REPLAY_SLOT_WAIT.min(replays.timeout);
+        let Ok(Ok(_permit)) = tokio::time::timeout(wait, replays.permits.acquire()).await else {
             self.conn.outbox.push(overloaded());
             return;
         };
