@@ -64,9 +64,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// File descriptors kept for what is not a WebSocket: listeners, gRPC calls, Redis, the
-/// authorizer, and the sockets being refused with 503.
+/// authorizer (64 calls at most by default), and the sockets being refused with 503.
 fn reserved_fds(limit: u64) -> u64 {
-    (limit / 4).min(1024)
+    (limit / 4).min(256)
 }
 
 /// Raises the open-file soft limit to the hard one, and caps `wanted` connections below
