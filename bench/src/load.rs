@@ -465,8 +465,12 @@ fn sustains(result: &Step, max_p99_ms: f64) -> bool {
     result.received == result.expected && result.latency_ms[2] <= max_p99_ms
 }
 
+/// Steps below the start rate a search may take when the first step fails (1.4x each).
+const MAX_STEPS_DOWN: u32 = 3;
+
 /// Fan-out (S1, S3, S5): opens the sockets, raises the rate until loss or p99 over
-/// `max_p99_ms`, then measures latency at half the best sustained rate.
+/// `max_p99_ms` (stepping down first when the start rate is already too much), then
+/// measures latency at half the best sustained rate.
 #[allow(clippy::too_many_arguments)]
 pub async fn fanout(
     setup: Setup,
@@ -488,6 +492,7 @@ pub async fn fanout(
     let mut best: Option<Step> = None;
     let mut failed_rate = None;
     let mut lost = 0;
+    let mut steps_down = 0;
     loop {
         let result = step(&setup, &seen, groups, members, rate, duration, size).await?;
         log_step(&setup, scenario, rate, &result);
@@ -498,17 +503,25 @@ pub async fn fanout(
         }
         if !sustains(&result, max_p99_ms) {
             lost = result.expected.saturating_sub(result.received);
+            failed_rate = Some(rate);
             if best.is_none() {
+                // The machine is slower today than the start rate assumes: step down.
+                if steps_down < MAX_STEPS_DOWN && seen.closed.load(Ordering::Relaxed) == 0 {
+                    steps_down += 1;
+                    rate /= 1.4;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
                 return report_unsustained(&setup, scenario, conns, groups, rate, &result);
             }
-            failed_rate = Some(rate);
             break;
         }
         // The Django publisher is a process whose start-up counts in the step's time, so
         // its measured rate trails the target even when every event arrived.
         let keep_going = result.deliveries_per_sec >= rate * 0.9 || setup.system == System::Django;
         best = Some(result);
-        if !keep_going || seen.closed.load(Ordering::Relaxed) > 0 {
+        // Found by stepping down: the step above it failed already.
+        if !keep_going || failed_rate.is_some() || seen.closed.load(Ordering::Relaxed) > 0 {
             break;
         }
         rate *= 1.4;
