@@ -83,11 +83,11 @@ fn connection_limit(wanted: usize) -> usize {
         .unwrap_or(usize::MAX)
         .max(1);
     if wanted > room {
-        tracing::warn!(
+        tracing::info!(
             max_connections = wanted,
             open_file_limit = limit,
             capped_at = room,
-            "--max-connections is above what the open-file limit allows; capped"
+            "connections capped below the open-file limit; more get 503"
         );
     }
     wanted.min(room)
