@@ -53,17 +53,14 @@ pub async fn serve(
             },
             _ = crate::stopped(&mut shutdown) => return,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            // Full: say so at once rather than leave the client hanging in the backlog.
-            ctx.session
-                .hub
-                .metrics()
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(refuse(stream));
-            continue;
-        };
-        let Some(ip_slot) = per_ip.admit(peer.ip()) else {
+        // Full, for the node or for this address: say so at once rather than leave the
+        // client hanging in the backlog.
+        let admitted = permits
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .zip(per_ip.admit(peer.ip()));
+        let Some((permit, ip_slot)) = admitted else {
             ctx.session
                 .hub
                 .metrics()
