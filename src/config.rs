@@ -146,6 +146,11 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_MAX_PAYLOAD_BYTES", value_name = "BYTES")]
     pub max_payload_bytes: Option<usize>,
 
+    /// Largest gRPC message the API takes; a larger one fails with RESOURCE_EXHAUSTED
+    /// [default: 67108864]
+    #[arg(long, env = "CHANNELGATE_MAX_GRPC_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_grpc_message_bytes: Option<usize>,
+
     /// Events one PublishBatch may carry; more fail with INVALID_ARGUMENT [default: 1000]
     #[arg(long, env = "CHANNELGATE_MAX_BATCH_EVENTS", value_name = "N")]
     pub max_batch_events: Option<usize>,
@@ -296,6 +301,7 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     pub max_batch_events: usize,
     pub max_batch_bytes: usize,
+    pub max_grpc_message_bytes: usize,
     pub max_connections_per_user: usize,
     pub max_connections_per_ip: usize,
     pub handshake_timeout: Duration,
@@ -477,6 +483,11 @@ impl Settings {
             }),
             max_queue_bytes,
             max_batch_events: positive("max-batch-events", options.max_batch_events, 1000)?,
+            max_grpc_message_bytes: positive(
+                "max-grpc-message-bytes",
+                options.max_grpc_message_bytes,
+                64 << 20,
+            )?,
             max_connections_per_user: positive(
                 "max-connections-per-user",
                 options.max_connections_per_user,

@@ -313,10 +313,17 @@ impl Node {
         let mut grpc_shutdown = shutdown_rx;
         let grpc_task = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(tower::util::MapResponseLayer::new(
+                    transport::grpc::oversize_is_resource_exhausted,
+                ))
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
-                .add_service(gateway_service(api, settings.api_key.as_deref()))
+                .add_service(gateway_service(
+                    api,
+                    settings.api_key.as_deref(),
+                    settings.max_grpc_message_bytes,
+                ))
                 .serve_with_incoming_shutdown(
                     transport::http::incoming(grpc_listener),
                     async move { stopped(&mut grpc_shutdown).await },

@@ -13,9 +13,6 @@ use crate::hub::Hub;
 use crate::proto;
 use crate::proto::gateway_server::{Gateway, GatewayServer};
 
-/// Largest gRPC message accepted, so a batch of large payloads fits.
-const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
-
 /// The backend-facing API of one node.
 pub struct GatewayApi {
     pub hub: Arc<Hub>,
@@ -234,13 +231,70 @@ impl tonic::service::Interceptor for ApiKeyCheck {
     }
 }
 
+/// gRPC's code for a message over the size limit is RESOURCE_EXHAUSTED; tonic answers
+/// OUT_OF_RANGE, in the headers or (once a call has begun) in the trailers. A `Server`
+/// layer maps each response through this.
+pub fn oversize_is_resource_exhausted<B>(
+    response: http::Response<B>,
+) -> http::Response<OversizeCode<B>> {
+    let (mut parts, body) = response.into_parts();
+    rewrite_oversize(&mut parts.headers);
+    http::Response::from_parts(parts, OversizeCode(body))
+}
+
+fn rewrite_oversize(headers: &mut http::HeaderMap) {
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            // Percent-encoded on the wire.
+            .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if too_large {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
+        );
+    }
+}
+
+/// A response body whose trailers get [`rewrite_oversize`].
+pub struct OversizeCode<B>(B);
+
+impl<B: http_body::Body + Unpin> http_body::Body for OversizeCode<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let poll = std::pin::Pin::new(&mut self.0).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(mut frame))) = poll {
+            if let Some(trailers) = frame.trailers_mut() {
+                rewrite_oversize(trailers);
+            }
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
 /// The Gateway service behind the API key check, with message limits set.
 pub fn gateway_service(
     api: GatewayApi,
     api_key: Option<&str>,
+    max_message_bytes: usize,
 ) -> tonic::service::interceptor::InterceptedService<GatewayServer<GatewayApi>, ApiKeyCheck> {
     let server = GatewayServer::new(api)
-        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
     tonic::service::interceptor::InterceptedService::new(server, ApiKeyCheck::new(api_key))
 }

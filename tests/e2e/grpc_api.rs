@@ -83,6 +83,19 @@ async fn a_batch_too_large_for_a_subscriber_is_refused_and_nobody_is_closed() {
 }
 
 #[tokio::test]
+async fn a_message_over_the_grpc_limit_is_resource_exhausted() {
+    let node = TestNode::start_with(&["--max-grpc-message-bytes", "1024"]).await;
+    let mut grpc = node.grpc().await;
+    let big = json!({"type": "big", "pad": "x".repeat(4096)}).to_string();
+    let status = grpc
+        .publish(group_request("table-1", big))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    publish(&mut grpc, group_request("table-1", event("small", 1))).await;
+}
+
+#[tokio::test]
 async fn with_history_off_ids_are_zero_and_payloads_verbatim() {
     let node = TestNode::start_with(&["--history", "off"]).await;
     let mut grpc = node.grpc().await;
