@@ -58,6 +58,15 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_JWT_USER_ID_CLAIM", value_name = "CLAIM")]
     pub jwt_user_id_claim: Option<String>,
 
+    /// PEM certificate (chain) of the gRPC API: with --grpc-tls-key, the API speaks TLS,
+    /// so the backend can reach it across hosts [default: plaintext]
+    #[arg(long, env = "CHANNELGATE_GRPC_TLS_CERT", value_name = "FILE")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --grpc-tls-cert
+    #[arg(long, env = "CHANNELGATE_GRPC_TLS_KEY", value_name = "FILE")]
+    pub grpc_tls_key: Option<PathBuf>,
+
     /// Bearer key every gRPC call must carry (`authorization: Bearer <key>`). Required
     /// unless --dev.
     #[arg(
@@ -302,6 +311,8 @@ pub struct Settings {
     pub max_batch_events: usize,
     pub max_batch_bytes: usize,
     pub max_grpc_message_bytes: usize,
+    /// The gRPC API's certificate and key, PEM; `None`: plaintext.
+    pub grpc_tls: Option<(PathBuf, PathBuf)>,
     pub max_connections_per_user: usize,
     pub max_connections_per_ip: usize,
     pub handshake_timeout: Duration,
@@ -483,6 +494,11 @@ impl Settings {
             }),
             max_queue_bytes,
             max_batch_events: positive("max-batch-events", options.max_batch_events, 1000)?,
+            grpc_tls: match (options.grpc_tls_cert, options.grpc_tls_key) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => return Err("--grpc-tls-cert and --grpc-tls-key go together".into()),
+            },
             max_grpc_message_bytes: positive(
                 "max-grpc-message-bytes",
                 options.max_grpc_message_bytes,

@@ -311,8 +311,21 @@ impl Node {
             max_batch_bytes: settings.max_batch_bytes,
         };
         let mut grpc_shutdown = shutdown_rx;
+        let mut grpc_server = tonic::transport::Server::builder();
+        if let Some((cert, key)) = &settings.grpc_tls {
+            let read = |path: &std::path::PathBuf, what: &str| {
+                std::fs::read(path).map_err(|e| {
+                    StartError(format!("cannot read the gRPC TLS {what} {path:?}: {e}"))
+                })
+            };
+            let identity =
+                tonic::transport::Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
+            grpc_server = grpc_server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| StartError(format!("gRPC TLS: {e}")))?;
+        }
         let grpc_task = tokio::spawn(
-            tonic::transport::Server::builder()
+            grpc_server
                 .layer(tower::util::MapResponseLayer::new(
                     transport::grpc::oversize_is_resource_exhausted,
                 ))

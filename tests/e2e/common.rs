@@ -86,6 +86,20 @@ impl TestNode {
         self.grpc_with_key(Some(API_KEY)).await
     }
 
+    /// A plaintext Info call, which may fail.
+    pub async fn grpc_try(&self) -> Result<(), String> {
+        let channel = Channel::from_shared(format!("http://{}", self.node.grpc_addr))
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        GatewayClient::with_interceptor(channel, ApiKey(Some(API_KEY)))
+            .info(channelgate::proto::InfoRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     pub async fn grpc_with_key(&self, key: Option<&'static str>) -> Grpc {
         let channel = Channel::from_shared(format!("http://{}", self.node.grpc_addr))
             .expect("uri")

@@ -96,6 +96,50 @@ async fn a_message_over_the_grpc_limit_is_resource_exhausted() {
 }
 
 #[tokio::test]
+async fn the_api_speaks_tls_with_a_certificate_and_key() {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("a self-signed certificate");
+    let cert_pem = certified.cert.pem();
+    let dir = std::env::temp_dir().join(format!("cg-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &cert_pem).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    let node = TestNode::start_with(&[
+        "--grpc-tls-cert",
+        cert.to_str().expect("path"),
+        "--grpc-tls-key",
+        key.to_str().expect("path"),
+    ])
+    .await;
+    let mut c = node.client(1).await;
+    c.join(json!({"page": "table", "table_id": 1})).await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert_pem))
+        .domain_name("localhost");
+    let channel =
+        tonic::transport::Channel::from_shared(format!("https://{}", node.node.grpc_addr))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("tls config")
+            .connect()
+            .await
+            .expect("a TLS connection");
+    let mut grpc = channelgate::proto::gateway_client::GatewayClient::with_interceptor(
+        channel,
+        ApiKey(Some(API_KEY)),
+    );
+    let id = publish(&mut grpc, group_request("table-1", event("over_tls", 1))).await;
+    assert_eq!(c.recv().await["_event_id"], id);
+    // Plaintext gets nowhere.
+    let plain = node.grpc_try().await;
+    assert!(
+        plain.is_err(),
+        "a plaintext call must fail against a TLS API"
+    );
+}
+
+#[tokio::test]
 async fn with_history_off_ids_are_zero_and_payloads_verbatim() {
     let node = TestNode::start_with(&["--history", "off"]).await;
     let mut grpc = node.grpc().await;
