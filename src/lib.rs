@@ -384,6 +384,8 @@ impl Node {
         let ticks = (period.as_millis() / TICK.as_millis()).max(1) as usize;
         let per_tick = connections.len().div_ceil(ticks).max(1);
         let mut interval = tokio::time::interval(TICK);
+        // A late tick must not bring a burst of closes: the point is to spread them.
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for batch in connections.chunks(per_tick) {
             interval.tick().await;
             for conn in batch {
