@@ -362,13 +362,17 @@ impl Options {
     }
 }
 
-/// `--history` and its limits; `None` when history is off.
-fn history_settings(options: &Options) -> Result<Option<HistorySettings>, String> {
-    let positive = |name: &str, value: Option<usize>, default: usize| match value {
+/// A count setting: at least 1, `default` when not given.
+fn positive(name: &str, value: Option<usize>, default: usize) -> Result<usize, String> {
+    match value {
         Some(0) => Err(format!("--{name} must be at least 1")),
         Some(v) => Ok(v),
         None => Ok(default),
-    };
+    }
+}
+
+/// `--history` and its limits; `None` when history is off.
+fn history_settings(options: &Options) -> Result<Option<HistorySettings>, String> {
     let history = match options.history.as_deref().unwrap_or("on") {
         "on" | "true" | "1" => Some(HistorySettings {
             retention: Retention {
@@ -405,11 +409,7 @@ impl Settings {
     pub fn resolve(options: Options) -> Result<Settings, String> {
         let dev = options.dev.unwrap_or(false);
         let history = history_settings(&options)?;
-        let max_queue_bytes = match options.max_queue_bytes {
-            Some(0) => return Err("--max-queue-bytes must be at least 1".into()),
-            Some(bytes) => bytes,
-            None => 1 << 20,
-        };
+        let max_queue_bytes = positive("max-queue-bytes", options.max_queue_bytes, 1 << 20)?;
         let (jwt_secret, jwt_secret_generated) = match options.jwt_secret {
             Some(secret) if secret.is_empty() => return Err("--jwt-secret is empty".into()),
             Some(secret) => (secret, false),
@@ -438,11 +438,6 @@ impl Settings {
         };
         let pages = options.pages.unwrap_or_else(PageRegistry::baserow_specs);
         PageRegistry::new(&pages).map_err(|e| format!("page table: {e}"))?;
-        let positive = |name: &str, value: Option<usize>, default: usize| match value {
-            Some(0) => Err(format!("--{name} must be at least 1")),
-            Some(v) => Ok(v),
-            None => Ok(default),
-        };
         let inbound_rate = options.inbound_rate.unwrap_or(200);
         let inbound_burst = options.inbound_burst.unwrap_or(100);
         if inbound_rate == 0 || inbound_burst == 0 {

@@ -278,12 +278,9 @@ impl Hub {
         self.connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The channel groups of the connection's pages, each once.
+    /// The channel groups of the connection's pages (a group twice when two pages map to it).
     pub fn groups_of(&self, conn: &Connection) -> Vec<Arc<str>> {
-        let mut groups: Vec<Arc<str>> = lock(&conn.pages).iter().map(|p| p.group.clone()).collect();
-        groups.sort();
-        groups.dedup();
-        groups
+        lock(&conn.pages).iter().map(|p| p.group.clone()).collect()
     }
 
     /// Whether the connection holds this page already.
@@ -509,11 +506,7 @@ impl Hub {
     /// and every connection that joins from now on too (the node is stopping).
     pub fn close_all(&self, reason: CloseReason) {
         let _ = self.closing.set(reason);
-        for shard in self.users.each_shard() {
-            for conn in shard.values().flatten() {
-                conn.outbox.close(reason);
-            }
-        }
+        self.close_connections(reason);
     }
 
     /// Connections this user has open on this node.

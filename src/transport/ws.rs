@@ -497,29 +497,19 @@ async fn read_loop(
                 return CloseReason::Normal;
             }
         };
+        // Every frame but a close counts, control frames too: each ping costs a pong.
+        if !matches!(message, Message::Close(_) | Message::Frame(_)) && !bucket.take(Instant::now())
+        {
+            return CloseReason::RateLimited;
+        }
         let handled = match message {
-            Message::Text(text) => {
-                if !bucket.take(Instant::now()) {
-                    return CloseReason::RateLimited;
-                }
-                session.handle_text(&text).await
-            }
+            Message::Text(text) => session.handle_text(&text).await,
             Message::Binary(_) => {
-                if !bucket.take(Instant::now()) {
-                    return CloseReason::RateLimited;
-                }
                 session.reject_frame(&FrameError::Binary);
                 Err(FrameError::Binary)
             }
             Message::Close(_) => return CloseReason::Normal,
-            // Control frames count too: each ping costs a pong.
-            Message::Ping(_) | Message::Pong(_) => {
-                if !bucket.take(Instant::now()) {
-                    return CloseReason::RateLimited;
-                }
-                Ok(())
-            }
-            Message::Frame(_) => Ok(()),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
         };
         if handled.is_ok() {
             garbage_in_a_row = 0;
