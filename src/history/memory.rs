@@ -4,6 +4,7 @@
 //! order is its id order and no replay sees id N+1 kept while N is not.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -121,6 +122,9 @@ impl State {
 pub struct MemoryHistory {
     retention: Retention,
     state: Mutex<State>,
+    /// `State::bytes` as of the last change, readable without the lock (for `/metrics`,
+    /// after every publish).
+    bytes: AtomicUsize,
 }
 
 fn bytes_of(event: &Event) -> usize {
@@ -145,6 +149,7 @@ impl MemoryHistory {
         MemoryHistory {
             retention,
             state: Mutex::default(),
+            bytes: AtomicUsize::new(0),
         }
     }
 
@@ -186,6 +191,7 @@ impl MemoryHistory {
             }
         }
         state.expire(&self.retention, now);
+        self.bytes.store(state.bytes, Ordering::Relaxed);
         (state.latest, delivered)
     }
 
@@ -193,6 +199,7 @@ impl MemoryHistory {
     pub fn read(&self, keys: &[StreamKey], after: u64) -> Snapshot {
         let mut state = self.lock();
         state.expire(&self.retention, Instant::now());
+        self.bytes.store(state.bytes, Ordering::Relaxed);
         let streams = keys
             .iter()
             .map(|key| match state.streams.get(key) {
@@ -227,7 +234,7 @@ impl MemoryHistory {
 
     /// Bytes the kept events take, as counted against the size limit.
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.bytes.load(Ordering::Relaxed)
     }
 }
 
