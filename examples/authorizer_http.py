@@ -5,8 +5,13 @@ channelgate asks before a socket may subscribe to a page:
 
     POST /authorize
     X-Channelgate-Secret: <--authorizer-secret>
-    {"user_id": 1, "web_socket_id": "...", "page": "table",
+    {"action": "subscribe", "user_id": 1, "web_socket_id": "...", "page": "table",
      "parameters": {"table_id": 5}, "group": "table-5"}
+
+and, with --authorize-connect, once per connection of a signed-in user, before it is served:
+
+    {"action": "connect", "user_id": 1, "web_socket_id": "...",
+     "token_issued_at": 1700000000, "token_id": "..."}
 
 and expects `{"allowed": true}` or `{"allowed": false}` with status 200. Anything else
 (another status, a timeout, a body it cannot read) denies the page with reason
@@ -33,6 +38,8 @@ your own permission checks instead of the PERMISSIONS table below):
         if not hmac.compare_digest(secret, settings.CHANNELGATE_AUTHORIZER_SECRET):
             return HttpResponseForbidden()
         question = json.loads(request.body)
+        if question.pop("action", "subscribe") == "connect":
+            return JsonResponse({"allowed": may_connect(**question)})
         return JsonResponse({"allowed": may_subscribe(**question)})
 """
 
@@ -47,6 +54,12 @@ PERMISSIONS = {
     1: {1, 2},
     2: {1},
 }
+
+
+def may_connect(user_id, web_socket_id, token_issued_at, token_id):
+    """The connect check: is this a known, active user, and is the token still good (not
+    issued before the user's last password change, say)?"""
+    return user_id in PERMISSIONS
 
 
 def may_subscribe(user_id, page, parameters, group, web_socket_id=None):
@@ -70,7 +83,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length", "0"))
             question = json.loads(self.rfile.read(length))
-            allowed = bool(may_subscribe(**question))
+            if question.pop("action", "subscribe") == "connect":
+                allowed = bool(may_connect(**question))
+            else:
+                allowed = bool(may_subscribe(**question))
         except (ValueError, TypeError, KeyError) as error:
             self.send_error(400, f"unreadable question: {error}")
             return

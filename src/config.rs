@@ -108,6 +108,20 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_AUTHORIZER_CACHE_MS", value_name = "MS")]
     pub authorizer_cache_ms: Option<u64>,
 
+    /// Ask the authorizer once per connection whether the token may connect at all
+    /// (`"action":"connect"` with the token's iat and jti; gRPC AuthorizeConnect), before
+    /// the authentication frame: for a backend that refuses tokens issued before a
+    /// password change, or inactive users. Needs an http:// or grpc:// --authorizer
+    /// [default: false]
+    #[arg(long, env = "CHANNELGATE_AUTHORIZE_CONNECT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub authorize_connect: Option<bool>,
+
+    /// Milliseconds the connect check may take, waiting for the authorizer included; a
+    /// socket not confirmed by then gets the authentication failure frame and close 1011
+    /// [default: 5000]
+    #[arg(long, env = "CHANNELGATE_AUTHENTICATION_TIMEOUT_MS", value_name = "MS")]
+    pub authentication_timeout_ms: Option<u64>,
+
     /// Redis URL (redis://HOST:PORT/DB); several nodes on one Redis form a cluster.
     /// Unset: the in-memory bus, one node alone
     #[arg(
@@ -301,6 +315,8 @@ pub struct Settings {
     pub authorizer_timeout: Duration,
     pub authorizer_concurrency: usize,
     pub authorizer_cache: Duration,
+    /// The connect check's deadline; `None`: no connect check (`--authorize-connect` off).
+    pub connect_check: Option<Duration>,
     /// The Redis bus; `None`: the in-memory bus.
     pub redis: Option<RedisSettings>,
     pub node_id: String,
@@ -436,6 +452,20 @@ impl Settings {
                 ));
             }
         };
+        let authentication_timeout = Duration::from_millis(positive(
+            "authentication-timeout-ms",
+            options.authentication_timeout_ms.map(|ms| ms as usize),
+            5000,
+        )? as u64);
+        let connect_check = match (options.authorize_connect.unwrap_or(false), &authorizer) {
+            (false, _) => None,
+            (true, AuthorizerKind::Static) => {
+                return Err(
+                    "--authorize-connect needs an http:// or grpc:// --authorizer to ask".into(),
+                );
+            }
+            (true, _) => Some(authentication_timeout),
+        };
         let pages = options.pages.unwrap_or_else(PageRegistry::baserow_specs);
         PageRegistry::new(&pages).map_err(|e| format!("page table: {e}"))?;
         let inbound_rate = options.inbound_rate.unwrap_or(200);
@@ -467,6 +497,7 @@ impl Settings {
                 64,
             )?,
             authorizer_cache: Duration::from_millis(options.authorizer_cache_ms.unwrap_or(5000)),
+            connect_check,
             redis: options
                 .redis_url
                 .filter(|url| !url.is_empty())

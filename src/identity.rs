@@ -29,6 +29,25 @@ impl Identity {
     }
 }
 
+/// A verified token: who it is, and the claims the backend's connect check judges (a
+/// token issued before the user's last password change is no longer good, for instance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub identity: Identity,
+    /// `iat`, seconds since the epoch; `None` when the token has none.
+    pub issued_at: Option<i64>,
+    /// `jti`; `None` when the token has none.
+    pub token_id: Option<String>,
+}
+
+impl Credentials {
+    pub const ANONYMOUS: Credentials = Credentials {
+        identity: Identity::ANONYMOUS,
+        issued_at: None,
+        token_id: None,
+    };
+}
+
 /// Why a token was refused. Logged, never sent to the client (it only learns "failed").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdentityError {
@@ -72,11 +91,17 @@ impl TokenVerifier {
 
     /// The identity behind the `jwt_token` query parameter.
     pub fn verify(&self, token: Option<&str>) -> Result<Identity, IdentityError> {
+        self.verify_credentials(token).map(|c| c.identity)
+    }
+
+    /// The identity behind the `jwt_token` query parameter, with what the connect check
+    /// asks the backend about the token itself.
+    pub fn verify_credentials(&self, token: Option<&str>) -> Result<Credentials, IdentityError> {
         let token = token
             .filter(|t| !t.is_empty())
             .ok_or(IdentityError::Missing)?;
         if token == "anonymous" {
-            return Ok(Identity::ANONYMOUS);
+            return Ok(Credentials::ANONYMOUS);
         }
         let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?
@@ -91,7 +116,15 @@ impl TokenVerifier {
         }
         .filter(|id| *id > 0)
         .ok_or(IdentityError::BadUserId)?;
-        Ok(Identity { user_id })
+        Ok(Credentials {
+            identity: Identity { user_id },
+            issued_at: claims.get("iat").and_then(Value::as_i64),
+            token_id: claims.get("jti").and_then(|jti| match jti {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }),
+        })
     }
 }
 
@@ -129,6 +162,24 @@ mod tests {
         assert_eq!(v.verify(Some("anonymous")), Ok(Identity::ANONYMOUS));
         assert_eq!(v.verify(None), Err(IdentityError::Missing));
         assert_eq!(v.verify(Some("")), Err(IdentityError::Missing));
+    }
+
+    #[test]
+    fn credentials_carry_issued_at_and_token_id() {
+        let v = TokenVerifier::new(SECRET, "user_id").unwrap();
+        let exp = jsonwebtoken::get_current_timestamp() + 60;
+        let claims = serde_json::json!({
+            "token_type": "access", "exp": exp, "user_id": 3, "iat": 1_700_000_000, "jti": "abc",
+        });
+        let key = EncodingKey::from_secret(SECRET).unwrap();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        let credentials = v.verify_credentials(Some(&token)).unwrap();
+        assert_eq!(credentials.identity, Identity { user_id: 3 });
+        assert_eq!(credentials.issued_at, Some(1_700_000_000));
+        assert_eq!(credentials.token_id.as_deref(), Some("abc"));
+        let bare = sign_access_token(SECRET, "user_id", 3, 60).unwrap();
+        let credentials = v.verify_credentials(Some(&bare)).unwrap();
+        assert_eq!((credentials.issued_at, credentials.token_id), (None, None));
     }
 
     #[test]

@@ -280,6 +280,7 @@ impl Node {
             bus: bus.clone(),
             allowed_origins: settings.allowed_origins.clone(),
             max_message_bytes: settings.max_message_bytes,
+            connect_check: settings.connect_check,
             handshake_timeout: settings.handshake_timeout,
             ping_interval: settings.ping_interval,
             inbound_burst: settings.inbound_burst,

@@ -242,6 +242,8 @@ pub enum CloseReason {
     MessageTooBig,
     /// 1011: an internal error.
     Internal,
+    /// 1011: the connect check (`--authorize-connect`) got no answer from the backend.
+    ConnectUnconfirmed,
     /// 1012: the node restarts; reconnect.
     Restart,
     /// 4008: the outbound queue overflowed because the client reads too slowly.
@@ -261,7 +263,7 @@ impl CloseReason {
             | CloseReason::TooManyConnections
             | CloseReason::RepeatedGarbage => 1008,
             CloseReason::MessageTooBig => 1009,
-            CloseReason::Internal => 1011,
+            CloseReason::Internal | CloseReason::ConnectUnconfirmed => 1011,
             CloseReason::Restart => 1012,
             CloseReason::SlowConsumer => 4008,
         }
@@ -282,6 +284,7 @@ impl CloseReason {
             CloseReason::RepeatedGarbage => "too many malformed frames",
             CloseReason::MessageTooBig => "message too big",
             CloseReason::Internal => "internal error",
+            CloseReason::ConnectUnconfirmed => "the backend did not confirm the connection",
             CloseReason::Restart => "node restarting",
             CloseReason::SlowConsumer => "slow consumer: outbound queue overflowed",
         }

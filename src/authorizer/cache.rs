@@ -1,4 +1,4 @@
-//! Short-lived answers per (user, group), and single-flight: identical questions asked at
+//! Short-lived answers per (user, group) and per token, and single-flight: identical questions asked at
 //! the same time become one backend call, so a reconnect storm of many sockets of one user
 //! re-subscribing the same table asks the backend once.
 
@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
-use super::{AuthorizeRequest, Authorizer, AuthorizerError};
+use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest};
 
 type Key = (i64, String);
 type Answer = Result<bool, AuthorizerError>;
@@ -62,9 +62,13 @@ impl State {
     }
 }
 
-impl Authorizer for CachedAuthorizer {
-    fn authorize(&self, request: AuthorizeRequest) -> BoxFuture<'static, Answer> {
-        let key = (request.user_id, request.group.clone());
+impl CachedAuthorizer {
+    /// The cached answer for `key`, the call in flight for it, or a new call made by `ask`.
+    fn answer(
+        &self,
+        key: Key,
+        ask: impl FnOnce() -> BoxFuture<'static, Answer>,
+    ) -> BoxFuture<'static, Answer> {
         let mut state = lock(&self.state);
         if let Some((allowed, at)) = state.answers.get(&key) {
             if at.elapsed() < self.ttl {
@@ -77,7 +81,7 @@ impl Authorizer for CachedAuthorizer {
         }
         let id = state.next_call;
         state.next_call += 1;
-        let backend = self.inner.authorize(request);
+        let backend = ask();
         let shared_state = self.state.clone();
         let (ttl, max_entries) = (self.ttl, self.max_entries);
         let call_key = key.clone();
@@ -105,6 +109,19 @@ impl Authorizer for CachedAuthorizer {
         // Driven to the end even if every asker goes away, so the entry is always cleared.
         tokio::spawn(call.clone());
         Box::pin(call)
+    }
+}
+
+impl Authorizer for CachedAuthorizer {
+    fn authorize(&self, request: AuthorizeRequest) -> BoxFuture<'static, Answer> {
+        let key = (request.user_id, request.group.clone());
+        self.answer(key, || self.inner.authorize(request))
+    }
+
+    fn authorize_connect(&self, request: ConnectRequest) -> BoxFuture<'static, Answer> {
+        self.answer(request.cache_key(), || {
+            self.inner.authorize_connect(request)
+        })
     }
 
     fn forget(&self, keys: &[(i64, String)]) {
@@ -139,6 +156,10 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 Ok(request.user_id % 2 == 0)
             })
+        }
+        fn authorize_connect(&self, request: ConnectRequest) -> BoxFuture<'static, Answer> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::ready(Ok(request.token_id.is_some())))
         }
         fn describe(&self) -> String {
             "counting".into()
@@ -178,5 +199,47 @@ mod tests {
         cache.forget(&[(2, "table-1".into())]);
         assert_eq!(cache.authorize(question(2)).await, Ok(true));
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_answers_are_cached_per_token() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let cache = CachedAuthorizer::new(
+            Arc::new(Counting(calls.clone())),
+            Duration::from_secs(5),
+            100,
+        );
+        let token = |id: Option<&str>, iat: Option<i64>| ConnectRequest {
+            user_id: 2,
+            web_socket_id: "w".into(),
+            token_issued_at: iat,
+            token_id: id.map(str::to_string),
+        };
+        assert_eq!(
+            cache.authorize_connect(token(Some("a"), Some(1))).await,
+            Ok(true)
+        );
+        assert_eq!(
+            cache.authorize_connect(token(Some("a"), Some(1))).await,
+            Ok(true)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Another token of the same user is another question, with or without a jti.
+        assert_eq!(
+            cache.authorize_connect(token(Some("b"), Some(1))).await,
+            Ok(true)
+        );
+        assert_eq!(
+            cache.authorize_connect(token(None, Some(1))).await,
+            Ok(false)
+        );
+        assert_eq!(
+            cache.authorize_connect(token(None, Some(2))).await,
+            Ok(false)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        // And never the answer about a page.
+        assert_eq!(cache.authorize(question(2)).await, Ok(true));
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
     }
 }

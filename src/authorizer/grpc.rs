@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{AuthorizeRequest, Authorizer, AuthorizerError};
+use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest};
 use crate::proto;
 use crate::proto::authorizer_client::AuthorizerClient;
 
@@ -46,31 +46,55 @@ impl GrpcAuthorizer {
     }
 }
 
+impl GrpcAuthorizer {
+    /// A call carrying the shared secret.
+    fn call<T>(&self, message: T) -> tonic::Request<T> {
+        let mut call = tonic::Request::new(message);
+        if let Some(secret) = &self.secret {
+            call.metadata_mut()
+                .insert(super::http::SECRET_HEADER, secret.clone());
+        }
+        call
+    }
+}
+
+fn unavailable(status: tonic::Status) -> AuthorizerError {
+    AuthorizerError(format!("{:?}: {}", status.code(), status.message()))
+}
+
 impl Authorizer for GrpcAuthorizer {
     fn authorize(
         &self,
         request: AuthorizeRequest,
     ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
         let mut client = self.client.clone();
-        let mut call = tonic::Request::new(proto::AuthorizeRequest {
+        let call = self.call(proto::AuthorizeRequest {
             user_id: request.user_id,
             web_socket_id: request.web_socket_id,
             page: request.page,
             parameters: request.parameters.to_string(),
             group: request.group,
         });
-        if let Some(secret) = &self.secret {
-            call.metadata_mut()
-                .insert(super::http::SECRET_HEADER, secret.clone());
-        }
         Box::pin(async move {
-            client
-                .authorize(call)
-                .await
-                .map(|answer| answer.into_inner().allowed)
-                .map_err(|status| {
-                    AuthorizerError(format!("{:?}: {}", status.code(), status.message()))
-                })
+            let answer = client.authorize(call).await.map_err(unavailable)?;
+            Ok(answer.into_inner().allowed)
+        })
+    }
+
+    fn authorize_connect(
+        &self,
+        request: ConnectRequest,
+    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+        let mut client = self.client.clone();
+        let call = self.call(proto::ConnectRequest {
+            user_id: request.user_id,
+            web_socket_id: request.web_socket_id,
+            token_issued_at: request.token_issued_at,
+            token_id: request.token_id,
+        });
+        Box::pin(async move {
+            let answer = client.authorize_connect(call).await.map_err(unavailable)?;
+            Ok(answer.into_inner().allowed)
         })
     }
 

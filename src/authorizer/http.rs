@@ -1,4 +1,5 @@
 //! The HTTP authorizer: `POST <url>` with the question as JSON, answered `{"allowed": bool}`.
+//! The question's `action` is `subscribe` or `connect`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +10,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{AuthorizeRequest, Authorizer, AuthorizerError};
+use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest};
 
 /// Answers larger than this are garbage.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -23,6 +24,14 @@ pub const SECRET_HEADER: &str = "x-channelgate-secret";
 #[derive(Deserialize)]
 struct Answer {
     allowed: bool,
+}
+
+/// A question as posted: its fields, flat beside the `action` that tells the two apart.
+#[derive(Serialize)]
+struct Question<'a, T: Serialize> {
+    action: &'static str,
+    #[serde(flatten)]
+    fields: &'a T,
 }
 
 /// Asks the backend over HTTP/1.1, with a timeout and at most `concurrency` calls at once.
@@ -66,26 +75,28 @@ impl HttpAuthorizer {
     }
 }
 
-impl Authorizer for HttpAuthorizer {
-    fn authorize(
+impl HttpAuthorizer {
+    /// Posts one question and reads `{"allowed": bool}`, within the timeout.
+    fn ask<T: Serialize>(
         &self,
-        request: AuthorizeRequest,
+        action: &'static str,
+        fields: &T,
     ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+        let body = serde_json::to_vec(&Question { action, fields })
+            .map_err(|e| AuthorizerError(format!("cannot encode the question: {e}")));
         let client = self.client.clone();
         let url = self.url.clone();
         let secret = self.secret.clone();
         let timeout = self.timeout;
         let permits = self.permits.clone();
         Box::pin(async move {
-            let body = serde_json::to_vec(&request)
-                .map_err(|e| AuthorizerError(format!("cannot encode the question: {e}")))?;
             let mut builder =
                 http::Request::post(url).header(http::header::CONTENT_TYPE, "application/json");
             if let Some(secret) = secret {
                 builder = builder.header(SECRET_HEADER, secret);
             }
             let http_request = builder
-                .body(Full::new(Bytes::from(body)))
+                .body(Full::new(Bytes::from(body?)))
                 .map_err(|e| AuthorizerError(format!("cannot build the request: {e}")))?;
             let call = async {
                 let _permit = permits
@@ -114,6 +125,22 @@ impl Authorizer for HttpAuthorizer {
                 .await
                 .map_err(|_| AuthorizerError(format!("no answer within {timeout:?}")))?
         })
+    }
+}
+
+impl Authorizer for HttpAuthorizer {
+    fn authorize(
+        &self,
+        request: AuthorizeRequest,
+    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+        self.ask("subscribe", &request)
+    }
+
+    fn authorize_connect(
+        &self,
+        request: ConnectRequest,
+    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+        self.ask("connect", &request)
     }
 
     fn describe(&self) -> String {

@@ -1,8 +1,9 @@
 //! Who may subscribe to what: the backend decides, the gateway asks.
 //!
-//! Every authorizer answers one question, [`AuthorizeRequest`] → allowed or not. Failing to
-//! answer is an error, and the caller treats an error as a denial (`authorizer_unavailable`),
-//! never as permission.
+//! Every authorizer answers two questions: may this socket subscribe to this page
+//! ([`AuthorizeRequest`]), and, with `--authorize-connect`, may this token connect at all
+//! ([`ConnectRequest`]). Failing to answer is an error, and the caller treats an error as a
+//! denial (`authorizer_unavailable`, or a refused connection), never as permission.
 
 mod cache;
 mod grpc;
@@ -28,6 +29,33 @@ pub struct AuthorizeRequest {
     pub group: String,
 }
 
+/// The connect check: may this verified token open a socket? A signed, unexpired token is
+/// not enough for a backend that refuses tokens issued before the user's last password
+/// change, or users who are inactive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectRequest {
+    pub user_id: i64,
+    pub web_socket_id: String,
+    /// The token's `iat`.
+    pub token_issued_at: Option<i64>,
+    /// The token's `jti`.
+    pub token_id: Option<String>,
+}
+
+impl ConnectRequest {
+    /// The cache key of this question: one answer per token. A token without `jti` is
+    /// told apart from the user's other tokens by its `iat`. Group names hold no spaces, so
+    /// no page's (user, group) key looks like one of these.
+    fn cache_key(&self) -> (i64, String) {
+        let token = match (&self.token_id, self.token_issued_at) {
+            (Some(id), _) => format!("connect jti {id}"),
+            (None, Some(iat)) => format!("connect iat {iat}"),
+            (None, None) => "connect".to_string(),
+        };
+        (self.user_id, token)
+    }
+}
+
 /// The authorizer could not give an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthorizerError(pub String);
@@ -44,6 +72,12 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize(
         &self,
         request: AuthorizeRequest,
+    ) -> BoxFuture<'static, Result<bool, AuthorizerError>>;
+
+    /// Whether this token may connect (`--authorize-connect`).
+    fn authorize_connect(
+        &self,
+        request: ConnectRequest,
     ) -> BoxFuture<'static, Result<bool, AuthorizerError>>;
 
     /// Drops remembered answers for these (user id, group) pairs, so the next question
@@ -63,6 +97,13 @@ impl Authorizer for StaticAuthorizer {
     fn authorize(
         &self,
         _request: AuthorizeRequest,
+    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
+
+    fn authorize_connect(
+        &self,
+        _request: ConnectRequest,
     ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
         Box::pin(std::future::ready(Ok(true)))
     }

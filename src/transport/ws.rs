@@ -25,9 +25,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, handshake::derive_accept_key};
 
+use crate::authorizer::ConnectRequest;
 use crate::bus::Bus;
 use crate::hub::Connection;
-use crate::identity::{Identity, IdentityError, TokenVerifier};
+use crate::identity::{Credentials, IdentityError, TokenVerifier};
 use crate::outbox::{Frame, Outbox};
 use crate::protocol::{CloseReason, FrameError, server};
 use crate::rate_limit::TokenBucket;
@@ -50,6 +51,8 @@ pub struct WsContext {
     pub bus: Arc<dyn Bus>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_message_bytes: usize,
+    /// With `--authorize-connect`, how long the connect check may take; `None`: no check.
+    pub connect_check: Option<Duration>,
     /// How long a client has to send its request headers (the handshake, or any HTTP
     /// request); a connection that sends nothing, or too slowly, is closed.
     pub handshake_timeout: Duration,
@@ -68,7 +71,7 @@ pub struct WsContext {
 /// An accepted handshake, waiting for hyper to hand over the connection.
 pub struct Upgrade {
     on_upgrade: hyper::upgrade::OnUpgrade,
-    identity: Result<Identity, IdentityError>,
+    credentials: Result<Credentials, IdentityError>,
     web_socket_id: Option<String>,
 }
 
@@ -147,10 +150,10 @@ pub fn handshake(
             _ => {}
         }
     }
-    let identity = ctx.verifier.verify(token.as_deref());
+    let credentials = ctx.verifier.verify_credentials(token.as_deref());
     let upgrade = Upgrade {
         on_upgrade: hyper::upgrade::on(&mut request),
-        identity,
+        credentials,
         web_socket_id,
     };
     let mut response = plain(StatusCode::SWITCHING_PROTOCOLS, "");
@@ -183,14 +186,22 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
             return;
         }
     };
-    let identity = match upgrade.identity {
-        Ok(identity) => identity,
+    let web_socket_id = upgrade
+        .web_socket_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let credentials = match upgrade.credentials {
+        Ok(credentials) => credentials,
         Err(error) => {
             tracing::debug!(%error, "authentication failed");
-            refuse(upgraded, &ctx).await;
+            refuse(upgraded, &ctx, CloseReason::AuthenticationFailed).await;
             return;
         }
     };
+    if let Err(reason) = check_connect(&ctx, &credentials, &web_socket_id).await {
+        refuse(upgraded, &ctx, reason).await;
+        return;
+    }
+    let identity = credentials.identity;
     // The TCP stream itself: its reader and its writer share it without a lock.
     let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => parts,
@@ -204,9 +215,6 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     // more) for the socket's life.
     let early = Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
-    let web_socket_id = upgrade
-        .web_socket_id
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let hub = ctx.session.hub.clone();
     let conn = hub.connect(web_socket_id.as_str().into(), identity.user_id);
     if identity.user_id != crate::identity::ANONYMOUS_USER_ID
@@ -298,8 +306,53 @@ fn ws_config(ctx: &WsContext) -> WebSocketConfig {
         .max_frame_size(Some(ctx.max_message_bytes))
 }
 
+/// The connect check (`--authorize-connect`): the backend confirms a signed-in user's
+/// token before the socket is served. Anonymous sockets have no token to check. A denial
+/// is an authentication failure (1008); no answer in time is one the client may retry
+/// (1011), never a pass.
+async fn check_connect(
+    ctx: &WsContext,
+    credentials: &Credentials,
+    web_socket_id: &str,
+) -> Result<(), CloseReason> {
+    let Some(deadline) = ctx.connect_check else {
+        return Ok(());
+    };
+    if credentials.identity.is_anonymous() {
+        return Ok(());
+    }
+    let question = ConnectRequest {
+        user_id: credentials.identity.user_id,
+        web_socket_id: web_socket_id.to_string(),
+        token_issued_at: credentials.issued_at,
+        token_id: credentials.token_id.clone(),
+    };
+    let answer = ctx.session.authorizer.authorize_connect(question);
+    match tokio::time::timeout(deadline, answer).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => {
+            tracing::debug!(
+                user_id = credentials.identity.user_id,
+                "connect check denied"
+            );
+            Err(CloseReason::AuthenticationFailed)
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "connect check failed; connection refused");
+            Err(CloseReason::ConnectUnconfirmed)
+        }
+        Err(_) => {
+            tracing::warn!(
+                ?deadline,
+                "connect check not answered in time; connection refused"
+            );
+            Err(CloseReason::ConnectUnconfirmed)
+        }
+    }
+}
+
 /// Tells a client its token was refused (Baserow's `authentication` frame), then closes.
-async fn refuse(upgraded: hyper::upgrade::Upgraded, ctx: &WsContext) {
+async fn refuse(upgraded: hyper::upgrade::Upgraded, ctx: &WsContext, reason: CloseReason) {
     ctx.session
         .hub
         .metrics()
@@ -314,7 +367,6 @@ async fn refuse(upgraded: hyper::upgrade::Upgraded, ctx: &WsContext) {
     let _ = socket
         .send(Message::Text(server::authentication_failed().into()))
         .await;
-    let reason = CloseReason::AuthenticationFailed;
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
             code: CloseCode::from(reason.code()),

@@ -49,6 +49,7 @@ async fn allows_and_denies_per_page(url: String, backend: &Backend) {
     assert_eq!(
         question,
         &json!({
+            "action": "subscribe",
             "user_id": 1,
             "web_socket_id": c.web_socket_id,
             "page": "table",
@@ -436,4 +437,9 @@ async fn the_python_example_authorizer_decides() {
         answer(&mut c, json!({"page": "table", "table_id": 1})).await,
         rejected("authorizer_unavailable")
     );
+    // With the connect check, a user the example does not know cannot connect.
+    let checking = node_with(&url, &["--authorize-connect"]).await;
+    checking.client(1).await;
+    let mut unknown = Client::open(&checking.ws_url(&format!("jwt_token={}", token(3)))).await;
+    assert_eq!(unknown.recv().await["success"], false);
 }

@@ -1,5 +1,6 @@
 //! A stand-in backend for the authorizer callback: a real HTTP server and a real tonic
-//! Authorizer server on free ports, both deciding by one policy and counting questions.
+//! Authorizer server on free ports, both deciding by one policy (and one for the connect
+//! check) and counting questions.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use channelgate::proto::authorizer_server::{Authorizer, AuthorizerServer};
-use channelgate::proto::{AuthorizeRequest, AuthorizeResponse};
+use channelgate::proto::{AuthorizeRequest, AuthorizeResponse, ConnectRequest};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -27,12 +28,15 @@ pub enum Mode {
 }
 
 type Policy = Arc<dyn Fn(i64, &str) -> bool + Send + Sync>;
+/// Decides a connect question (its JSON form).
+type ConnectPolicy = Arc<dyn Fn(&Value) -> bool + Send + Sync>;
 
 pub struct Backend {
     pub calls: AtomicUsize,
     /// Each question as JSON, with the secret it came with.
     pub seen: Mutex<Vec<(Value, Option<String>)>>,
     policy: Mutex<Policy>,
+    connect_policy: Mutex<ConnectPolicy>,
     mode: Mutex<Mode>,
     delay: Mutex<Duration>,
 }
@@ -43,6 +47,7 @@ impl Backend {
             calls: AtomicUsize::new(0),
             seen: Mutex::default(),
             policy: Mutex::new(Arc::new(policy)),
+            connect_policy: Mutex::new(Arc::new(|_: &Value| true)),
             mode: Mutex::new(Mode::Answer),
             delay: Mutex::new(Duration::ZERO),
         })
@@ -50,6 +55,10 @@ impl Backend {
 
     pub fn set_policy(&self, policy: impl Fn(i64, &str) -> bool + Send + Sync + 'static) {
         *self.policy.lock().unwrap() = Arc::new(policy);
+    }
+
+    pub fn set_connect_policy(&self, policy: impl Fn(&Value) -> bool + Send + Sync + 'static) {
+        *self.connect_policy.lock().unwrap() = Arc::new(policy);
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -69,11 +78,16 @@ impl Backend {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
-        let user = question["user_id"].as_i64().unwrap_or(-1);
-        let group = question["group"].as_str().unwrap_or_default().to_string();
+        let allowed = if question["action"] == "connect" {
+            let policy = self.connect_policy.lock().unwrap().clone();
+            policy(&question)
+        } else {
+            let user = question["user_id"].as_i64().unwrap_or(-1);
+            let policy = self.policy.lock().unwrap().clone();
+            policy(user, question["group"].as_str().unwrap_or_default())
+        };
         self.seen.lock().unwrap().push((question, secret));
-        let policy = self.policy.lock().unwrap().clone();
-        (*self.mode.lock().unwrap(), policy(user, &group))
+        (*self.mode.lock().unwrap(), allowed)
     }
 
     /// Serves the HTTP kind; returns `http://ADDR/authorize`.
@@ -136,28 +150,60 @@ impl Backend {
 
 struct GrpcBackend(Arc<Backend>);
 
+fn secret_of<T>(request: &tonic::Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get("x-channelgate-secret")
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+impl GrpcBackend {
+    /// Decides a question put in the HTTP kind's JSON form, so tests compare one shape.
+    async fn answer(
+        &self,
+        question: Value,
+        secret: Option<String>,
+    ) -> Result<tonic::Response<AuthorizeResponse>, tonic::Status> {
+        match self.0.decide(question, secret).await {
+            (Mode::Answer, allowed) => Ok(tonic::Response::new(AuthorizeResponse { allowed })),
+            _ => Err(tonic::Status::internal("backend failed")),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Authorizer for GrpcBackend {
     async fn authorize(
         &self,
         request: tonic::Request<AuthorizeRequest>,
     ) -> Result<tonic::Response<AuthorizeResponse>, tonic::Status> {
-        let secret = request
-            .metadata()
-            .get("x-channelgate-secret")
-            .map(|v| v.to_str().unwrap().to_string());
+        let secret = secret_of(&request);
         let r = request.into_inner();
         let question = serde_json::json!({
+            "action": "subscribe",
             "user_id": r.user_id,
             "web_socket_id": r.web_socket_id,
             "page": r.page,
             "parameters": serde_json::from_str::<Value>(&r.parameters).unwrap(),
             "group": r.group,
         });
-        match self.0.decide(question, secret).await {
-            (Mode::Answer, allowed) => Ok(tonic::Response::new(AuthorizeResponse { allowed })),
-            _ => Err(tonic::Status::internal("backend failed")),
-        }
+        self.answer(question, secret).await
+    }
+
+    async fn authorize_connect(
+        &self,
+        request: tonic::Request<ConnectRequest>,
+    ) -> Result<tonic::Response<AuthorizeResponse>, tonic::Status> {
+        let secret = secret_of(&request);
+        let r = request.into_inner();
+        let question = serde_json::json!({
+            "action": "connect",
+            "user_id": r.user_id,
+            "web_socket_id": r.web_socket_id,
+            "token_issued_at": r.token_issued_at,
+            "token_id": r.token_id,
+        });
+        self.answer(question, secret).await
     }
 }
 

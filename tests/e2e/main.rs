@@ -5,6 +5,7 @@ mod backend;
 mod backpressure;
 mod cluster;
 mod common;
+mod connect;
 mod delivery;
 mod grpc_api;
 mod identity;
