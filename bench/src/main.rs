@@ -231,16 +231,29 @@ fn report(label: &str, mut latencies: Vec<u64>) {
 /// Allows everything, as fast as it can: the backend's own cost is not what is measured.
 async fn serve_authorizer(http_addr: &str, grpc_addr: &str) -> Result<(), String> {
     use channelgate::proto::authorizer_server::{Authorizer, AuthorizerServer};
-    use channelgate::proto::{AuthorizeRequest, AuthorizeResponse};
+    use channelgate::proto::{AuthorizeRequest, AuthorizeResponse, ConnectRequest};
 
     struct AllowAll;
+    fn allowed() -> Result<tonic::Response<AuthorizeResponse>, tonic::Status> {
+        Ok(tonic::Response::new(AuthorizeResponse {
+            allowed: true,
+            presence_space: String::new(),
+        }))
+    }
     #[tonic::async_trait]
     impl Authorizer for AllowAll {
         async fn authorize(
             &self,
             _: tonic::Request<AuthorizeRequest>,
         ) -> Result<tonic::Response<AuthorizeResponse>, tonic::Status> {
-            Ok(tonic::Response::new(AuthorizeResponse { allowed: true }))
+            allowed()
+        }
+
+        async fn authorize_connect(
+            &self,
+            _: tonic::Request<ConnectRequest>,
+        ) -> Result<tonic::Response<AuthorizeResponse>, tonic::Status> {
+            allowed()
         }
     }
 
