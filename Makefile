@@ -3,11 +3,12 @@
 
 CARGO ?= cargo
 
-.PHONY: run test lint deps build release cluster bench
+.PHONY: run test lint deps build release cluster bench fuzz
 
-## The gateway on the embedded default: in-memory bus, dev settings, sample token printed.
+## The gateway on the embedded default: in-memory bus, dev settings, presence on, sample
+## token printed.
 run:
-	$(CARGO) run --release -- --dev
+	$(CARGO) run --release -- --dev --presence on
 
 ## Install what is missing, then run every check and test.
 test: deps lint
@@ -41,6 +42,12 @@ cluster: deps
 ## target/bench/BENCHMARKS-$$ONLY.md; bench/run.sh lists the other knobs.
 bench: deps
 	bash bench/run.sh
+
+## cargo-fuzz on the client frame parser, page parameters, the token verifier and the publish
+## checks, each for FUZZ_SECONDS (default 60) in turn, on the stable toolchain; installs
+## cargo-fuzz when missing. Fails on a finding, which it leaves in fuzz/artifacts/.
+fuzz:
+	bash scripts/fuzz.sh
 
 build:
 	$(CARGO) build

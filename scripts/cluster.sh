@@ -15,7 +15,7 @@ redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/d
 pids+=($!)
 sleep 0.3
 for n in 1 2; do
-  "$bin" --dev --jwt-secret "$secret" --node-id "node-$n" \
+  "$bin" --dev --presence on --jwt-secret "$secret" --node-id "node-$n" \
     --redis-url "redis://127.0.0.1:$redis_port/" \
     --ws-addr "127.0.0.1:808$n" --grpc-addr "127.0.0.1:5006$n" \
     >"$logs/node-$n.out" 2>&1 &

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::bus::RedisSettings;
 use crate::history::{HistorySettings, Retention};
 use crate::pages::{PageRegistry, PageSpec};
+use crate::presence::{FocusTypeSpec, FocusTypes, PresenceLimits};
 
 /// channelgate: a real-time WebSocket gateway speaking Baserow's `/ws/core/` protocol.
 ///
@@ -279,9 +280,36 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_HISTORY_TIMEOUT_MS", value_name = "MS")]
     pub history_timeout_ms: Option<u64>,
 
+    /// Presence (`on` or `off`): who else is in a space (a table and its rows), and which
+    /// cell they are in, on every node [default: off]
+    #[arg(long, env = "CHANNELGATE_PRESENCE", value_name = "on|off")]
+    pub presence: Option<String>,
+
+    /// Members one presence space holds; a socket joining a full space gets no presence
+    /// there (its page still works) [default: 1000]
+    #[arg(long, env = "CHANNELGATE_PRESENCE_MAX_MEMBERS", value_name = "N")]
+    pub presence_max_members: Option<usize>,
+
+    /// Focus frames per second one socket may send (and as a burst); more are dropped,
+    /// the socket stays [default: 10]
+    #[arg(long, env = "CHANNELGATE_PRESENCE_FOCUS_RATE", value_name = "N")]
+    pub presence_focus_rate: Option<u32>,
+
     /// The page table (config file only); Baserow's five page types when absent.
     #[arg(skip)]
     pub pages: Option<Vec<PageSpec>>,
+
+    /// The focus types of presence (config file only); Baserow's `cell` and `row` when
+    /// absent.
+    #[arg(skip)]
+    pub focus_types: Option<Vec<FocusTypeSpec>>,
+}
+
+/// Presence and its bounds; `None` in [`Settings`] when off.
+#[derive(Debug, Clone)]
+pub struct PresenceSettings {
+    pub limits: PresenceLimits,
+    pub focus_types: Vec<FocusTypeSpec>,
 }
 
 /// The longest `--history-ttl`: ten years, so that "now less the age limit" stays a time.
@@ -303,6 +331,8 @@ pub struct Settings {
     pub dev: bool,
     /// Event history and replay; `None`: off.
     pub history: Option<HistorySettings>,
+    /// Presence; `None`: off.
+    pub presence: Option<PresenceSettings>,
     pub ws_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub jwt_secret: String,
@@ -387,6 +417,33 @@ fn positive(name: &str, value: Option<usize>, default: usize) -> Result<usize, S
     }
 }
 
+/// `--presence` and its bounds; `None` when presence is off.
+fn presence_settings(options: &Options) -> Result<Option<PresenceSettings>, String> {
+    match options.presence.as_deref().unwrap_or("off") {
+        "on" | "true" | "1" => {}
+        "off" | "false" | "0" => return Ok(None),
+        other => return Err(format!("--presence {other:?}: expected on or off")),
+    }
+    let focus_types = options
+        .focus_types
+        .clone()
+        .unwrap_or_else(FocusTypes::baserow_specs);
+    FocusTypes::new(&focus_types).map_err(|e| format!("focus types: {e}"))?;
+    let focus_rate = positive(
+        "presence-focus-rate",
+        options.presence_focus_rate.map(|r| r as usize),
+        10,
+    )?;
+    Ok(Some(PresenceSettings {
+        limits: PresenceLimits {
+            max_members: positive("presence-max-members", options.presence_max_members, 1000)?,
+            focus_rate: u32::try_from(focus_rate)
+                .map_err(|_| "--presence-focus-rate is too large".to_string())?,
+        },
+        focus_types,
+    }))
+}
+
 /// `--history` and its limits; `None` when history is off.
 fn history_settings(options: &Options) -> Result<Option<HistorySettings>, String> {
     let history = match options.history.as_deref().unwrap_or("on") {
@@ -425,6 +482,7 @@ impl Settings {
     pub fn resolve(options: Options) -> Result<Settings, String> {
         let dev = options.dev.unwrap_or(false);
         let history = history_settings(&options)?;
+        let presence = presence_settings(&options)?;
         let max_queue_bytes = positive("max-queue-bytes", options.max_queue_bytes, 1 << 20)?;
         let (jwt_secret, jwt_secret_generated) = match options.jwt_secret {
             Some(secret) if secret.is_empty() => return Err("--jwt-secret is empty".into()),
@@ -476,6 +534,7 @@ impl Settings {
         Ok(Settings {
             dev,
             history,
+            presence,
             ws_addr: options.ws_addr.unwrap_or(([127, 0, 0, 1], 8080).into()),
             grpc_addr: options.grpc_addr.unwrap_or(([127, 0, 0, 1], 50051).into()),
             jwt_secret,

@@ -11,6 +11,7 @@ use crate::authorizer::Authorizer;
 use crate::hub::Hub;
 use crate::hub::Scope;
 use crate::permissions;
+use crate::presence::Presence;
 use crate::proto;
 pub use crate::proto::{control_reply::Reply, control_request::Request};
 
@@ -29,6 +30,8 @@ pub struct ControlHandler {
     pub authorizer: Arc<dyn Authorizer>,
     pub node_id: String,
     pub started: Instant,
+    /// Presence, for `Info`; `None` when off.
+    pub presence: Option<Arc<Presence>>,
 }
 
 impl ControlHandler {
@@ -74,7 +77,14 @@ impl ControlHandler {
             }),
             Request::Info(_) => {
                 let stats = self.hub.stats();
+                let presence = self
+                    .presence
+                    .as_ref()
+                    .map(|p| p.stats())
+                    .unwrap_or_default();
                 Reply::Info(proto::NodeInfo {
+                    presence_spaces: presence.spaces,
+                    presence_members: presence.members,
                     node_id: self.node_id.clone(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     connections: stats.connections,

@@ -32,6 +32,21 @@ pub trait GroupInterest: Send + Sync + 'static {
     fn left(&self, group: &Arc<str>);
 }
 
+/// Told by the hub when a connection stops being in a presence space: it lost its last
+/// page of the space (an unsubscribe or a revoke, after its `page_discard`), or it is gone.
+pub trait SpaceInterest: Send + Sync + 'static {
+    fn left(&self, conn: &Connection, space: &Arc<str>);
+    fn disconnected(&self, conn: &Connection);
+}
+
+/// Presence off: nobody is told.
+pub struct NoSpaces;
+
+impl SpaceInterest for NoSpaces {
+    fn left(&self, _conn: &Connection, _space: &Arc<str>) {}
+    fn disconnected(&self, _conn: &Connection) {}
+}
+
 /// For a node alone: every event is local, so there is nothing to subscribe to.
 pub struct NoInterest;
 
@@ -186,6 +201,8 @@ pub struct Hub {
     /// Told of every membership added and removed, so the bus subscribes to the groups
     /// this node has members of, and only those.
     interest: Arc<dyn GroupInterest>,
+    /// Told when a connection leaves a presence space.
+    spaces: Arc<dyn SpaceInterest>,
     /// Set by [`Hub::close_all`]: connections that join afterwards are closed at once.
     closing: OnceLock<CloseReason>,
     /// Whether connections keep the ids of their live events, for replays.
@@ -209,6 +226,7 @@ impl Hub {
             max_pages,
             metrics,
             interest,
+            spaces: Arc::new(NoSpaces),
             closing: OnceLock::new(),
             history: false,
         }
@@ -218,6 +236,12 @@ impl Hub {
     /// replay leaves out what it already got.
     pub fn with_history(mut self) -> Self {
         self.history = true;
+        self
+    }
+
+    /// A hub that tells presence when connections leave its spaces.
+    pub fn with_presence(mut self, spaces: Arc<dyn SpaceInterest>) -> Self {
+        self.spaces = spaces;
         self
     }
 
@@ -267,6 +291,7 @@ impl Hub {
         }
         self.subscriptions
             .fetch_sub(left.len() as u64, Ordering::Relaxed);
+        self.spaces.disconnected(conn);
         let mut users = self.users.shard(&conn.user_id);
         if let Some(conns) = users.get_mut(&conn.user_id) {
             conns.retain(|c| c.id != conn.id);
@@ -307,8 +332,9 @@ impl Hub {
         Subscribed::Added { live }
     }
 
-    /// Removes a page from a connection, leaving its group unless another page of the
-    /// connection maps to it. Returns whether the connection held the page.
+    /// Removes a page from a connection and tells the client with `page_discard`, leaving
+    /// its group and presence space unless another page of the connection maps to them.
+    /// Returns whether the connection held the page.
     pub fn unsubscribe(&self, conn: &Arc<Connection>, page: &Page) -> bool {
         let mut pages = lock(&conn.pages);
         let Some(i) = pages.iter().position(|p| p == page) else {
@@ -319,7 +345,33 @@ impl Hub {
             self.leave(&page.group, conn.id);
             self.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
+        let left_space = page.presence_space.as_ref().filter(|space| {
+            !pages
+                .iter()
+                .any(|p| p.presence_space.as_ref() == Some(space))
+        });
+        let left_space = left_space.cloned();
+        drop(pages);
+        conn.outbox.push(Frame::from(server::page_discard(
+            &page.page,
+            &page.parameters,
+        )));
+        if let Some(space) = left_space {
+            self.spaces.left(conn, &space);
+        }
         true
+    }
+
+    /// Whether the connection holds a page of this presence space.
+    pub fn in_space(&self, conn: &Connection, space: &str) -> bool {
+        lock(&conn.pages)
+            .iter()
+            .any(|p| p.presence_space.as_deref() == Some(space))
+    }
+
+    /// The connection's own copy of a page it holds (with the presence space it got).
+    pub fn held(&self, conn: &Connection, page: &Page) -> Option<Page> {
+        lock(&conn.pages).iter().find(|p| *p == page).cloned()
     }
 
     /// Joins under the shard lock, so a concurrent `leave` cannot drop the group from the
@@ -460,19 +512,6 @@ impl Hub {
             }
         }
         found
-    }
-
-    /// Takes a page away from a connection and tells the client with `page_discard`.
-    /// Returns whether the connection still held the page.
-    pub fn revoke(&self, conn: &Arc<Connection>, page: &Page) -> bool {
-        let held = self.unsubscribe(conn, page);
-        if held {
-            conn.outbox.push(Frame::from(server::page_discard(
-                &page.page,
-                &page.parameters,
-            )));
-        }
-        held
     }
 
     /// Sends `force_disconnect` and then a close to every connection of these users,

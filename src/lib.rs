@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pages;
 pub mod permissions;
+pub mod presence;
 pub mod proto;
 pub mod protocol;
 pub mod rate_limit;
@@ -35,7 +36,7 @@ use tokio::task::JoinHandle;
 use crate::authorizer::{
     Authorizer, CachedAuthorizer, GrpcAuthorizer, HttpAuthorizer, StaticAuthorizer,
 };
-use crate::bus::{Bus, MemoryBus, RedisBus};
+use crate::bus::{Bus, MemoryBus, Receivers, RedisBus};
 use crate::config::{AuthorizerKind, Settings};
 use crate::control::ControlHandler;
 use crate::history::memory::MemoryHistory;
@@ -43,6 +44,7 @@ use crate::hub::{GroupInterest, Hub, NoInterest};
 use crate::identity::TokenVerifier;
 use crate::metrics::Metrics;
 use crate::pages::PageRegistry;
+use crate::presence::{FocusTypes, Presence};
 use crate::session::{Replays, SessionContext};
 use crate::transport::grpc::{GatewayApi, gateway_service};
 use crate::transport::ws::WsContext;
@@ -173,6 +175,8 @@ pub struct Node {
     /// Where the gRPC API listens.
     pub grpc_addr: SocketAddr,
     pub hub: Arc<Hub>,
+    /// Who else is in a space; `None` when presence is off.
+    pub presence: Option<Arc<Presence>>,
     bus: Arc<dyn Bus>,
     settings: Settings,
     shutdown: watch::Sender<bool>,
@@ -224,8 +228,21 @@ impl Node {
             metrics,
             interest,
         );
-        let hub = Arc::new(match settings.history {
+        let hub = match settings.history {
             Some(_) => hub.with_history(),
+            None => hub,
+        };
+        let presence = match &settings.presence {
+            Some(presence) => Some(Arc::new(Presence::new(
+                &settings.node_id,
+                presence.limits,
+                FocusTypes::new(&presence.focus_types)
+                    .map_err(|e| StartError(format!("focus types: {e}")))?,
+            ))),
+            None => None,
+        };
+        let hub = Arc::new(match &presence {
+            Some(presence) => hub.with_presence(presence.clone()),
             None => hub,
         });
         let control = Arc::new(ControlHandler {
@@ -233,6 +250,7 @@ impl Node {
             authorizer: authorizer.clone(),
             node_id: settings.node_id.clone(),
             started: Instant::now(),
+            presence: presence.clone(),
         });
         let bus: Arc<dyn Bus> = match redis {
             Some((redis, (subscriptions, commands))) => Arc::new(
@@ -240,8 +258,11 @@ impl Node {
                     redis,
                     settings.history.as_ref(),
                     &settings.node_id,
-                    hub.clone(),
-                    control,
+                    Receivers {
+                        hub: hub.clone(),
+                        control,
+                        presence: presence.clone(),
+                    },
                     subscriptions,
                     commands,
                 )
@@ -271,6 +292,7 @@ impl Node {
                         timeout: history.timeout,
                         permits: Semaphore::new(history.replay_concurrency),
                     }),
+                presence: presence.clone(),
             }),
             verifier: TokenVerifier::new(
                 settings.jwt_secret.as_bytes(),
@@ -348,6 +370,7 @@ impl Node {
             ws_addr,
             grpc_addr,
             hub,
+            presence,
             bus,
             settings,
             shutdown,

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::history::RefreshReason;
 use crate::hub::HubStats;
+use crate::presence::PresenceStats;
 use crate::protocol::RejectReason;
 
 /// Monotonic counters; gauges come from the hub when rendering.
@@ -49,8 +50,9 @@ impl Metrics {
         self.replay_refreshes[index].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition of these counters and the hub's gauges.
-    pub fn render(&self, stats: HubStats) -> String {
+    /// The Prometheus text exposition of these counters and the hub's gauges, and of
+    /// presence when it is on.
+    pub fn render(&self, stats: HubStats, presence: Option<PresenceStats>) -> String {
         let mut out = String::new();
         let mut line = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -155,6 +157,32 @@ impl Metrics {
             "Replays told to retry later (replay_events_retry).",
             counter(&self.replay_retries),
         );
+        if let Some(presence) = presence {
+            line(
+                "channelgate_presence_spaces",
+                "gauge",
+                "Presence spaces with members on this node.",
+                presence.spaces,
+            );
+            line(
+                "channelgate_presence_members",
+                "gauge",
+                "Presence members on this node.",
+                presence.members,
+            );
+            line(
+                "channelgate_presence_focus_dropped_total",
+                "counter",
+                "Focus frames dropped: invalid, for a page not held, or over the rate.",
+                presence.focus_dropped,
+            );
+            line(
+                "channelgate_presence_full_total",
+                "counter",
+                "Presence joins refused because the space was full.",
+                presence.full,
+            );
+        }
         let by_reason = |out: &mut String, name: &str, help: &str, counts: Vec<(&str, u64)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (reason, count) in counts {

@@ -1,5 +1,5 @@
 //! The page registry: which pages a client may subscribe to, their typed parameters, and
-//! the channel group and permission group each page maps to.
+//! the channel group, permission group and presence space each page maps to.
 //!
 //! Pure. Parameters are validated here and nowhere else, so that no parameter can forge
 //! another group's name: only ids (digits) and slugs (`[A-Za-z0-9_-]`) ever reach a group
@@ -49,10 +49,13 @@ pub struct PageSpec {
     /// Whether anonymous connections may subscribe.
     #[serde(default)]
     pub anonymous: bool,
+    /// The presence space (who else is here), with placeholders; none if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_space: Option<String>,
 }
 
 /// A page a client subscribed to, with its parameters validated and normalised.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Page {
     /// The page type's name.
     pub page: Arc<str>,
@@ -62,6 +65,16 @@ pub struct Page {
     pub permission_group: Option<Arc<str>>,
     /// Whether anonymous connections may hold this page.
     pub anonymous: bool,
+    /// The presence space of the page: from the page table, or from the authorizer's answer.
+    pub presence_space: Option<Arc<str>>,
+}
+
+/// A page is its type and parameters; what they map to follows from them (the presence
+/// space an authorizer named included), so two subscribes of one page are one page.
+impl PartialEq for Page {
+    fn eq(&self, other: &Page) -> bool {
+        self.page == other.page && self.parameters == other.parameters
+    }
 }
 
 /// Why a page could not be resolved.
@@ -141,6 +154,7 @@ struct PageType {
     group: Template,
     permission_group: Option<Template>,
     anonymous: bool,
+    presence_space: Option<Template>,
 }
 
 /// The page types a node accepts.
@@ -165,7 +179,14 @@ impl PageRegistry {
                 .map(|t| Template::parse(t, &spec.parameters))
                 .transpose()
                 .map_err(context)?;
+            let presence_space = spec
+                .presence_space
+                .as_deref()
+                .map(|t| Template::parse(t, &spec.parameters))
+                .transpose()
+                .map_err(context)?;
             let page_type = PageType {
+                presence_space,
                 name: spec.name.as_str().into(),
                 params: spec.parameters.clone(),
                 group,
@@ -194,12 +215,15 @@ impl PageRegistry {
             permission_group: Option<&str>,
             anonymous: bool,
         ) -> PageSpec {
+            // A table and its rows share one presence space: who else is on this table.
+            let presence_space = matches!(name, "table" | "row").then(|| "table-{table_id}".into());
             PageSpec {
                 name: name.into(),
                 parameters,
                 group: group.into(),
                 permission_group: permission_group.map(Into::into),
                 anonymous,
+                presence_space,
             }
         }
         use ParamKind::*;
@@ -266,6 +290,10 @@ impl PageRegistry {
             .permission_group
             .as_ref()
             .map(|t| t.render(&values));
+        let presence_space = page_type
+            .presence_space
+            .as_ref()
+            .map(|t| t.render(&values).into());
         let parameters = page_type
             .params
             .iter()
@@ -278,6 +306,7 @@ impl PageRegistry {
             group: group.into(),
             permission_group: permission_group.map(Into::into),
             anonymous: page_type.anonymous,
+            presence_space,
         })
     }
 }
@@ -309,6 +338,12 @@ fn parse_id(value: &Value) -> Option<i64> {
         }
         _ => None,
     }
+}
+
+/// Whether a presence space named by the authorizer is a name the gateway can use:
+/// the same characters as a slug.
+pub fn is_space_name(s: &str) -> bool {
+    is_slug(s)
 }
 
 fn is_slug(s: &str) -> bool {
@@ -426,12 +461,32 @@ mod tests {
             group: "doc-{token}".into(),
             permission_group: None,
             anonymous: false,
+            presence_space: None,
         };
         assert!(PageRegistry::new(std::slice::from_ref(&spec)).is_err());
         let undeclared = PageSpec {
             group: "doc-{id}".into(),
-            ..spec
+            ..spec.clone()
         };
         assert!(PageRegistry::new(&[undeclared]).is_err());
+        let forged_space = PageSpec {
+            group: "doc".into(),
+            presence_space: Some("space-{token}".into()),
+            ..spec
+        };
+        assert!(PageRegistry::new(&[forged_space]).is_err());
+    }
+
+    #[test]
+    fn tables_and_their_rows_share_a_presence_space() {
+        let r = registry();
+        let table = r.resolve("table", &params(json!({"table_id": 5}))).unwrap();
+        let row = r
+            .resolve("row", &params(json!({"table_id": "5", "row_id": 9})))
+            .unwrap();
+        assert_eq!(table.presence_space.as_deref(), Some("table-5"));
+        assert_eq!(row.presence_space.as_deref(), Some("table-5"));
+        let view = r.resolve("view", &params(json!({"slug": "s"}))).unwrap();
+        assert_eq!(view.presence_space, None);
     }
 }

@@ -47,7 +47,7 @@ pub async fn check(
         authorizer.forget(&keys);
         let questions = subscriptions.iter().map(|(conn, page)| {
             let answer = authorizer.authorize(question(conn, page));
-            async move { answer.await == Ok(true) }
+            async move { answer.await.is_ok_and(|d| d.allowed) }
         });
         futures_util::future::join_all(questions).await
     };
@@ -56,7 +56,7 @@ pub async fn check(
         revoked: Vec::new(),
     };
     for ((conn, page), allowed) in subscriptions.into_iter().zip(allowed) {
-        if allowed || (!dry_run && !hub.revoke(&conn, &page)) {
+        if allowed || (!dry_run && !hub.unsubscribe(&conn, &page)) {
             continue;
         }
         outcome.revoked.push(Revoked {

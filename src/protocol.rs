@@ -27,6 +27,14 @@ pub enum ClientFrame {
         last_seen_id: Option<i64>,
         supports_retry: bool,
     },
+    /// `{"type": "presence.focus", "page": "<type>", <param>: <value>, ..., "focus": F}`:
+    /// where in a held page the client is. `focus` is `Null` when absent; it is checked
+    /// against the focus types by the presence rules, not here.
+    PresenceFocus {
+        page: String,
+        params: Map<String, Value>,
+        focus: Value,
+    },
 }
 
 /// Why a client frame could not be understood; sent back as an `error` frame.
@@ -85,6 +93,19 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     let Value::Object(mut object) = value else {
         return Err(FrameError::NotAnObject);
     };
+    // Checked before `page`: a focus frame names its page too.
+    if object.get("type").and_then(Value::as_str) == Some("presence.focus") {
+        object.remove("type");
+        let focus = object.remove("focus").unwrap_or(Value::Null);
+        let Some(Value::String(page)) = object.remove("page") else {
+            return Err(FrameError::InvalidField("page"));
+        };
+        return Ok(ClientFrame::PresenceFocus {
+            page,
+            params: object,
+            focus,
+        });
+    }
     if let Some(page) = object.remove("page") {
         let Value::String(page) = page else {
             return Err(FrameError::InvalidField("page"));
@@ -213,6 +234,57 @@ pub mod server {
     pub fn replay_retry(retry_after_ms: u64) -> String {
         json!({"type": "replay_events_retry", "retry_after_ms": retry_after_ms}).to_string()
     }
+
+    /// Who else is in a space, for a member that just joined it.
+    pub fn presence_members(space: &str, entries: Vec<Value>) -> String {
+        json!({"type": "presence.members", "space": space, "entries": entries}).to_string()
+    }
+
+    /// One entry of `presence.members`.
+    pub fn presence_entry(user_id: i64, presence_id: &str, focus: &Value) -> Value {
+        json!({"user_id": user_id, "presence_id": presence_id, "focus": focus})
+    }
+
+    pub fn presence_join(space: &str, user_id: i64, presence_id: &str) -> String {
+        json!({
+            "type": "presence.join",
+            "space": space,
+            "user_id": user_id,
+            "presence_id": presence_id,
+        })
+        .to_string()
+    }
+
+    pub fn presence_leave(space: &str, user_id: i64, presence_id: &str) -> String {
+        json!({
+            "type": "presence.leave",
+            "space": space,
+            "user_id": user_id,
+            "presence_id": presence_id,
+        })
+        .to_string()
+    }
+
+    pub fn presence_focus(space: &str, user_id: i64, presence_id: &str, focus: &Value) -> String {
+        json!({
+            "type": "presence.focus",
+            "space": space,
+            "user_id": user_id,
+            "presence_id": presence_id,
+            "focus": focus,
+        })
+        .to_string()
+    }
+
+    /// To a member that left a space while still connected.
+    pub fn presence_space_discard(space: &str) -> String {
+        json!({"type": "presence.space_discard", "space": space}).to_string()
+    }
+
+    /// To anonymous members: whether any signed-in user is in the space.
+    pub fn presence_editors_active(space: &str, active: bool) -> String {
+        json!({"type": "presence.editors_active", "space": space, "active": active}).to_string()
+    }
 }
 
 /// Every reason the gateway closes a WebSocket, mapped once to its close code.
@@ -294,6 +366,27 @@ impl CloseReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn presence_focus_names_its_page_and_focus() {
+        let frame = parse_client_frame(
+            r#"{"type":"presence.focus","page":"table","table_id":5,"focus":{"type":"row","row_id":1}}"#,
+        )
+        .unwrap();
+        let ClientFrame::PresenceFocus {
+            page,
+            params,
+            focus,
+        } = frame
+        else {
+            panic!("not a focus frame: {frame:?}");
+        };
+        assert_eq!(page, "table");
+        assert_eq!(Value::Object(params), json!({"table_id": 5}));
+        assert_eq!(focus, json!({"type": "row", "row_id": 1}));
+        let no_page = parse_client_frame(r#"{"type":"presence.focus","focus":null}"#);
+        assert_eq!(no_page, Err(FrameError::InvalidField("page")));
+    }
 
     #[test]
     fn subscribe_keeps_flat_parameters() {

@@ -16,7 +16,8 @@ use crate::authorizer::{AuthorizeRequest, Authorizer};
 use crate::history::{self, Cursor, Outcome, RefreshReason, StreamKey};
 use crate::hub::{Connection, Hub, Subscribed};
 use crate::outbox::Frame;
-use crate::pages::{PageError, PageRegistry};
+use crate::pages::{Page, PageError, PageRegistry, is_space_name};
+use crate::presence::Presence;
 use crate::protocol::{ClientFrame, FrameError, RejectReason, parse_client_frame, server};
 
 /// How long a client told to retry a replay waits first: a second on average, spread
@@ -36,6 +37,8 @@ pub struct SessionContext {
     pub authorizer: Arc<dyn Authorizer>,
     /// Replays from the event history; `None` when history is off.
     pub replays: Option<Replays>,
+    /// Who else is in a space; `None` when presence is off.
+    pub presence: Option<Arc<Presence>>,
 }
 
 /// What a node needs to serve replays.
@@ -94,6 +97,11 @@ impl Session {
             ClientFrame::Subscribe { page, params } => self.subscribe(page, params).await,
             ClientFrame::Unsubscribe { page, params } => self.unsubscribe(page, params),
             ClientFrame::Ping => self.send(server::pong()),
+            ClientFrame::PresenceFocus {
+                page,
+                params,
+                focus,
+            } => self.focus(&page, &params, focus),
             ClientFrame::ReplayEvents {
                 last_seen_id,
                 supports_retry,
@@ -222,6 +230,7 @@ impl Session {
         if self.conn.user_id == crate::identity::ANONYMOUS_USER_ID && !page.anonymous {
             return reject(RejectReason::PermissionDenied, &page.parameters);
         }
+        let mut page = page;
         if !self.ctx.hub.holds(&self.conn, &page) {
             let request = AuthorizeRequest {
                 user_id: self.conn.user_id,
@@ -231,8 +240,16 @@ impl Session {
                 group: page.group.to_string(),
             };
             match self.ctx.authorizer.authorize(request).await {
-                Ok(true) => {}
-                Ok(false) => return reject(RejectReason::PermissionDenied, &page.parameters),
+                Ok(decision) if decision.allowed => {
+                    if let Some(space) = decision.presence_space {
+                        if is_space_name(&space) {
+                            page.presence_space = Some(space.into());
+                        } else {
+                            tracing::warn!(%space, "the authorizer named an invalid presence space; ignored");
+                        }
+                    }
+                }
+                Ok(_) => return reject(RejectReason::PermissionDenied, &page.parameters),
                 Err(error) => {
                     tracing::warn!(user_id = self.conn.user_id, group = %page.group, %error, "subscribe denied");
                     return reject(RejectReason::AuthorizerUnavailable, &page.parameters);
@@ -244,10 +261,40 @@ impl Session {
             Subscribed::Added { live } => {
                 // page_add promises events: wait until the bus brings the group here.
                 live.await;
-                self.send(answer)
+                self.send(answer);
+                self.join_space(&page);
             }
             Subscribed::AlreadyHeld => self.send(answer),
             Subscribed::TooManyPages => reject(RejectReason::TooManyPages, &page.parameters),
+        }
+    }
+
+    /// Joins the page's presence space, after its `page_add`.
+    fn join_space(&self, page: &Page) {
+        let (Some(presence), Some(space)) = (&self.ctx.presence, &page.presence_space) else {
+            return;
+        };
+        let hub = &self.ctx.hub;
+        presence.join(&self.conn, space, || hub.in_space(&self.conn, space));
+    }
+
+    /// Relays a focus in a held page's presence space; anything else is dropped quietly
+    /// (a focus is a hint, and a client that sends a bad one loses nothing by it).
+    fn focus(&self, page_name: &str, params: &Map<String, Value>, focus: Value) {
+        let Some(presence) = &self.ctx.presence else {
+            return;
+        };
+        let held = self
+            .ctx
+            .pages
+            .resolve(page_name, params)
+            .ok()
+            .and_then(|page| self.ctx.hub.held(&self.conn, &page));
+        match held.and_then(|page| page.presence_space) {
+            Some(space) => {
+                let _ = presence.focus(&self.conn, &space, focus);
+            }
+            None => presence.dropped_focus(),
         }
     }
 
@@ -256,10 +303,9 @@ impl Session {
             return self.reject_frame(&FrameError::UnknownPage(page_name));
         }
         let parameters = match self.ctx.pages.resolve(&page_name, &params) {
-            Ok(page) => {
-                self.ctx.hub.unsubscribe(&self.conn, &page);
-                page.parameters
-            }
+            // The hub tells the client of a page it held.
+            Ok(page) if self.ctx.hub.unsubscribe(&self.conn, &page) => return,
+            Ok(page) => page.parameters,
             // Nothing with invalid parameters can be held; the client still learns it is gone.
             Err(_) => Value::Object(params),
         };

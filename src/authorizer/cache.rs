@@ -11,10 +11,10 @@ use tokio::time::Instant;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 
-use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest};
+use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest, Decision};
 
 type Key = (i64, String);
-type Answer = Result<bool, AuthorizerError>;
+type Answer = Result<Decision, AuthorizerError>;
 
 /// Wraps an authorizer with a cache of definite answers and merging of calls in flight.
 /// Errors are never cached: the next question asks again.
@@ -27,7 +27,7 @@ pub struct CachedAuthorizer {
 
 #[derive(Default)]
 struct State {
-    answers: HashMap<Key, (bool, Instant)>,
+    answers: HashMap<Key, (Decision, Instant)>,
     /// Calls in flight, with an id so that a call superseded by `forget` does not write
     /// its (possibly stale) answer into the cache.
     in_flight: HashMap<Key, (u64, Shared<BoxFuture<'static, Answer>>)>,
@@ -51,14 +51,14 @@ impl CachedAuthorizer {
 }
 
 impl State {
-    fn remember(&mut self, key: Key, allowed: bool, max_entries: usize, ttl: Duration) {
+    fn remember(&mut self, key: Key, decision: Decision, max_entries: usize, ttl: Duration) {
         if self.answers.len() >= max_entries {
             self.answers.retain(|_, (_, at)| at.elapsed() < ttl);
             if self.answers.len() >= max_entries {
                 self.answers.clear();
             }
         }
-        self.answers.insert(key, (allowed, Instant::now()));
+        self.answers.insert(key, (decision, Instant::now()));
     }
 }
 
@@ -70,9 +70,9 @@ impl CachedAuthorizer {
         ask: impl FnOnce() -> BoxFuture<'static, Answer>,
     ) -> BoxFuture<'static, Answer> {
         let mut state = lock(&self.state);
-        if let Some((allowed, at)) = state.answers.get(&key) {
+        if let Some((decision, at)) = state.answers.get(&key) {
             if at.elapsed() < self.ttl {
-                return Box::pin(std::future::ready(Ok(*allowed)));
+                return Box::pin(std::future::ready(Ok(decision.clone())));
             }
             state.answers.remove(&key);
         }
@@ -94,10 +94,10 @@ impl CachedAuthorizer {
                 .is_some_and(|(i, _)| *i == id)
             {
                 state.in_flight.remove(&call_key);
-                if let Ok(allowed) = answer
+                if let Ok(decision) = &answer
                     && !ttl.is_zero()
                 {
-                    state.remember(call_key, allowed, max_entries, ttl);
+                    state.remember(call_key, decision.clone(), max_entries, ttl);
                 }
             }
             answer
@@ -118,10 +118,15 @@ impl Authorizer for CachedAuthorizer {
         self.answer(key, || self.inner.authorize(request))
     }
 
-    fn authorize_connect(&self, request: ConnectRequest) -> BoxFuture<'static, Answer> {
-        self.answer(request.cache_key(), || {
-            self.inner.authorize_connect(request)
-        })
+    fn authorize_connect(
+        &self,
+        request: ConnectRequest,
+    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+        let answer = self.answer(request.cache_key(), || {
+            let allowed = self.inner.authorize_connect(request);
+            Box::pin(async move { Ok(Decision::allowed(allowed.await?)) })
+        });
+        Box::pin(async move { Ok(answer.await?.allowed) })
     }
 
     fn forget(&self, keys: &[(i64, String)]) {
@@ -154,10 +159,13 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                Ok(request.user_id % 2 == 0)
+                Ok(Decision::allowed(request.user_id % 2 == 0))
             })
         }
-        fn authorize_connect(&self, request: ConnectRequest) -> BoxFuture<'static, Answer> {
+        fn authorize_connect(
+            &self,
+            request: ConnectRequest,
+        ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Box::pin(std::future::ready(Ok(request.token_id.is_some())))
         }
@@ -186,18 +194,30 @@ mod tests {
         );
         let answers =
             futures_util::future::join_all((0..50).map(|_| cache.authorize(question(2)))).await;
-        assert!(answers.iter().all(|a| *a == Ok(true)));
+        assert!(answers.iter().all(|a| *a == Ok(Decision::allowed(true))));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert_eq!(cache.authorize(question(2)).await, Ok(true));
-        assert_eq!(cache.authorize(question(3)).await, Ok(false));
+        assert_eq!(
+            cache.authorize(question(2)).await,
+            Ok(Decision::allowed(true))
+        );
+        assert_eq!(
+            cache.authorize(question(3)).await,
+            Ok(Decision::allowed(false))
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
 
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert_eq!(cache.authorize(question(2)).await, Ok(true));
+        assert_eq!(
+            cache.authorize(question(2)).await,
+            Ok(Decision::allowed(true))
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 3);
 
         cache.forget(&[(2, "table-1".into())]);
-        assert_eq!(cache.authorize(question(2)).await, Ok(true));
+        assert_eq!(
+            cache.authorize(question(2)).await,
+            Ok(Decision::allowed(true))
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
@@ -239,7 +259,10 @@ mod tests {
         );
         assert_eq!(calls.load(Ordering::SeqCst), 4);
         // And never the answer about a page.
-        assert_eq!(cache.authorize(question(2)).await, Ok(true));
+        assert_eq!(
+            cache.authorize(question(2)).await,
+            Ok(Decision::allowed(true))
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 5);
     }
 }

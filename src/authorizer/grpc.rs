@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest};
+use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest, Decision};
 use crate::proto;
 use crate::proto::authorizer_client::AuthorizerClient;
 
@@ -66,7 +66,7 @@ impl Authorizer for GrpcAuthorizer {
     fn authorize(
         &self,
         request: AuthorizeRequest,
-    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+    ) -> BoxFuture<'static, Result<Decision, AuthorizerError>> {
         let mut client = self.client.clone();
         let call = self.call(proto::AuthorizeRequest {
             user_id: request.user_id,
@@ -76,8 +76,15 @@ impl Authorizer for GrpcAuthorizer {
             group: request.group,
         });
         Box::pin(async move {
-            let answer = client.authorize(call).await.map_err(unavailable)?;
-            Ok(answer.into_inner().allowed)
+            let answer = client
+                .authorize(call)
+                .await
+                .map_err(unavailable)?
+                .into_inner();
+            Ok(Decision {
+                allowed: answer.allowed,
+                presence_space: Some(answer.presence_space).filter(|s| !s.is_empty()),
+            })
         })
     }
 

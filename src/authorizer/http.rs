@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest};
+use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest, Decision};
 
 /// Answers larger than this are garbage.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -24,6 +24,8 @@ pub const SECRET_HEADER: &str = "x-channelgate-secret";
 #[derive(Deserialize)]
 struct Answer {
     allowed: bool,
+    #[serde(default)]
+    presence_space: Option<String>,
 }
 
 /// A question as posted: its fields, flat beside the `action` that tells the two apart.
@@ -81,7 +83,7 @@ impl HttpAuthorizer {
         &self,
         action: &'static str,
         fields: &T,
-    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
+    ) -> BoxFuture<'static, Result<Answer, AuthorizerError>> {
         let body = serde_json::to_vec(&Question { action, fields })
             .map_err(|e| AuthorizerError(format!("cannot encode the question: {e}")));
         let client = self.client.clone();
@@ -119,7 +121,7 @@ impl HttpAuthorizer {
                 let answer: Answer = serde_json::from_slice(&body).map_err(|e| {
                     AuthorizerError(format!("answer is not {{\"allowed\": bool}}: {e}"))
                 })?;
-                Ok(answer.allowed)
+                Ok(answer)
             };
             tokio::time::timeout(timeout, call)
                 .await
@@ -132,15 +134,23 @@ impl Authorizer for HttpAuthorizer {
     fn authorize(
         &self,
         request: AuthorizeRequest,
-    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
-        self.ask("subscribe", &request)
+    ) -> BoxFuture<'static, Result<Decision, AuthorizerError>> {
+        let answer = self.ask("subscribe", &request);
+        Box::pin(async move {
+            let answer = answer.await?;
+            Ok(Decision {
+                allowed: answer.allowed,
+                presence_space: answer.presence_space,
+            })
+        })
     }
 
     fn authorize_connect(
         &self,
         request: ConnectRequest,
     ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
-        self.ask("connect", &request)
+        let answer = self.ask("connect", &request);
+        Box::pin(async move { Ok(answer.await?.allowed) })
     }
 
     fn describe(&self) -> String {

@@ -56,6 +56,24 @@ impl ConnectRequest {
     }
 }
 
+/// The backend's answer to a subscribe question.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The presence space the page joins, when the backend names one (how a public view
+    /// joins its table's space); otherwise the page table's, if any.
+    pub presence_space: Option<String>,
+}
+
+impl Decision {
+    pub fn allowed(allowed: bool) -> Decision {
+        Decision {
+            allowed,
+            presence_space: None,
+        }
+    }
+}
+
 /// The authorizer could not give an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthorizerError(pub String);
@@ -72,7 +90,7 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize(
         &self,
         request: AuthorizeRequest,
-    ) -> BoxFuture<'static, Result<bool, AuthorizerError>>;
+    ) -> BoxFuture<'static, Result<Decision, AuthorizerError>>;
 
     /// Whether this token may connect (`--authorize-connect`).
     fn authorize_connect(
@@ -97,8 +115,8 @@ impl Authorizer for StaticAuthorizer {
     fn authorize(
         &self,
         _request: AuthorizeRequest,
-    ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
-        Box::pin(std::future::ready(Ok(true)))
+    ) -> BoxFuture<'static, Result<Decision, AuthorizerError>> {
+        Box::pin(std::future::ready(Ok(Decision::allowed(true))))
     }
 
     fn authorize_connect(

@@ -9,7 +9,9 @@ mod memory;
 mod redis;
 
 pub use memory::MemoryBus;
-pub use redis::{PendingCommands, RedisBus, RedisSettings, Subscriptions, subscriptions};
+pub use redis::{
+    PendingCommands, Receivers, RedisBus, RedisSettings, Subscriptions, subscriptions,
+};
 
 use std::sync::Arc;
 

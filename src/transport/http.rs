@@ -223,7 +223,10 @@ fn routes(
     let metrics = warp::path!("metrics").map(move || {
         let hub = &ctx.session.hub;
         warp::reply::with_header(
-            hub.metrics().render(hub.stats()),
+            hub.metrics().render(
+                hub.stats(),
+                ctx.session.presence.as_ref().map(|p| p.stats()),
+            ),
             "content-type",
             "text/plain; version=0.0.4",
         )

@@ -30,6 +30,8 @@ pub enum Mode {
 type Policy = Arc<dyn Fn(i64, &str) -> bool + Send + Sync>;
 /// Decides a connect question (its JSON form).
 type ConnectPolicy = Arc<dyn Fn(&Value) -> bool + Send + Sync>;
+/// Names the presence space of a subscribe question (its JSON form), if any.
+type SpacePolicy = Arc<dyn Fn(&Value) -> Option<String> + Send + Sync>;
 
 pub struct Backend {
     pub calls: AtomicUsize,
@@ -37,6 +39,7 @@ pub struct Backend {
     pub seen: Mutex<Vec<(Value, Option<String>)>>,
     policy: Mutex<Policy>,
     connect_policy: Mutex<ConnectPolicy>,
+    space_policy: Mutex<SpacePolicy>,
     mode: Mutex<Mode>,
     delay: Mutex<Duration>,
 }
@@ -48,6 +51,7 @@ impl Backend {
             seen: Mutex::default(),
             policy: Mutex::new(Arc::new(policy)),
             connect_policy: Mutex::new(Arc::new(|_: &Value| true)),
+            space_policy: Mutex::new(Arc::new(|_: &Value| None)),
             mode: Mutex::new(Mode::Answer),
             delay: Mutex::new(Duration::ZERO),
         })
@@ -59,6 +63,13 @@ impl Backend {
 
     pub fn set_connect_policy(&self, policy: impl Fn(&Value) -> bool + Send + Sync + 'static) {
         *self.connect_policy.lock().unwrap() = Arc::new(policy);
+    }
+
+    pub fn set_space_policy(
+        &self,
+        policy: impl Fn(&Value) -> Option<String> + Send + Sync + 'static,
+    ) {
+        *self.space_policy.lock().unwrap() = Arc::new(policy);
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -74,7 +85,11 @@ impl Backend {
     }
 
     /// Records a question and decides it, after the configured delay.
-    async fn decide(&self, question: Value, secret: Option<String>) -> (Mode, bool) {
+    async fn decide(
+        &self,
+        question: Value,
+        secret: Option<String>,
+    ) -> (Mode, bool, Option<String>) {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
@@ -86,8 +101,10 @@ impl Backend {
             let policy = self.policy.lock().unwrap().clone();
             policy(user, question["group"].as_str().unwrap_or_default())
         };
+        let space_policy = self.space_policy.lock().unwrap().clone();
+        let space = space_policy(&question);
         self.seen.lock().unwrap().push((question, secret));
-        (*self.mode.lock().unwrap(), allowed)
+        (*self.mode.lock().unwrap(), allowed, space)
     }
 
     /// Serves the HTTP kind; returns `http://ADDR/authorize`.
@@ -102,8 +119,8 @@ impl Backend {
                 };
                 let backend = backend.clone();
                 tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<Incoming>| {
                             let backend = backend.clone();
                             async move {
                                 let secret = request
@@ -112,9 +129,10 @@ impl Backend {
                                     .map(|v| v.to_str().unwrap().to_string());
                                 let body = request.into_body().collect().await.unwrap().to_bytes();
                                 let question: Value = serde_json::from_slice(&body).unwrap();
-                                let (mode, allowed) = backend.decide(question, secret).await;
+                                let (mode, allowed, space) = backend.decide(question, secret).await;
+                                let answer = serde_json::json!({"allowed": allowed, "presence_space": space});
                                 let (status, text) = match mode {
-                                    Mode::Answer => (200, format!("{{\"allowed\": {allowed}}}")),
+                                    Mode::Answer => (200, answer.to_string()),
                                     Mode::Garbage => (200, "<html>login</html>".to_string()),
                                     Mode::Fail => (500, "oops".to_string()),
                                 };
@@ -124,7 +142,8 @@ impl Backend {
                                     .unwrap();
                                 Ok::<_, std::convert::Infallible>(response)
                             }
-                        });
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -165,7 +184,10 @@ impl GrpcBackend {
         secret: Option<String>,
     ) -> Result<tonic::Response<AuthorizeResponse>, tonic::Status> {
         match self.0.decide(question, secret).await {
-            (Mode::Answer, allowed) => Ok(tonic::Response::new(AuthorizeResponse { allowed })),
+            (Mode::Answer, allowed, space) => Ok(tonic::Response::new(AuthorizeResponse {
+                allowed,
+                presence_space: space.unwrap_or_default(),
+            })),
             _ => Err(tonic::Status::internal("backend failed")),
         }
     }

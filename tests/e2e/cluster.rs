@@ -577,14 +577,24 @@ async fn health_of(node: &TestNode) -> i32 {
 }
 
 /// A node as its own OS process, as in production.
-struct NodeProcess {
-    child: tokio::process::Child,
-    ws_addr: String,
+pub struct NodeProcess {
+    pub child: tokio::process::Child,
+    pub ws_addr: String,
     grpc_addr: String,
 }
 
 impl NodeProcess {
     async fn start(redis: &RedisServer, prefix: &str, node_id: &str) -> NodeProcess {
+        NodeProcess::start_with(redis, prefix, node_id, &[]).await
+    }
+
+    /// A node process with extra flags.
+    pub async fn start_with(
+        redis: &RedisServer,
+        prefix: &str,
+        node_id: &str,
+        extra: &[&str],
+    ) -> NodeProcess {
         let ws_addr = format!("127.0.0.1:{}", free_port());
         let grpc_addr = format!("127.0.0.1:{}", free_port());
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_channelgate"))
@@ -598,6 +608,7 @@ impl NodeProcess {
                 "--node-id",
                 node_id,
             ])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -628,7 +639,7 @@ impl NodeProcess {
         )
     }
 
-    async fn client(&self, user_id: i64) -> Client {
+    pub async fn client(&self, user_id: i64) -> Client {
         let token =
             channelgate::identity::sign_access_token(SECRET.as_bytes(), "user_id", user_id, 600)
                 .expect("sign");

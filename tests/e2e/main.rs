@@ -11,6 +11,7 @@ mod grpc_api;
 mod identity;
 mod limits;
 mod pages;
+mod presence;
 mod protocol;
 mod redis_server;
 mod replay;

@@ -316,7 +316,7 @@ async fn cursors_and_limits(node: &TestNode) {
         result["latest_event_id"], ids[3],
         "skipped events are not counted: {result}"
     );
-    let text = node.node.hub.metrics().render(node.node.hub.stats());
+    let text = node.node.hub.metrics().render(node.node.hub.stats(), None);
     for reason in ["lost_cursor", "future_cursor", "over_limit", "trimmed"] {
         let line = format!("channelgate_replay_refreshes_total{{reason=\"{reason}\"}} 1");
         assert!(text.contains(&line), "{line} in\n{text}");

@@ -5,7 +5,8 @@
 //! - `P:broadcast`: user-targeted events and the `users` group, for every node;
 //! - `P:control` and `P:reply:<node id>`: cluster-wide requests and their replies;
 //! - keys `P:node:<node id>` (expiring heartbeats) and the set `P:nodes` name live nodes;
-//! - `P:h:*`: the event history ([`history`]).
+//! - `P:h:*`: the event history ([`history`]);
+//! - `P:presence` and `P:presence:members`: presence, when on ([`presence`]).
 //!
 //! One pub/sub connection per node receives everything in order, so events published one
 //! after another to a group reach every node in that order. When Redis goes away the node
@@ -24,6 +25,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use tokio::sync::{mpsc, oneshot, watch};
 
 mod history;
+mod presence;
 
 use super::{Bus, BusUnavailable};
 use crate::control::{Answers, ControlHandler, Reply, Request};
@@ -31,9 +33,11 @@ use crate::event::{Event, Target};
 use crate::history::{self as event_history, HistorySettings, Store as _, StreamKey};
 use crate::hub::GroupInterest;
 use crate::hub::Hub;
+use crate::presence::Presence;
 use crate::proto;
 use crate::protocol::CloseReason;
 use history::RedisHistory;
+use presence::RedisPresence;
 
 /// How often a node renews its heartbeat, and how long one lives.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -89,6 +93,12 @@ impl Names {
     }
     fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
+    }
+    fn presence(&self) -> String {
+        format!("{}:presence", self.prefix)
+    }
+    fn presence_members(&self) -> String {
+        format!("{}:presence:members", self.prefix)
     }
     /// The channels every node listens on, whatever its members.
     fn fixed(&self) -> Vec<String> {
@@ -322,6 +332,14 @@ impl Shared {
     }
 }
 
+/// What a node's bus delivers into: its sockets, its answers to control requests, and
+/// its presence (`None` when off).
+pub struct Receivers {
+    pub hub: Arc<Hub>,
+    pub control: Arc<ControlHandler>,
+    pub presence: Option<Arc<Presence>>,
+}
+
 /// The bus of a node in a cluster.
 pub struct RedisBus {
     shared: Arc<Shared>,
@@ -338,11 +356,15 @@ impl RedisBus {
         settings: &RedisSettings,
         history: Option<&HistorySettings>,
         node_id: &str,
-        hub: Arc<Hub>,
-        control: Arc<ControlHandler>,
+        receivers: Receivers,
         subscriptions: Arc<Subscriptions>,
         commands: PendingCommands,
     ) -> Result<RedisBus, String> {
+        let Receivers {
+            hub,
+            control,
+            presence,
+        } = receivers;
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| format!("--redis-url {:?}: {e}", settings.url))?;
         let shared = Arc::new(Shared {
@@ -360,7 +382,14 @@ impl RedisBus {
         let recording = history.is_some();
         let history = history.unwrap_or(&defaults);
         let history = Arc::new(RedisHistory::new(shared.clone(), history.retention));
+        let mut tasks = Vec::new();
+        let presence = presence.map(|presence| {
+            let (presence, presence_tasks) = RedisPresence::start(shared.clone(), presence);
+            tasks.extend(presence_tasks);
+            presence
+        });
         let listener = Listener {
+            presence,
             shared: shared.clone(),
             hub,
             control,
@@ -369,10 +398,8 @@ impl RedisBus {
             delivered_through: AtomicU64::new(0),
             was_connected: AtomicBool::new(false),
         };
-        let tasks = vec![
-            tokio::spawn(listener.run(commands.0)),
-            tokio::spawn(heartbeats(shared.clone())),
-        ];
+        tasks.push(tokio::spawn(listener.run(commands.0)));
+        tasks.push(tokio::spawn(heartbeats(shared.clone())));
         Ok(RedisBus {
             shared,
             history,
@@ -539,6 +566,8 @@ struct Listener {
     subscriptions: Arc<Subscriptions>,
     /// The event history, to catch up after a lost connection; `None` when history is off.
     history: Option<Arc<RedisHistory>>,
+    /// Presence; `None` when off.
+    presence: Option<Arc<RedisPresence>>,
     /// The highest event id this node has delivered or caught up to. Events arrive in id
     /// order on the one pub/sub connection, so an event at or below it is one the node
     /// already delivered while catching up.
@@ -580,12 +609,18 @@ impl Listener {
         let names = &self.shared.names;
         let wanted = self.subscriptions.wanted();
         let mut channels = names.fixed();
+        if self.presence.is_some() {
+            channels.push(names.presence());
+        }
         channels.extend(wanted.iter().map(|g| names.group(g)));
         sink.subscribe(channels)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         self.subscriptions.mark_connected(&wanted);
         self.catch_up(&wanted).await.map_err(unreachable)?;
+        if let Some(presence) = &self.presence {
+            presence.load().await.map_err(unreachable)?;
+        }
         self.was_connected.store(true, Ordering::Release);
         self.shared.set_ready(true);
         tracing::info!(groups = wanted.len(), "Redis bus connected");
@@ -735,6 +770,10 @@ impl Listener {
             match proto::ControlRequest::decode(payload) {
                 Ok(request) => self.answer(request),
                 Err(error) => tracing::warn!(%error, "undecodable control request"),
+            }
+        } else if channel == names.presence() {
+            if let Some(presence) = &self.presence {
+                presence.received(payload);
             }
         } else if channel == names.reply(&names.node_id) {
             match proto::ControlReply::decode(payload) {

@@ -1,0 +1,321 @@
+//! Presence: who else is on a table, on one node and across nodes through a real
+//! redis-server, with real sockets.
+
+use std::time::{Duration, Instant};
+
+use channelgate::proto::InfoRequest;
+use serde_json::{Value, json};
+
+use crate::backend::Backend;
+use crate::cluster::{NodeProcess, eventually, prefix};
+use crate::common::*;
+use crate::redis_server::RedisServer;
+
+fn table(id: i64) -> Value {
+    json!({"page": "table", "table_id": id})
+}
+
+/// A public view of table 1: the authorizer puts it in the table's space.
+fn public_view() -> Value {
+    json!({"page": "view", "slug": "public-1"})
+}
+
+/// A backend that allows everything and puts the public view in `table-1`.
+async fn backend() -> (std::sync::Arc<Backend>, String) {
+    let backend = Backend::new(|_, _| true);
+    backend.set_space_policy(|q| (q["page"] == "view").then(|| "table-1".to_string()));
+    let url = backend.serve_http().await;
+    (backend, url)
+}
+
+async fn presence_node(redis: &RedisServer, prefix: &str, id: &str, authorizer: &str) -> TestNode {
+    let node = TestNode::start_with(&[
+        "--presence",
+        "on",
+        "--authorizer",
+        authorizer,
+        "--redis-url",
+        &redis.url(),
+        "--redis-prefix",
+        prefix,
+        "--node-id",
+        id,
+    ])
+    .await;
+    assert!(node.node.ready(PATIENCE).await, "{id} connects to Redis");
+    node
+}
+
+/// The next frame, which must be of `kind`.
+async fn next(client: &mut Client, kind: &str) -> Value {
+    let frame = client.recv().await;
+    assert_eq!(frame["type"], kind, "{frame}");
+    frame
+}
+
+/// Nothing more arrives: a ping's pong comes next.
+async fn nothing_more(client: &mut Client) {
+    client.send(json!({"type": "ping"})).await;
+    let frame = client.recv().await;
+    assert_eq!(frame, json!({"type": "pong"}), "an unexpected frame");
+}
+
+/// Subscribes and reads `page_add`, then `presence.members`; returns the entries.
+async fn join_listing(client: &mut Client, page: Value) -> Vec<Value> {
+    client.join(page).await;
+    let members = next(client, "presence.members").await;
+    assert_eq!(members["space"], "table-1");
+    let mut entries = members["entries"].as_array().expect("entries").clone();
+    entries.sort_by_key(|e| e["user_id"].as_i64());
+    entries
+}
+
+fn users(entries: &[Value]) -> Vec<i64> {
+    entries
+        .iter()
+        .map(|e| e["user_id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn three_users_and_an_anonymous_viewer_on_two_nodes_see_exactly_the_documented_frames() {
+    let redis = RedisServer::start();
+    let (_backend, url) = backend().await;
+    let p = prefix("presence");
+    let a = presence_node(&redis, &p, "a", &url).await;
+    let b = presence_node(&redis, &p, "b", &url).await;
+
+    // User 1 on a: alone.
+    let mut one = a.client(1).await;
+    assert_eq!(join_listing(&mut one, table(1)).await, Vec::<Value>::new());
+
+    // User 2 on b, through a row of the table: sees user 1; user 1 hears of user 2.
+    let mut two = b.client(2).await;
+    let listed = join_listing(&mut two, json!({"page": "row", "table_id": 1, "row_id": 5})).await;
+    assert_eq!(users(&listed), vec![1]);
+    let one_id = listed[0]["presence_id"].clone();
+    let joined = next(&mut one, "presence.join").await;
+    assert_eq!(joined["user_id"], 2);
+    let two_id = joined["presence_id"].clone();
+    assert_ne!(one_id, two_id);
+
+    // User 2's second page of the same space changes nothing for anyone.
+    two.join(table(1)).await;
+
+    // An anonymous viewer of the public view on a: only editors_active.
+    let mut viewer = a.client(0).await;
+    viewer.join(public_view()).await;
+    assert_eq!(
+        next(&mut viewer, "presence.editors_active").await,
+        json!({"type": "presence.editors_active", "space": "table-1", "active": true})
+    );
+    for editor in [&mut one, &mut two] {
+        let joined = next(editor, "presence.join").await;
+        assert_eq!(joined["user_id"], -1);
+    }
+
+    // User 1 focuses a cell: user 2 (other node) sees it; the viewer and user 1 do not.
+    let cell = json!({"type": "cell", "row_id": 5, "field_id": 7});
+    one.send(json!({"type": "presence.focus", "page": "table", "table_id": 1, "focus": cell}))
+        .await;
+    let focus = next(&mut two, "presence.focus").await;
+    assert_eq!(
+        focus,
+        json!({"type": "presence.focus", "space": "table-1", "user_id": 1, "presence_id": one_id, "focus": cell})
+    );
+
+    // User 3 on b: sees everyone, with user 1's focus.
+    let mut three = b.client(3).await;
+    let listed = join_listing(&mut three, table(1)).await;
+    assert_eq!(users(&listed), vec![-1, 1, 2]);
+    assert_eq!(listed[1]["focus"], cell);
+    for editor in [&mut one, &mut two] {
+        assert_eq!(next(editor, "presence.join").await["user_id"], 3);
+    }
+
+    // A second tab of user 1 is a second member.
+    let mut tab = b.client(1).await;
+    let listed = join_listing(&mut tab, table(1)).await;
+    assert_eq!(users(&listed), vec![-1, 1, 2, 3]);
+    for editor in [&mut one, &mut two, &mut three] {
+        let joined = next(editor, "presence.join").await;
+        assert_eq!(joined["user_id"], 1);
+        assert_ne!(joined["presence_id"], one_id);
+    }
+
+    // User 2 leaves both pages: the space is left once, with the last.
+    two.send(json!({"remove_page": "row", "table_id": 1, "row_id": 5}))
+        .await;
+    next(&mut two, "page_discard").await;
+    two.send(json!({"remove_page": "table", "table_id": 1}))
+        .await;
+    next(&mut two, "page_discard").await;
+    assert_eq!(
+        next(&mut two, "presence.space_discard").await,
+        json!({"type": "presence.space_discard", "space": "table-1"})
+    );
+    for other in [&mut one, &mut three, &mut tab] {
+        let left = next(other, "presence.leave").await;
+        assert_eq!(
+            (left["user_id"].clone(), left["presence_id"].clone()),
+            (json!(2), two_id.clone())
+        );
+    }
+
+    // User 3 goes away abruptly.
+    drop(three);
+    for other in [&mut one, &mut tab] {
+        assert_eq!(next(other, "presence.leave").await["user_id"], 3);
+    }
+    let info = a
+        .grpc()
+        .await
+        .info(InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    let members: Vec<(String, u64)> = info
+        .nodes
+        .iter()
+        .map(|n| (n.node_id.clone(), n.presence_members))
+        .collect();
+    assert_eq!(members, vec![("a".to_string(), 2), ("b".to_string(), 1)]);
+
+    // The last signed-in members leave: the viewer learns no editor is left.
+    drop(one);
+    assert_eq!(next(&mut tab, "presence.leave").await["user_id"], 1);
+    drop(tab);
+    assert_eq!(
+        next(&mut viewer, "presence.editors_active").await,
+        json!({"type": "presence.editors_active", "space": "table-1", "active": false})
+    );
+    nothing_more(&mut viewer).await;
+    nothing_more(&mut two).await;
+}
+
+#[tokio::test]
+async fn a_killed_nodes_members_leave_everyone_elses_lists_within_seconds() {
+    let redis = RedisServer::start();
+    let p = prefix("presence-kill");
+    let flags = ["--presence", "on"];
+    let a = NodeProcess::start_with(&redis, &p, "a", &flags).await;
+    let mut b = NodeProcess::start_with(&redis, &p, "b", &flags).await;
+    let mut on_a = a.client(1).await;
+    assert_eq!(join_listing(&mut on_a, table(1)).await, Vec::<Value>::new());
+    let mut on_b = b.client(2).await;
+    assert_eq!(users(&join_listing(&mut on_b, table(1)).await), vec![1]);
+    assert_eq!(next(&mut on_a, "presence.join").await["user_id"], 2);
+
+    b.child.kill().await.expect("SIGKILL node b");
+    let killed = Instant::now();
+    let left = next(&mut on_a, "presence.leave").await;
+    assert_eq!(left["user_id"], 2);
+    let took = killed.elapsed();
+    // The heartbeat lives 3 s and the sweep runs every second.
+    assert!(took < Duration::from_secs(6), "the ghost stayed {took:?}");
+
+    // A newcomer sees no ghost.
+    let mut newcomer = a.client(3).await;
+    assert_eq!(users(&join_listing(&mut newcomer, table(1)).await), vec![1]);
+}
+
+#[tokio::test]
+async fn invalid_focus_is_dropped_and_the_socket_stays_up() {
+    let node = TestNode::start_with(&["--presence", "on"]).await;
+    let mut one = node.client(1).await;
+    let mut two = node.client(2).await;
+    join_listing(&mut one, table(1)).await;
+    join_listing(&mut two, table(1)).await;
+    next(&mut one, "presence.join").await;
+    let focus = |page: Value, focus: Value| {
+        let mut frame = page;
+        frame["type"] = json!("presence.focus");
+        frame["focus"] = focus;
+        frame
+    };
+    let wide = json!({"type": "cell", "row_id": 1, "field_id": 2, "pad": "x".repeat(600)});
+    for bad in [
+        focus(table(1), json!({"type": "column", "field_id": 1})),
+        focus(table(1), json!({"type": "cell", "row_id": 1})),
+        focus(
+            table(1),
+            json!({"type": "cell", "row_id": "1", "field_id": 2}),
+        ),
+        focus(table(1), wide),
+        focus(table(2), json!({"type": "row", "row_id": 1})),
+        focus(json!({"page": "nope"}), json!(null)),
+    ] {
+        one.send(bad).await;
+    }
+    let good = json!({"type": "row", "row_id": 8});
+    one.send(focus(table(1), good.clone())).await;
+    assert_eq!(next(&mut two, "presence.focus").await["focus"], good);
+    nothing_more(&mut one).await;
+    nothing_more(&mut two).await;
+    let presence = node.node.presence.as_ref().expect("presence on");
+    assert_eq!(presence.stats().focus_dropped, 6);
+}
+
+#[tokio::test]
+async fn a_focus_flood_is_thinned_not_relayed_in_full() {
+    let node = TestNode::start_with(&["--presence", "on", "--presence-focus-rate", "5"]).await;
+    let mut one = node.client(1).await;
+    let mut two = node.client(2).await;
+    join_listing(&mut one, table(1)).await;
+    join_listing(&mut two, table(1)).await;
+    next(&mut one, "presence.join").await;
+    let sent = 80;
+    for row in 0..sent {
+        one.send(
+            json!({"type": "presence.focus", "page": "table", "table_id": 1,
+                        "focus": {"type": "row", "row_id": row}}),
+        )
+        .await;
+    }
+    nothing_more(&mut one).await;
+    two.send(json!({"type": "ping"})).await;
+    let mut relayed = 0;
+    loop {
+        let frame = two.recv().await;
+        if frame["type"] == "pong" {
+            break;
+        }
+        assert_eq!(frame["type"], "presence.focus");
+        relayed += 1;
+    }
+    assert!(
+        (5..=10).contains(&relayed),
+        "{relayed} of {sent} focus frames relayed"
+    );
+}
+
+#[tokio::test]
+async fn with_presence_off_no_presence_frame_is_sent() {
+    let node = TestNode::start().await;
+    let mut one = node.client(1).await;
+    let mut two = node.client(2).await;
+    one.join(table(1)).await;
+    two.join(table(1)).await;
+    one.send(json!({"type": "presence.focus", "page": "table", "table_id": 1, "focus": null}))
+        .await;
+    nothing_more(&mut one).await;
+    nothing_more(&mut two).await;
+}
+
+#[tokio::test]
+async fn presence_counts_show_in_info_on_one_node() {
+    let node = TestNode::start_with(&["--presence", "on"]).await;
+    let mut one = node.client(1).await;
+    join_listing(&mut one, table(1)).await;
+    let grpc = node.grpc().await;
+    eventually("Info counts the member", async || {
+        let info = grpc
+            .clone()
+            .info(InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner();
+        info.nodes[0].presence_members == 1 && info.nodes[0].presence_spaces == 1
+    })
+    .await;
+}
