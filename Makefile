@@ -19,8 +19,9 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## What the checks need: rustfmt and clippy, and redis-server for the cluster tests
-## (each test starts its own on a free port).
+## What the checks need: rustfmt and clippy, redis-server for the cluster tests (each
+## test starts its own on a free port), and python3 with venv for the Python package's
+## tests (scripts/test-python.sh makes their venv).
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
@@ -29,6 +30,10 @@ deps:
 	  echo "installing redis-server"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || { \
+	  echo "installing python3 with venv"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3 python3-venv >/dev/null; }
 
 ## A local cluster to try: a redis-server on port 6390 and two dev nodes sharing it
 ## (WebSocket on 8081 and 8082, gRPC on 50061 and 50062). Ctrl-C stops all three.
