@@ -236,6 +236,10 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_DRAIN_SECONDS", value_name = "SECS")]
     pub drain_seconds: Option<u64>,
 
+    /// Worker threads that serve sockets and calls [default: one per core]
+    #[arg(long, env = "CHANNELGATE_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+
     /// Seconds a shutdown waits for sockets to close and gRPC calls to finish
     /// [default: 10]
     #[arg(long, env = "CHANNELGATE_SHUTDOWN_TIMEOUT", value_name = "SECS")]
@@ -367,6 +371,8 @@ pub struct Settings {
     pub drain: Duration,
     /// Logs as JSON lines rather than text.
     pub log_json: bool,
+    /// Worker threads; `None`: one per core.
+    pub workers: Option<usize>,
     pub max_pages: usize,
     pub max_connections: usize,
     pub inbound_burst: u32,
@@ -622,6 +628,10 @@ impl Settings {
                 "text" => false,
                 "json" => true,
                 other => return Err(format!("--log-format {other:?}: expected text or json")),
+            },
+            workers: match options.workers {
+                Some(0) => return Err("--workers must be at least 1".into()),
+                workers => workers,
             },
             pages,
         })

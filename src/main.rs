@@ -7,8 +7,7 @@ use channelgate::config::{Options, Settings};
 use channelgate::identity::sign_access_token;
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     // clap prints --help, --version and usage errors itself, with the right exit code.
     let options = Options::parse();
     let settings = match options.with_file().and_then(Settings::resolve) {
@@ -18,6 +17,22 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(workers) = settings.workers {
+        runtime.worker_threads(workers);
+    }
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(serve(settings)),
+        Err(error) => {
+            eprintln!("channelgate: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+async fn serve(settings: Settings) -> ExitCode {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
