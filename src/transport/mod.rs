@@ -2,4 +2,5 @@
 
 pub mod grpc;
 pub mod http;
+mod race;
 pub mod ws;

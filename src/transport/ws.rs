@@ -4,7 +4,9 @@
 //! reader (tungstenite, which parses and unmasks client frames) hands frames to the
 //! [`Session`] one at a time; the writer takes the connection's outbox a batch at a time
 //! and hands the frames, framed once per event for every socket, to the kernel in one
-//! vectored write. Whichever ends first asks the other to finish, within a deadline.
+//! vectored write. Whichever ends first asks the other to finish, within a deadline. The
+//! writer is polled on every wake-up, the reader and the pinger only when they have news
+//! ([`race`]).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -33,6 +35,7 @@ use crate::outbox::{Frame, Outbox};
 use crate::protocol::{CloseReason, FrameError, server};
 use crate::rate_limit::TokenBucket;
 use crate::session::{Session, SessionContext};
+use crate::transport::race::{self, First};
 
 /// How long a closing socket may take to write its close frame.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,16 +244,16 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     let reader = read_loop(&mut stream, &session, &ctx, &heard);
     let pinger = keep_alive(&conn.outbox, &heard, ctx.ping_interval);
     tokio::pin!(writer, reader, pinger);
-    tokio::select! {
-        _ = &mut writer => {
+    match race::first(writer.as_mut(), reader.as_mut(), pinger.as_mut()).await {
+        First::Writer(_) => {
             // Our close frame is out: give the client a moment to answer it.
             let _ = tokio::time::timeout(CLOSE_LINGER, &mut reader).await;
         }
-        reason = &mut reader => {
+        First::Reader(reason) => {
             conn.outbox.close(reason);
             let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, &mut writer).await;
         }
-        reason = &mut pinger => {
+        First::Pinger(reason) => {
             // A peer that answers nothing will not read a close frame either: brief.
             conn.outbox.close(reason);
             let _ = tokio::time::timeout(CLOSE_LINGER, &mut writer).await;
@@ -485,6 +488,21 @@ struct Written {
 
 /// Frames handed to the kernel per write.
 const FRAMES_PER_WRITE: usize = 64;
+/// A small write's slice table, cheaper to fill than the full one.
+const FEW_FRAMES: usize = 8;
+
+/// One vectored write of up to `N` frames, the first `skip` bytes of the first left out.
+fn write_vectored<const N: usize>(
+    tcp: &TcpStream,
+    frames: &[Frame],
+    skip: usize,
+) -> io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); N];
+    for (i, frame) in frames.iter().take(N).enumerate() {
+        slices[i] = IoSlice::new(&frame.wire()[if i == 0 { skip } else { 0 }..]);
+    }
+    tcp.try_write_vectored(&slices[..frames.len().min(N)])
+}
 
 /// Writes `frames` in as few system calls as the socket takes, recording progress.
 async fn write_frames(tcp: &TcpStream, frames: &[Frame], written: &mut Written) -> io::Result<()> {
@@ -502,13 +520,13 @@ async fn write_frames(tcp: &TcpStream, frames: &[Frame], written: &mut Written) 
 /// One vectored write of what is left. Not async: the slices stay on the stack, out of
 /// the socket task's state, which every idle connection carries.
 fn write_some(tcp: &TcpStream, frames: &[Frame], written: &mut Written) -> io::Result<()> {
-    let mut slices = [IoSlice::new(&[]); FRAMES_PER_WRITE];
     let left = &frames[written.frames..];
-    for (i, frame) in left.iter().take(FRAMES_PER_WRITE).enumerate() {
-        let skip = if i == 0 { written.bytes } else { 0 };
-        slices[i] = IoSlice::new(&frame.wire()[skip..]);
-    }
-    let mut n = tcp.try_write_vectored(&slices[..left.len().min(FRAMES_PER_WRITE)])?;
+    let mut n = match left {
+        // Most writes are one frame: a plain send, and no slice table to fill.
+        [frame] => tcp.try_write(&frame.wire()[written.bytes..])?,
+        _ if left.len() <= FEW_FRAMES => write_vectored::<FEW_FRAMES>(tcp, left, written.bytes)?,
+        _ => write_vectored::<FRAMES_PER_WRITE>(tcp, left, written.bytes)?,
+    };
     if n == 0 {
         return Err(io::ErrorKind::WriteZero.into());
     }
