@@ -23,6 +23,7 @@ pub struct Frame(Bytes);
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
 
 impl Frame {
     /// A text frame.
@@ -33,6 +34,11 @@ impl Frame {
     /// A ping without payload: the client's pong shows it is still there.
     pub fn ping() -> Frame {
         Frame::encode(OP_PING, &[])
+    }
+
+    /// The answer to a client's ping, with its payload.
+    pub fn pong(payload: &[u8]) -> Frame {
+        Frame::encode(OP_PONG, &[payload])
     }
 
     /// A close frame with the reason's code and text.

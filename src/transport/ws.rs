@@ -1,40 +1,33 @@
 //! `/ws/core/`: the WebSocket handshake and the I/O of one socket.
 //!
-//! A socket runs as two futures in one task, sharing its TCP stream without a lock: the
-//! reader (tungstenite, which parses and unmasks client frames) hands frames to the
-//! [`Session`] one at a time; the writer takes the connection's outbox a batch at a time
-//! and hands the frames, framed once per event for every socket, to the kernel in one
-//! vectored write. Whichever ends first asks the other to finish, within a deadline. The
+//! A socket runs as futures in one task, sharing its TCP stream without a lock: the reader
+//! decodes client frames ([`super::frames`]) from each read and hands messages to the [`Session`]
+//! one at a time; the writer takes the connection's outbox a batch at a time and hands the
+//! frames, framed once per event for every socket, to the kernel in one write. Whichever ends first asks the other to finish, within a deadline. The
 //! writer is polled on every wake-up, the reader and the pinger only when they have news
 //! ([`race`]).
 
 use std::io::{self, IoSlice};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, handshake::derive_accept_key};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::authorizer::ConnectRequest;
 use crate::bus::Bus;
-use crate::hub::Connection;
 use crate::identity::{Credentials, IdentityError, TokenVerifier};
 use crate::outbox::{Frame, Outbox};
 use crate::protocol::{CloseReason, FrameError, server};
 use crate::rate_limit::TokenBucket;
 use crate::session::{Session, SessionContext};
+use crate::transport::frames::{Decoder, Message};
 use crate::transport::race::{self, First};
 
 /// How long a closing socket may take to write its close frame.
@@ -44,8 +37,6 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Malformed frames in a row that close a connection (1008).
 const MAX_GARBAGE_IN_A_ROW: u32 = 20;
-/// tungstenite reads in chunks of this size; small keeps idle sockets cheap (see DESIGN §7).
-const READ_BUFFER_BYTES: usize = 1024;
 
 /// Everything the WebSocket side of a node needs.
 pub struct WsContext {
@@ -230,18 +221,11 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         &web_socket_id,
         ctx.session.replays.is_some(),
     )));
-    let inbound = Inbound {
-        tcp: tcp.clone(),
-        early,
-        conn: conn.clone(),
-    };
-    let mut stream =
-        WebSocketStream::from_raw_socket(inbound, Role::Server, Some(ws_config(&ctx))).await;
     let session = Session::new(ctx.session.clone(), conn.clone());
 
     let heard = Heard::new();
     let writer = write_loop(&tcp, &conn.outbox);
-    let reader = read_loop(&mut stream, &session, &ctx, &heard);
+    let reader = read_loop(&tcp, early, &conn.outbox, &session, &ctx, &heard);
     let pinger = keep_alive(&conn.outbox, &heard, ctx.ping_interval);
     tokio::pin!(writer, reader, pinger);
     match race::first(writer.as_mut(), reader.as_mut(), pinger.as_mut()).await {
@@ -302,13 +286,6 @@ async fn keep_alive(outbox: &Outbox, heard: &Heard, every: Duration) -> CloseRea
     }
 }
 
-fn ws_config(ctx: &WsContext) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(Some(ctx.max_message_bytes))
-        .max_frame_size(Some(ctx.max_message_bytes))
-}
-
 /// The connect check (`--authorize-connect`): the backend confirms a signed-in user's
 /// token before the socket is served. Anonymous sockets have no token to check. A denial
 /// is an authentication failure (1008); no answer in time is one the client may retry
@@ -361,79 +338,27 @@ async fn refuse(upgraded: hyper::upgrade::Upgraded, ctx: &WsContext, reason: Clo
         .metrics()
         .authentication_failures
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut socket = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Server,
-        Some(ws_config(ctx)),
+    let mut socket = TokioIo::new(upgraded);
+    let frames = [
+        Frame::text(&server::authentication_failed()),
+        Frame::close(reason),
+    ];
+    let write = async {
+        for frame in &frames {
+            socket.write_all(frame.wire()).await?;
+        }
+        socket.flush().await
+    };
+    if let Ok(Err(error)) = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write).await {
+        tracing::debug!(%error, "authentication failure not written");
+    }
+    // The client answers the close; a moment for it, so the close is not lost to a reset.
+    let mut rest = [0u8; 256];
+    let _ = tokio::time::timeout(
+        CLOSE_LINGER,
+        tokio::io::AsyncReadExt::read(&mut socket, &mut rest),
     )
     .await;
-    let _ = socket
-        .send(Message::Text(server::authentication_failed().into()))
-        .await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: CloseCode::from(reason.code()),
-            reason: reason.text().into(),
-        })))
-        .await;
-}
-
-/// The reading side of a socket, as tungstenite sees it. What tungstenite writes (its
-/// answers to pings) goes through the connection's outbox, so the writer stays the only
-/// one writing to the socket and frames never interleave.
-struct Inbound {
-    tcp: Arc<TcpStream>,
-    /// What the client sent right behind its handshake; read before the socket.
-    early: Bytes,
-    conn: Arc<Connection>,
-}
-
-impl AsyncRead for Inbound {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.early.is_empty() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        loop {
-            ready!(this.tcp.poll_read_ready(cx))?;
-            match this.tcp.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                // Readiness was stale; polling again registers for the next.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                Err(error) => return Poll::Ready(Err(error)),
-            }
-        }
-    }
-}
-
-impl AsyncWrite for Inbound {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.conn
-            .outbox
-            .push(Frame::framed(Bytes::copy_from_slice(buf)));
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// Writes queued frames, a batch at a time, until a close is requested; then the close
@@ -543,52 +468,87 @@ fn write_some(tcp: &TcpStream, frames: &[Frame], written: &mut Written) -> io::R
     Ok(())
 }
 
-/// Reads and handles client frames until the client leaves or must be closed.
+/// Bytes read from a socket per system call, on the stack of a synchronous function:
+/// an idle socket keeps no read buffer.
+const READ_CHUNK: usize = 4096;
+
+/// Reads and handles client frames until the client leaves or must be closed. `early`
+/// is what the client sent right behind its handshake.
 async fn read_loop(
-    stream: &mut WebSocketStream<Inbound>,
+    tcp: &TcpStream,
+    early: Bytes,
+    outbox: &Outbox,
     session: &Session,
     ctx: &WsContext,
     heard: &Heard,
 ) -> CloseReason {
+    let mut decoder = Decoder::new(ctx.max_message_bytes);
     let mut bucket = TokenBucket::new(ctx.inbound_burst, ctx.inbound_rate, Instant::now());
     let mut garbage_in_a_row = 0;
-    while let Some(message) = stream.next().await {
-        heard.now();
-        let message = match message {
-            Ok(message) => message,
-            Err(WsError::Utf8(_)) => return CloseReason::InvalidUtf8,
-            Err(WsError::Capacity(_)) => return CloseReason::MessageTooBig,
-            Err(WsError::Protocol(error)) => {
-                tracing::debug!(%error, "WebSocket protocol error");
-                return CloseReason::ProtocolError;
+    let mut incoming = Vec::new();
+    let mut decoded = decoder.feed(&early, &mut incoming);
+    drop(early);
+    loop {
+        for message in std::mem::take(&mut incoming) {
+            heard.now();
+            // Every frame but a close counts, pings too: each costs a pong.
+            if message != Message::Close && !bucket.take(Instant::now()) {
+                return CloseReason::RateLimited;
             }
-            Err(error) => {
-                tracing::debug!(%error, "socket read failed");
-                return CloseReason::Normal;
-            }
-        };
-        // Every frame but a close counts, control frames too: each ping costs a pong.
-        if !matches!(message, Message::Close(_) | Message::Frame(_)) && !bucket.take(Instant::now())
-        {
-            return CloseReason::RateLimited;
-        }
-        let handled = match message {
-            Message::Text(text) => session.handle_text(&text).await,
-            Message::Binary(_) => {
-                session.reject_frame(&FrameError::Binary);
-                Err(FrameError::Binary)
-            }
-            Message::Close(_) => return CloseReason::Normal,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
-        };
-        if handled.is_ok() {
-            garbage_in_a_row = 0;
-        } else {
-            garbage_in_a_row += 1;
-            if garbage_in_a_row >= MAX_GARBAGE_IN_A_ROW {
-                return CloseReason::RepeatedGarbage;
+            let handled = match message {
+                Message::Text(text) => session.handle_text(&text).await,
+                Message::Binary => {
+                    session.reject_frame(&FrameError::Binary);
+                    Err(FrameError::Binary)
+                }
+                Message::Ping(payload) => {
+                    outbox.push(Frame::pong(&payload));
+                    Ok(())
+                }
+                Message::Pong => Ok(()),
+                Message::Close => return CloseReason::Normal,
+            };
+            if handled.is_ok() {
+                garbage_in_a_row = 0;
+            } else {
+                garbage_in_a_row += 1;
+                if garbage_in_a_row >= MAX_GARBAGE_IN_A_ROW {
+                    return CloseReason::RepeatedGarbage;
+                }
             }
         }
+        // The messages before a broken rule were handled; then the connection ends.
+        if let Err(reason) = decoded {
+            return reason;
+        }
+        decoded = loop {
+            match read_some(tcp, &mut decoder, &mut incoming) {
+                Ok(Some(decoded)) => break decoded,
+                Ok(None) => return CloseReason::Normal,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(error) = std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await {
+                        tracing::debug!(%error, "socket read failed");
+                        return CloseReason::Normal;
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "socket read failed");
+                    return CloseReason::Normal;
+                }
+            }
+        };
     }
-    CloseReason::Normal
+}
+
+/// One read, decoded; `None` at the end of the stream.
+fn read_some(
+    tcp: &TcpStream,
+    decoder: &mut Decoder,
+    incoming: &mut Vec<Message>,
+) -> io::Result<Option<Result<(), CloseReason>>> {
+    let mut buf = [0u8; READ_CHUNK];
+    match tcp.try_read(&mut buf)? {
+        0 => Ok(None),
+        n => Ok(Some(decoder.feed(&buf[..n], incoming))),
+    }
 }
