@@ -1,5 +1,6 @@
 //! Properties of the pure middle over generated input: what a client or the backend sends
-//! never panics the parser, the page table, the publish checks or the token verifier, and
+//! never panics the frame decoder, the parser, the page table, the publish checks or the
+//! token verifier, and
 //! what they accept keeps its promises (no forged group names, `_event_id` framing that
 //! stays JSON).
 
@@ -9,6 +10,7 @@ use channelgate::outbox::Frame;
 use channelgate::pages::PageRegistry;
 use channelgate::proto::{PublishRequest, publish_request::Target};
 use channelgate::protocol::{ClientFrame, parse_client_frame};
+use channelgate::transport::frames::Decoder;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -108,5 +110,50 @@ proptest! {
     fn any_token_is_verified_or_refused_without_panicking(token in ".{0,200}") {
         let verifier = TokenVerifier::new(b"secret", "user_id").expect("a verifier");
         let _ = verifier.verify(Some(&token));
+    }
+}
+
+/// Client frames, masked, of any opcode and flags, with arbitrary bytes among them.
+fn wire() -> impl Strategy<Value = Vec<u8>> {
+    let frame = (
+        any::<u8>(),
+        prop::collection::vec(any::<u8>(), 0..200),
+        any::<[u8; 4]>(),
+    )
+        .prop_map(|(first, payload, mask)| {
+            let mut out = vec![first, 0x80 | payload.len().min(125) as u8];
+            if payload.len() > 125 {
+                out[1] = 0x80 | 126;
+                out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            }
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            out
+        });
+    let piece = prop_oneof![4 => frame, 1 => prop::collection::vec(any::<u8>(), 0..16)];
+    prop::collection::vec(piece, 0..6).prop_map(|pieces| pieces.concat())
+}
+
+proptest! {
+    /// However a read splits the bytes, the decoder never panics and finds the same
+    /// messages and the same verdict as when they come in one read.
+    #[test]
+    fn the_frame_decoder_does_not_depend_on_how_reads_split(
+        bytes in wire(),
+        split in any::<prop::sample::Index>(),
+    ) {
+        let whole = {
+            let mut out = Vec::new();
+            let verdict = Decoder::new(1024).feed(&bytes, &mut out);
+            (out, verdict)
+        };
+        let at = split.index(bytes.len() + 1);
+        let mut decoder = Decoder::new(1024);
+        let mut out = Vec::new();
+        let mut verdict = decoder.feed(&bytes[..at], &mut out);
+        if verdict.is_ok() {
+            verdict = decoder.feed(&bytes[at..], &mut out);
+        }
+        prop_assert_eq!((out, verdict), whole);
     }
 }

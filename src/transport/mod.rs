@@ -1,6 +1,6 @@
 //! The node's edges: the WebSocket/HTTP listener and the gRPC API.
 
-mod frames;
+pub mod frames;
 pub mod grpc;
 pub mod http;
 mod race;
