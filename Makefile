@@ -44,7 +44,9 @@ cluster: deps
 ## Side-by-side benchmarks (channelgate, a raw broadcaster, Django Channels) and what event
 ## history costs (H1, R1, R2); writes BENCHMARKS.md. About a quarter of an hour; sets up its
 ## Python venv under bench/ on first use. ONLY=history (or classic) runs a part, into
-## target/bench/BENCHMARKS-$$ONLY.md; bench/run.sh lists the other knobs.
+## target/bench/BENCHMARKS-$$ONLY.md; ONLY=presence runs bench/presence.sh (presence in one
+## space of 1,000, off / on / two nodes; about two minutes) into target/bench/presence.md;
+## bench/run.sh lists the other knobs.
 bench: deps
 	bash bench/run.sh
 

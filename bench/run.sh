@@ -13,8 +13,11 @@
 # R2_SOCKETS sockets after a node is killed. ONLY=history runs just those, ONLY=classic
 # just S1..S5; a run with ONLY set writes bench/results/$ONLY.jsonl and
 # target/bench/BENCHMARKS-$ONLY.md, not BENCHMARKS.md (RESULTS and REPORT override both).
+# ONLY=presence runs bench/presence.sh (P1, presence in one space of 1,000 members) instead,
+# into bench/results/presence.jsonl and target/bench/presence.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ${ONLY:-} == presence ]]; then exec bash bench/presence.sh; fi
 root=$(pwd)
 systems=${SYSTEMS:-"channelgate raw django"}
 step_secs=${STEP_SECS:-2}
@@ -30,7 +33,7 @@ case $only in
   "") results=${RESULTS:-bench/results/latest.jsonl}; report=${REPORT:-BENCHMARKS.md} ;;
   history|classic)
     results=${RESULTS:-bench/results/$only.jsonl}; report=${REPORT:-target/bench/BENCHMARKS-$only.md} ;;
-  *) echo "ONLY is history or classic, not $only" >&2; exit 2 ;;
+  *) echo "ONLY is history, classic or presence, not $only" >&2; exit 2 ;;
 esac
 classic() { [[ $only != history ]]; }
 history_runs() { [[ $only != classic && " $systems " == *" channelgate "* ]]; }

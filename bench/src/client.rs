@@ -97,7 +97,17 @@ impl Client {
 
     /// Waits for input and hands every whole frame buffered to `each`. Returns `false` once
     /// the server closed the socket (a close frame or end of stream).
-    pub async fn read_frames(&mut self, mut each: impl FnMut(Frame<'_>)) -> io::Result<bool> {
+    pub async fn read_frames(&mut self, each: impl FnMut(Frame<'_>)) -> io::Result<bool> {
+        Ok(self.read_frames_until(None, each).await?.unwrap_or(true))
+    }
+
+    /// As [`Client::read_frames`], but stops waiting for input at `deadline` (`None` back),
+    /// losing nothing: a socket that also sends reads between its sends this way.
+    pub async fn read_frames_until(
+        &mut self,
+        deadline: Option<tokio::time::Instant>,
+        mut each: impl FnMut(Frame<'_>),
+    ) -> io::Result<Option<bool>> {
         for pong in std::mem::take(&mut self.pongs) {
             self.stream.write_all(&pong).await?;
         }
@@ -107,9 +117,17 @@ impl Client {
         }
         if self.next_frame().is_none() {
             self.make_room();
-            let n = self.stream.read(&mut self.buf[self.end..]).await?;
+            // A read is cancel-safe: given up, it took nothing from the socket.
+            let read = self.stream.read(&mut self.buf[self.end..]);
+            let n = match deadline {
+                None => read.await?,
+                Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
+                    Ok(n) => n?,
+                    Err(_) => return Ok(None),
+                },
+            };
             if n == 0 {
-                return Ok(false);
+                return Ok(Some(false));
             }
             self.end += n;
         }
@@ -120,7 +138,7 @@ impl Client {
                 OP_TEXT => each(Frame::Text(bytes)),
                 OP_CLOSE => {
                     each(Frame::Close);
-                    return Ok(false);
+                    return Ok(Some(false));
                 }
                 OP_PING => {
                     let pong = masked(self.next_mask(), OP_PONG, &self.buf[payload]);
@@ -129,7 +147,7 @@ impl Client {
                 _ => each(Frame::Other),
             }
         }
-        Ok(true)
+        Ok(Some(true))
     }
 
     /// Subscribes to the page of table `table_id` and waits for its `page_add`.

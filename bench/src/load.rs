@@ -68,19 +68,19 @@ const BUCKET_US: u64 = 10;
 const BUCKETS: usize = 100_000;
 
 impl Histogram {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Histogram {
             buckets: (0..=BUCKETS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    fn record(&self, micros: u64) {
+    pub(crate) fn record(&self, micros: u64) {
         let i = ((micros / BUCKET_US) as usize).min(BUCKETS);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes the counts, leaving zeros.
-    fn take(&self) -> Vec<u64> {
+    pub(crate) fn take(&self) -> Vec<u64> {
         self.buckets
             .iter()
             .map(|b| b.swap(0, Ordering::Relaxed))
@@ -168,7 +168,12 @@ pub(crate) const TICKS_PER_SEC: f64 = 100.0;
 
 /// The send time stamped in a payload, found without a JSON parser.
 fn stamp(text: &[u8]) -> Option<u64> {
-    let at = text.windows(5).position(|w| w == b"\"ts\":")? + 5;
+    number_after(text, b"\"ts\":")
+}
+
+/// The non-negative integer that follows the first `key` (`"name":`) in `text`.
+pub(crate) fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
     let digits = text[at..].iter().take_while(|b| b.is_ascii_digit());
     let mut value: u64 = 0;
     let mut any = false;
@@ -184,7 +189,7 @@ fn stamp(text: &[u8]) -> Option<u64> {
 /// Sockets opened from one source address (it has about 28,000 ephemeral ports).
 const SOCKETS_PER_SOURCE: usize = 20_000;
 
-/// Opens one subscriber: connects from `source`, authenticates, subscribes to `table-{group}`.
+/// Opens one subscriber: connects, authenticates, subscribes to `table-{group}`.
 /// Returns once `page_add` arrived; the socket then counts what it receives.
 async fn subscriber(
     setup: &Setup,
@@ -192,31 +197,8 @@ async fn subscriber(
     group: usize,
     seen: Arc<Seen>,
 ) -> Result<(), String> {
-    let server = setup.ws_addrs[index % setup.ws_addrs.len()];
-    // Past one source address's ephemeral ports, further sockets come from 127.0.1.x.
-    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    if index >= SOCKETS_PER_SOURCE {
-        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 1, (index / SOCKETS_PER_SOURCE) as u8));
-        socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
-        socket
-            .bind(SocketAddr::new(source, 0))
-            .map_err(|e| format!("bind {source}: {e}"))?;
-    }
-    let stream = socket
-        .connect(server)
-        .await
-        .map_err(|e| format!("connect {server}: {e}"))?;
-    let _ = stream.set_nodelay(true);
     let user_id = 1 + (index % 1000) as i64;
-    let token = sign_access_token(setup.jwt_secret.as_bytes(), "user_id", user_id, 3600)
-        .map_err(|e| e.to_string())?;
-    let mut ws = Client::connect(
-        stream,
-        &server.to_string(),
-        &format!("/ws/core/?jwt_token={token}"),
-    )
-    .await
-    .map_err(|e| format!("handshake: {e}"))?;
+    let mut ws = connect(setup, index, user_id).await?;
     ws.subscribe_table(group).await?;
     tokio::spawn(async move {
         let count = |frame: Frame<'_>| {
@@ -236,6 +218,35 @@ async fn subscriber(
     Ok(())
 }
 
+/// Opens socket `index` as `user_id` on its node (`setup.ws_addrs`, round robin), up to
+/// the end of the WebSocket handshake. Past one source address's ephemeral ports, further
+/// sockets come from 127.0.1.x.
+pub(crate) async fn connect(setup: &Setup, index: usize, user_id: i64) -> Result<Client, String> {
+    let server = setup.ws_addrs[index % setup.ws_addrs.len()];
+    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    if index >= SOCKETS_PER_SOURCE {
+        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 1, (index / SOCKETS_PER_SOURCE) as u8));
+        socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .map_err(|e| format!("bind {source}: {e}"))?;
+    }
+    let stream = socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect {server}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let token = sign_access_token(setup.jwt_secret.as_bytes(), "user_id", user_id, 3600)
+        .map_err(|e| e.to_string())?;
+    Client::connect(
+        stream,
+        &server.to_string(),
+        &format!("/ws/core/?jwt_token={token}"),
+    )
+    .await
+    .map_err(|e| format!("handshake: {e}"))
+}
+
 /// Whether a payload ends with the history id the gateway appends (`,"_event_id":N}`);
 /// only its tail is looked at.
 fn has_event_id(text: &[u8]) -> bool {
@@ -244,7 +255,7 @@ fn has_event_id(text: &[u8]) -> bool {
 }
 
 /// Handshakes in flight while sockets are opened: enough to keep every system busy.
-const OPEN_CONCURRENCY: usize = 512;
+pub(crate) const OPEN_CONCURRENCY: usize = 512;
 
 /// Opens the subscribers numbered `sockets` over `groups` groups.
 /// Returns the time the last `page_add` arrived after the start.

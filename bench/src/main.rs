@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 mod client;
 mod history;
 mod load;
+mod presence;
 
 use client::{Client, Frame};
 use load::now_micros;
@@ -141,6 +142,28 @@ enum Scenario {
         /// Node A's pid, killed with SIGKILL once the sockets are in place.
         #[arg(long)]
         kill_pid: u32,
+    },
+    /// P1: one presence space (table 1) of `sockets` members over the `--ws-addr` nodes,
+    /// round robin: a join storm timed to the last `presence.members`, then `senders` members
+    /// each send `rate` focus frames a second for `secs`, timed by every other member. The
+    /// nodes need `--presence on` and `--presence-max-members` of at least `sockets`;
+    /// `--expect-presence false` times a storm against presence off to its last `page_add`.
+    Presence {
+        #[arg(long, default_value_t = 1000)]
+        sockets: usize,
+        #[arg(long, default_value_t = 10)]
+        senders: usize,
+        /// Focus frames per second per sender (the node drops those over
+        /// `--presence-focus-rate`, 10 by default).
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        expect_presence: bool,
+        /// Labels the result.
+        #[arg(long, default_value_t = 1)]
+        round: u32,
     },
     /// Serve an allow-all authorizer backend (HTTP and gRPC) until killed.
     ServeAuthorizer {
@@ -376,6 +399,24 @@ async fn main() -> Result<(), String> {
             )
             .await;
         }
+        Scenario::Presence {
+            sockets,
+            senders,
+            rate,
+            secs,
+            expect_presence,
+            round,
+        } => {
+            let plan = presence::Plan {
+                sockets: *sockets,
+                senders: *senders,
+                rate: *rate,
+                secs: *secs,
+                presence: *expect_presence,
+                round: *round,
+            };
+            return presence::run(setup()?, plan).await;
+        }
         Scenario::Idle { conns } => return load::idle(setup()?, conns).await,
         Scenario::Storm { conns } => return load::storm(setup()?, *conns).await,
         _ => {}
@@ -407,6 +448,7 @@ async fn main() -> Result<(), String> {
         | Scenario::FanoutSearch { .. }
         | Scenario::Idle { .. }
         | Scenario::PublishCost { .. }
+        | Scenario::Presence { .. }
         | Scenario::ReplayOne { .. }
         | Scenario::ReplayStorm { .. }
         | Scenario::Storm { .. } => unreachable!("handled above"),
