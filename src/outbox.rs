@@ -152,6 +152,9 @@ struct State {
     bytes: usize,
     close: Option<CloseReason>,
     writer: Option<Waker>,
+    /// Whether the writer is waiting for frames; it keeps its waker here between waits,
+    /// so a delivery costs a wake, not a waker clone and drop as well.
+    parked: bool,
     live_ids: LiveIds,
     /// While a replay runs, the event frames that arrive meanwhile (with their ids), to be
     /// sent once the replay is queued.
@@ -164,6 +167,17 @@ impl State {
         match &self.writer {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             _ => self.writer = Some(cx.waker().clone()),
+        }
+        self.parked = true;
+    }
+
+    /// Wakes a parked writer, keeping its waker. A writer busy with a batch has not
+    /// parked: it finds the new frames when it comes back.
+    fn wake_parked(&mut self) {
+        if std::mem::take(&mut self.parked)
+            && let Some(writer) = &self.writer
+        {
+            writer.wake_by_ref();
         }
     }
 }
@@ -234,15 +248,11 @@ impl Outbox {
     fn queue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: Frame) -> Pushed {
         state.bytes += frame.len();
         state.frames.push_back(frame);
-        // A writer with frames still queued has not parked since: no need to wake it.
-        let writer = if state.frames.len() == 1 {
-            state.writer.take()
-        } else {
-            None
-        };
-        drop(state);
-        if let Some(writer) = writer {
-            writer.wake();
+        // Only the first frame wakes: a writer with frames queued has not parked for
+        // frames since (it may wait on the socket, and the queue's overflow). Waking under
+        // the lock is a push onto the scheduler's queue, cheaper than taking the waker out.
+        if state.frames.len() == 1 {
+            state.wake_parked();
         }
         Pushed::Queued
     }
@@ -293,10 +303,8 @@ impl Outbox {
             state.bytes += frame.len();
             state.frames.push_back(frame);
         }
-        let writer = if was_empty { state.writer.take() } else { None };
-        drop(state);
-        if let Some(writer) = writer {
-            writer.wake();
+        if was_empty {
+            state.wake_parked();
         }
         sent
     }
