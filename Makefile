@@ -50,9 +50,9 @@ cluster: deps
 bench: deps
 	bash bench/run.sh
 
-## cargo-fuzz on the client frame parser, page parameters, the token verifier and the publish
-## checks, each for FUZZ_SECONDS (default 60) in turn, on the stable toolchain; installs
-## cargo-fuzz when missing. Fails on a finding, which it leaves in fuzz/artifacts/.
+## cargo-fuzz on the client frame parser, page parameters, the token verifier, the publish
+## checks and the WebSocket frame decoder, each for FUZZ_SECONDS (default 60) in turn, on the
+## stable toolchain; installs cargo-fuzz when missing. Fails on a finding (fuzz/artifacts/).
 fuzz:
 	bash scripts/fuzz.sh
 
