@@ -44,6 +44,8 @@ pub struct Decoder {
     /// The start of a frame whose rest has not arrived yet.
     partial: Vec<u8>,
     message: Option<Fragments>,
+    /// A close came: nothing after it counts, in this read or the next.
+    closed: bool,
 }
 
 /// A frame's header, once enough bytes are there to read it.
@@ -62,12 +64,16 @@ impl Decoder {
             max_message,
             partial: Vec::new(),
             message: None,
+            closed: false,
         }
     }
 
     /// Decodes `bytes` (what one read brought) into messages, appended to `out`. A broken
     /// rule ends the connection with its close reason; the messages before it stand.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Message>) -> Result<(), CloseReason> {
+        if self.closed {
+            return Ok(());
+        }
         if self.partial.is_empty() {
             let used = self.decode(bytes, out)?;
             self.partial.extend_from_slice(&bytes[used..]);
@@ -102,7 +108,8 @@ impl Decoder {
                 let close = message == Message::Close;
                 out.push(message);
                 if close {
-                    // Nothing after a close counts.
+                    self.closed = true;
+                    self.message = None;
                     return Ok(buf.len());
                 }
             }
@@ -320,5 +327,12 @@ mod tests {
         let mut decoder = Decoder::new(64);
         let wire = [frame(0x88, &[0x03, 0xe8]), frame(0x81, b"late")].concat();
         assert_eq!(decode(&mut decoder, &wire).unwrap(), vec![Message::Close]);
+        // Nor in a later read.
+        let mut decoder = Decoder::new(64);
+        assert_eq!(
+            decode(&mut decoder, &wire[..8]).unwrap(),
+            vec![Message::Close]
+        );
+        assert_eq!(decode(&mut decoder, &wire[8..]).unwrap(), vec![]);
     }
 }
