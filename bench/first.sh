@@ -16,4 +16,4 @@ trap 'kill $node 2>/dev/null || true' EXIT
 sleep 0.5
 loadgen=(./target/release/loadgen --ws-addr "$ws" --grpc-addr "$grpc" --jwt-secret "$secret")
 "${loadgen[@]}" latency --events 2000
-"${loadgen[@]}" fanout --sockets 1000 --events 100 --gap-ms 20
+"${loadgen[@]}" fanout --sockets 1000 --groups 1 --events 100 --gap-ms 20

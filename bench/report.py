@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Turns the load generator's JSON lines into BENCHMARKS.md: one table per scenario and
-the ratios of channelgate to each peer, with the machine and the date."""
+the ratios of channelgate to each peer, with the machine and the date.
+
+S1 and S3 lead with deliveries per server CPU-second (medians over rounds, with their
+min-max spread), beside the highest sustained rate and latency at fixed rates."""
 
 import datetime
 import json
@@ -8,12 +11,15 @@ import os
 import platform
 import sys
 
+# The systems in the order their rows appear; a new peer needs a line here and in NAMES.
 SYSTEMS = ["channelgate", "raw", "django"]
+PEERS = [s for s in SYSTEMS if s != "channelgate"]
 NAMES = {
     "channelgate": "channelgate",
     "raw": "raw broadcaster (tokio + tungstenite)",
     "django": "Django Channels 4 + channels_redis + daphne",
 }
+WORKERS = {1: "one tokio worker on core 0", 2: "two tokio workers on cores 0-1"}
 
 
 def load(path):
@@ -53,25 +59,57 @@ def fmt(value, digits=0):
     return f"{value:,.0f}" if isinstance(value, (int, float)) else str(value)
 
 
-def by_system(rows, scenario):
-    """Each system's rows of one scenario, in the order they ran (one per round)."""
+def share(value):
+    return "n/a" if value is None else f"{value * 100:.0f}%"
+
+
+def ms(value):
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def median_of(values):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def median(runs, key):
+    return median_of([r.get(key) or 0 for r in runs]) or 0
+
+
+def spread(values, digits=0, unit=""):
+    """min-max of the values, and their range as a share of the median."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    low, high, mid = min(values), max(values), median_of(values)
+    number = (lambda v: f"{v:.{digits}f}") if digits else (lambda v: f"{v:,.0f}")
+    if len(values) == 1:
+        return f"{number(low)}{unit} (one run)"
+    share = f" (±{(high - low) / 2 / mid * 100:.0f} %)" if mid else ""
+    return f"{number(low)}{unit}–{number(high)}{unit}{share}"
+
+
+def by_system(rows, scenario, workers=None):
+    """Each system's rows of one scenario (and worker count), in the order they ran."""
     found = {}
     for r in rows:
-        if r.get("scenario") == scenario:
-            found.setdefault(r["system"], []).append(r)
+        if r.get("scenario") != scenario:
+            continue
+        # Django is one process whatever the count: it belongs with one worker.
+        if workers is not None and (r.get("workers") or 1) != workers:
+            continue
+        found.setdefault(r["system"], []).append(r)
     return found
 
 
 def label(system, runs, i):
-    return NAMES[system] if len(runs) == 1 else f"{NAMES[system]}, round {i + 1}"
-
-
-def median(runs, key):
-    values = sorted(r.get(key) or 0 for r in runs)
-    if not values:
-        return 0
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    round_ = runs[i].get("round")
+    if len(runs) == 1:
+        return NAMES[system]
+    return f"{NAMES[system]}, round {round_ if round_ else i + 1}"
 
 
 def ratio_lines(found, key, unit, out):
@@ -80,7 +118,7 @@ def ratio_lines(found, key, unit, out):
         return
     rounds = len(found["channelgate"])
     over = " (medians over rounds)" if rounds > 1 else ""
-    for peer in ("raw", "django"):
+    for peer in PEERS:
         if peer in found:
             out.append("")
             out.append(
@@ -89,32 +127,154 @@ def ratio_lines(found, key, unit, out):
             )
 
 
-def fanout_table(rows, scenario, title, out):
-    found = by_system(rows, scenario)
-    if not found:
+def rates_of(runs):
+    rates = []
+    for r in runs:
+        for f in r.get("fixed") or []:
+            if f["rate"] not in rates:
+                rates.append(f["rate"])
+    return rates
+
+
+def at_rate(run, rate):
+    for f in run.get("fixed") or []:
+        if f["rate"] == rate:
+            return f
+    return None
+
+
+def fixed_section(rows, scenario, title, workers, out, notes=()):
+    """The per-CPU headline, the fixed rates and every round of one scenario at one worker
+    count; Django (one process, no fixed rates) under it."""
+    found = by_system(rows, scenario, workers)
+    rust = {s: runs for s, runs in found.items() if s != "django" and any(r.get("fixed") for r in runs)}
+    if not rust:
         return
-    out.append(f"## {scenario}: {title}\n")
-    out.append("| system | deliveries/s (best sustained) | p50 at half (ms) | p99 at half (ms) | CPU at best | server RSS | server RSS / connections |")
+    out.append(f"## {scenario}: {title}, {WORKERS.get(workers, f'{workers} tokio workers')}\n")
+    any_run = next(iter(rust.values()))[0]
+    rates = rates_of([r for runs in rust.values() for r in runs])
+    rounds = max(len(runs) for runs in rust.values())
+    out.append(
+        f"Deliveries per server CPU-second over the fixed-rate steps together "
+        f"({', '.join(fmt(r) for r in rates)} deliveries/s, {any_run.get('rate_secs', 0):g} s each, "
+        f"the same schedule for every system), and the highest rate sustained after them; "
+        f"{rounds} round{'s' if rounds > 1 else ''}, the systems taking turns."
+    )
+    for note in notes:
+        out.append(note)
+    out.append("")
+    out.append("| system | deliveries per server CPU-second, median | min–max over rounds | of that CPU, in the kernel | highest sustained deliveries/s, median | min–max over rounds | server RSS |")
     out.append("|---|---|---|---|---|---|---|")
     for system in SYSTEMS:
-        runs = found.get(system, [])
-        for i, r in enumerate(runs):
-            name = label(system, runs, i)
-            per_conn = r["rss_kib"] / r["conns"] if r.get("conns") else None
-            if not r["deliveries_per_sec"]:
-                out.append(
-                    f"| {name} | not sustained: at {fmt(r['unsustained_rate'])}/s, "
-                    f"{fmt(r['unsustained_received'])} of {fmt(r['unsustained_expected'])} arrived | "
-                    f"{r['unsustained_p50_ms']:.2f} (at that rate) | {r['unsustained_p99_ms']:.2f} (at that rate) | "
-                    f"{fmt(r['cpu_percent_at_best'])}% | {r['rss_kib'] / 1024:.0f} MiB | {per_conn:.1f} KiB |"
-                )
+        runs = rust.get(system)
+        if not runs:
+            continue
+        per_cpu = [r.get("deliveries_per_cpu_sec") for r in runs]
+        best = [r.get("deliveries_per_sec") for r in runs]
+        out.append(
+            f"| {NAMES[system]} | {fmt(median_of(per_cpu))} | {spread(per_cpu)} | "
+            f"{share(median_of([r.get('kernel_share') for r in runs]))} | "
+            f"{fmt(median_of(best))} | {spread(best)} | {median(runs, 'rss_kib') / 1024:.0f} MiB |"
+        )
+    peers = [p for p in PEERS if p in rust and "channelgate" in rust]
+    for peer in peers:
+        cg, other = rust["channelgate"], rust[peer]
+        out.append("")
+        out.append(
+            f"channelgate / {NAMES[peer]} (medians over rounds): "
+            f"{ratio(median(cg, 'deliveries_per_cpu_sec'), median(other, 'deliveries_per_cpu_sec'))} "
+            f"deliveries per CPU-second (so {ratio(median(other, 'deliveries_per_cpu_sec'), median(cg, 'deliveries_per_cpu_sec'))} "
+            f"the CPU per delivery), {ratio(median(cg, 'deliveries_per_sec'), median(other, 'deliveries_per_sec'))} "
+            "highest sustained rate."
+        )
+    out.append("")
+    out.append(f"### {scenario} at fixed rates\n")
+    out.append("| system | deliveries/s | delivered / expected, all rounds | p50 (ms), median | p99 (ms), median | p99 min–max | server CPU, median | CPU min–max | in the kernel | deliveries per CPU-second, median | min–max |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for system in SYSTEMS:
+        runs = rust.get(system)
+        if not runs:
+            continue
+        for rate in rates:
+            steps = [f for f in (at_rate(r, rate) for r in runs) if f]
+            if not steps:
                 continue
+            expected = sum(f["expected"] for f in steps)
+            received = sum(f["received"] for f in steps)
+            p99 = [f["p99_ms"] for f in steps]
+            cpu = [f["cpu_percent"] for f in steps]
+            per_cpu = [f.get("deliveries_per_cpu_sec") for f in steps]
             out.append(
-                f"| {name} | {fmt(r['deliveries_per_sec'])} | {r['p50_ms_at_half']:.2f} | "
-                f"{r['p99_ms_at_half']:.2f} | {fmt(r['cpu_percent_at_best'])}% | "
-                f"{r['rss_kib'] / 1024:.0f} MiB | {per_conn:.1f} KiB |"
+                f"| {NAMES[system]} | {fmt(rate)} | {fmt(received)} / {fmt(expected)} | "
+                f"{ms(median_of([f['p50_ms'] for f in steps]))} | {ms(median_of(p99))} | {spread(p99, 2)} | "
+                f"{fmt(median_of(cpu))}% | {spread(cpu, 0, '%')} | "
+                f"{share(median_of([f['kernel_secs'] / f['cpu_secs'] if f.get('cpu_secs') and 'kernel_secs' in f else None for f in steps]))} | "
+                f"{fmt(median_of(per_cpu))} | {spread(per_cpu)} |"
             )
-    ratio_lines(found, "deliveries_per_sec", "deliveries/s", out)
+    for peer in peers:
+        parts = []
+        for rate in rates:
+            cg, other = (
+                median_of([(at_rate(r, rate) or {}).get("deliveries_per_cpu_sec") for r in rust[s]])
+                for s in ("channelgate", peer)
+            )
+            parts.append(f"{ratio(cg, other)} at {fmt(rate)}")
+        out.append("")
+        out.append(f"channelgate / {NAMES[peer]}, deliveries per CPU-second at each rate (medians): " + ", ".join(parts) + ".")
+    out.append("")
+    out.append(f"### {scenario}, each round\n")
+    header = " / ".join(fmt(r) for r in rates)
+    out.append(f"| system | round | deliveries per CPU-second | highest sustained | p99 at {header} (ms) | server CPU at {header} |")
+    out.append("|---|---|---|---|---|---|")
+    for system in SYSTEMS:
+        for i, r in enumerate(rust.get(system, [])):
+            p99 = " / ".join(ms((at_rate(r, rate) or {}).get("p99_ms")) for rate in rates)
+            cpu = " / ".join(f"{(at_rate(r, rate) or {}).get('cpu_percent', 0):.0f}%" for rate in rates)
+            best = fmt(r["deliveries_per_sec"]) if r.get("deliveries_per_sec") else (
+                f"none (at {fmt(r.get('unsustained_rate'))}/s, {fmt(r.get('unsustained_received'))} of {fmt(r.get('unsustained_expected'))})"
+            )
+            out.append(
+                f"| {NAMES[system]} | {r.get('round') or i + 1} | {fmt(r.get('deliveries_per_cpu_sec'))} | "
+                f"{best} | {p99} | {cpu} |"
+            )
+    problems(found, out)
+    django = found.get("django")
+    if django:
+        out.append("")
+        out.append(
+            f"{NAMES['django']} is one process (daphne, with a redis-server beside it on the same "
+            "core) and runs once, without the fixed rates, which are far beyond it: its rate is "
+            "searched from a few hundred deliveries a second, latency measured at half the best."
+        )
+        out.append("")
+        out.append("| system | deliveries/s (best sustained) | deliveries per CPU-second at best | p50 at half (ms) | p99 at half (ms) | CPU at best | server RSS |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in django:
+            if r.get("deliveries_per_sec"):
+                best = fmt(r["deliveries_per_sec"])
+                p50, p99 = ms(r.get("p50_ms_at_half")), ms(r.get("p99_ms_at_half"))
+            else:
+                best = (f"not sustained: at {fmt(r.get('unsustained_rate'))}/s, "
+                        f"{fmt(r.get('unsustained_received'))} of {fmt(r.get('unsustained_expected'))} arrived")
+                p50 = f"{ms(r.get('unsustained_p50_ms'))} (at that rate)"
+                p99 = f"{ms(r.get('unsustained_p99_ms'))} (at that rate)"
+            out.append(
+                f"| {NAMES['django']} | {best} | {fmt(r.get('deliveries_per_cpu_sec_at_best'))} | {p50} | {p99} | "
+                f"{fmt(r.get('cpu_percent_at_best'))}% | {r['rss_kib'] / 1024:.0f} MiB |"
+            )
+        if "channelgate" in rust:
+            out.append("")
+            out.append(
+                f"channelgate (median) / {NAMES['django']}: "
+                f"{ratio(median(rust['channelgate'], 'deliveries_per_sec'), median(django, 'deliveries_per_sec'))} "
+                "highest sustained deliveries/s, "
+                f"{ratio(median(rust['channelgate'], 'deliveries_per_cpu_sec_at_best'), median(django, 'deliveries_per_cpu_sec_at_best'))} "
+                "deliveries per CPU-second, each at its highest sustained rate."
+            )
+    out.append("")
+
+
+def problems(found, out):
     lost = [
         f"{label(s, runs, i)}: {r['lost_in_failed_step']}"
         for s, runs in found.items()
@@ -123,7 +283,17 @@ def fanout_table(rows, scenario, title, out):
     ]
     if lost:
         out.append("")
-        out.append("Undelivered in the step that failed (the rate above it): " + ", ".join(lost) + ".")
+        out.append("Undelivered in the search step that failed (the rate above the highest sustained): " + ", ".join(lost) + ".")
+    short = [
+        f"{label(s, runs, i)} at {fmt(f['rate'])}: {fmt(f['received'])} of {fmt(f['expected'])}"
+        for s, runs in found.items()
+        for i, r in enumerate(runs)
+        for f in r.get("fixed") or []
+        if f["received"] != f["expected"]
+    ]
+    if short:
+        out.append("")
+        out.append("Fixed-rate steps where not everything arrived: " + "; ".join(short) + ".")
     closed = [
         f"{label(s, runs, i)}: {r['slow_consumer_closes']}"
         for s, runs in found.items()
@@ -131,9 +301,164 @@ def fanout_table(rows, scenario, title, out):
         if r.get("slow_consumer_closes")
     ]
     out.append("")
+    out.append("Sockets closed as slow consumers: " + (", ".join(closed) + "." if closed else "none."))
+
+
+def cluster_section(rows, s1, out):
+    found = [r for r in rows if r.get("scenario") == "S5"]
+    if not found:
+        return
+    out.append("## S5: S1 across two channelgate nodes through Redis\n")
     out.append(
-        "Sockets closed as slow consumers: " + (", ".join(closed) + "." if closed else "none.")
+        "Two nodes (one worker each) and their redis-server, all on core 0, the load generator "
+        "on core 1; the sockets alternate between the nodes, every event is published through "
+        "the first, and every server process's CPU counts (both nodes and redis-server). "
+        "The same fixed rates as S1, then the highest sustained rate."
     )
+    out.append("")
+    rates = rates_of(found)
+    out.append("| round | deliveries per server CPU-second | highest sustained deliveries/s | " + " | ".join(f"p99 at {fmt(r)} (ms)" for r in rates) + " | server RSS |")
+    out.append("|---|---|---|" + "---|" * len(rates) + "---|")
+    for i, r in enumerate(found):
+        out.append(
+            f"| {r.get('round') or i + 1} | {fmt(r.get('deliveries_per_cpu_sec'))} | {fmt(r.get('deliveries_per_sec'))} | "
+            + " | ".join(ms((at_rate(r, rate) or {}).get("p99_ms")) for rate in rates)
+            + f" | {r['rss_kib'] / 1024:.0f} MiB |"
+        )
+    one = s1.get("channelgate", [])
+    if one:
+        out.append("")
+        out.append(
+            "Two nodes / one node (S5 / median of S1's channelgate rounds on one worker): "
+            f"{ratio(median(found, 'deliveries_per_cpu_sec'), median(one, 'deliveries_per_cpu_sec'))} deliveries per CPU-second, "
+            f"{ratio(median(found, 'deliveries_per_sec'), median(one, 'deliveries_per_sec'))} highest sustained rate."
+        )
+    problems({"channelgate": found}, out)
+    out.append("")
+
+
+INGEST_SETUPS = {
+    1: "one node",
+    2: "two nodes through Redis",
+}
+
+
+def ingest_section(rows, out):
+    found = [r for r in rows if r.get("scenario") == "S6"]
+    if not found:
+        return
+    first = found[0]
+    publish = next((r for r in found if r["mode"] == "publish"), first)
+    batch = next((r for r in found if r["mode"] == "batch"), first)
+    out.append("## S6: publish ingest, one subscriber in each of many groups\n")
+    out.append(
+        f"{first['groups']:,} groups (`table-N`) with one socket each; for {first['secs']:g} s a publisher keeps "
+        f"{publish['in_flight']} Publish calls in flight (one event each, the groups round robin, "
+        f"200-byte payloads stamped with their send time), then for {first['secs']:g} s "
+        f"{batch['in_flight']} PublishBatch calls of {batch['batch']} events, all on one gRPC "
+        "connection; each call is made again as soon as it is answered. Accepted: events of "
+        "calls answered OK, per second of publishing; delivered: events the sockets got, per "
+        "second up to the last of them; latency from the send stamp to the socket. One node: on "
+        "core 0, the load generator on core 1. Two nodes: node A (published through) and "
+        "redis-server on core 0, node B and the load generator on core 1 (there are only two "
+        "cores: the generator shares node B's); the sockets alternate between the nodes, so "
+        "half the events reach their socket on the other node through Redis. Server CPU counts "
+        "every server process (the nodes and redis-server) and can pass 100 % with two nodes. "
+        "Event history is on (the default), in memory on one node and in Redis streams on two."
+    )
+    out.append("")
+    out.append("| setup | calls | round | accepted events/s | delivered events/s | delivered / accepted | p50 (ms) | p99 (ms) | server CPU | events per server CPU-second | load generator CPU | failed calls |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    def key(r):
+        return (r["nodes"], r["mode"] != "publish", r.get("round", 0))
+    for r in sorted(found, key=key):
+        calls = (f"Publish, {r['in_flight']} in flight" if r["mode"] == "publish"
+                 else f"PublishBatch of {r['batch']}, {r['in_flight']} in flight")
+        setup = INGEST_SETUPS.get(r["nodes"], f"{r['nodes']} nodes")
+        out.append(
+            f"| {setup} | {calls} | {r.get('round', 1)} | "
+            f"{fmt(r['accepted_per_sec'])} | {fmt(r['delivered_per_sec'])} | {fmt(r['delivered'])} / {fmt(r['accepted'])} | "
+            f"{ms(r['p50_ms'])} | {ms(r['p99_ms'])} | {r['server_cpu_percent']:.0f}% | {fmt(r.get('events_per_cpu_sec'))} | "
+            f"{r['loadgen_cpu_percent']:.0f}% | {fmt(r['failed_calls'])} |"
+        )
+    out.append("")
+    lines = []
+    for nodes in sorted({r["nodes"] for r in found}):
+        for mode in ("publish", "batch"):
+            runs = [r for r in found if r["nodes"] == nodes and r["mode"] == mode]
+            if runs:
+                lines.append(
+                    f"{INGEST_SETUPS.get(nodes, f'{nodes} nodes')}, {'Publish' if mode == 'publish' else 'PublishBatch'}: "
+                    f"{fmt(median(runs, 'accepted_per_sec'))} accepted/s"
+                    + (f" ({spread([r['accepted_per_sec'] for r in runs])})" if len(runs) > 1 else "")
+                    + ", "
+                    f"{fmt(median(runs, 'delivered_per_sec'))} delivered/s, p99 {ms(median(runs, 'p99_ms'))} ms, "
+                    f"{fmt(median(runs, 'events_per_cpu_sec'))} events per server CPU-second"
+                )
+    if lines:
+        out.append("Medians over rounds: " + "; ".join(lines) + ".")
+        out.append("")
+    bad = [
+        f"{INGEST_SETUPS.get(r['nodes'])} {r['mode']} round {r.get('round')}: "
+        + ", ".join(
+            f"{k.replace('_', ' ')} {fmt(r[k])}"
+            for k in ("missing", "duplicates", "wrong_socket", "slow_consumer_closes", "failed_calls", "unchecked")
+            if r.get(k)
+        )
+        + (f" (first error: {r['first_error']})" if r.get("first_error") else "")
+        for r in found
+        if any(r.get(k) for k in ("missing", "duplicates", "wrong_socket", "slow_consumer_closes", "failed_calls"))
+    ]
+    out.append(
+        "Every accepted event must reach its group's socket once (missing: accepted, never "
+        "delivered; duplicates; wrong socket: delivered to another group's socket): "
+        + ("; ".join(bad) + "." if bad else "all did, in every run.")
+    )
+    out.append("")
+
+
+def idle_section(rows, out):
+    idle = [r for r in rows if r.get("scenario") == "S2"]
+    if not idle:
+        return
+    out.append("## S2: idle authenticated connections with one page each\n")
+    out.append("One worker (Django: one process); one round.\n")
+    out.append("| system | connections | server RSS before | after | RSS per connection |")
+    out.append("|---|---|---|---|---|")
+    for system in SYSTEMS:
+        for r in sorted((r for r in idle if r["system"] == system), key=lambda r: r["conns"]):
+            out.append(
+                f"| {NAMES[system]} | {r['conns']:,} | {r['rss_kib_before'] / 1024:.1f} MiB | "
+                f"{r['rss_kib_after'] / 1024:.1f} MiB | {r['kib_per_conn']:.1f} KiB |"
+            )
+    per_conn = {(r["system"], r["conns"]): r["kib_per_conn"] for r in idle}
+    for peer in PEERS:
+        for conns in sorted({r["conns"] for r in idle}):
+            cg, other = per_conn.get(("channelgate", conns)), per_conn.get((peer, conns))
+            if cg and other:
+                out.append("")
+                out.append(f"channelgate / {NAMES[peer]} at {conns:,}: {ratio(cg, other)} RSS per connection")
+    out.append("")
+
+
+def storm_section(rows, out):
+    storm = by_system(rows, "S4")
+    if not storm:
+        return
+    out.append("## S4: connect storm, 10,000 connects and subscribes as fast as they go\n")
+    out.append("The opening of S1's sockets, in each S1 run; the worker column is the server's.\n")
+    out.append("| system | workers | round | handshakes/s | seconds to the last page_add | server CPU |")
+    out.append("|---|---|---|---|---|---|")
+    for system in SYSTEMS:
+        runs = sorted(storm.get(system, []), key=lambda r: (r.get("workers") or 1, r.get("round") or 0))
+        for i, r in enumerate(runs):
+            workers = "one process" if system == "django" else (r.get("workers") or 1)
+            out.append(
+                f"| {NAMES[system]} | {workers} | {r.get('round') or 1} | {fmt(r['handshakes_per_sec'])} | "
+                f"{r['seconds_to_last_page_add']:.2f} | {fmt(r['cpu_percent'])}% |"
+            )
+    one = {s: [r for r in runs if (r.get("workers") or 1) == 1] for s, runs in storm.items()}
+    ratio_lines(one, "handshakes_per_sec", "handshakes/s on one worker", out)
     out.append("")
 
 
@@ -282,74 +607,76 @@ def replay_storm(rows, out):
     out.append("")
 
 
+# bench/callgrind.sh's last table; `make bench` does not run it (it takes minutes a variant).
+CALLGRIND = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "bench", "callgrind.md")
+
+
+def callgrind_section(out):
+    try:
+        with open(CALLGRIND) as f:
+            table = f.read().strip()
+    except OSError:
+        return
+    out.append("## Instructions and system calls per delivery (callgrind)\n")
+    out.append(
+        "From the last `bash bench/callgrind.sh` on this machine, not from this run: each server "
+        "under valgrind's callgrind with one tokio worker, the same short S1-shaped run for each "
+        "(100 sockets a group), the difference between two event counts divided by the extra "
+        "deliveries. No neighbour moves these counts, so a change of a few per cent shows; they "
+        "are user-space instructions only, the kernel's side of the system calls is not in them."
+    )
+    out.append("")
+    out.append(table)
+    out.append("")
+
+
 def main():
     path, target = sys.argv[1], sys.argv[2]
     rows = load(path)
     out = [
         "# Benchmarks",
         "",
-        f"Measured by `make bench` on {datetime.date.today().isoformat()}, {machine()}. The server",
-        "under test runs on core 0, the load generator (`bench/`, release build) on core 1; every",
-        "system gets the same sockets, pages and payloads (200 bytes, stamped with their send time).",
-        "Rates rise by 1.4x per step until a step loses events or its p99 passes 100 ms (S3: one",
-        "second); two geometric halvings between the last sustained and the failed rate then narrow",
-        "the limit to within 9 %, and latency is measured at half the best sustained rate.",
-        "Latencies are histogrammed up to one second: 1000 ms means a second or more. S4 is the",
-        "opening of S1's 10,000 sockets; S2's two counts are read from one opening. S1, S3 and S4",
-        "run in rounds with channelgate and the raw broadcaster taking turns (Django once); each",
-        "round has its row and the ratios are of the medians. The load generator reads with its own",
-        "framing (`bench/src/client.rs`) so that it is not what limits a table. A shared machine:",
-        "read the ratios, not the absolute numbers. channelgate runs with its defaults, event",
-        "history on, in S1..S5; H1 measures what history costs, R1 and R2 how replays go.",
+        f"Measured by `make bench` on {datetime.date.today().isoformat()}, {machine()}. Every",
+        "Rust server under test gets the same tokio worker count: one worker pinned to core 0 for",
+        "the headline tables, the load generator (`bench/`, release build) on core 1; a second S1",
+        "table gives each two workers on cores 0-1, which the generator on core 1 then shares.",
+        "Django/daphne is one process either way. Every system gets the same sockets, pages and",
+        "payloads (200 bytes, stamped with their send time), and is started afresh for each run.",
+        "",
+        "S1 and S3 hold a few fixed rates for the same time on every system and report, per rate,",
+        "delivered/expected, p50/p99 and the server's CPU; the primary figure is deliveries per",
+        "server CPU-second over those steps (deliveries over the CPU time the server process used,",
+        "read from /proc), which a neighbour's burst on this shared machine moves far less than a",
+        "rate, given with its min-max over rounds. Then the highest sustained rate (no loss, p99",
+        "within 100 ms; S3: one second) is searched from where the fixed rates left it: 1.4x steps",
+        "up or down, then two geometric halvings between the last rate that held and the first that",
+        "failed. The Rust servers (channelgate, the raw broadcaster) take turns, the order swapped every round;",
+        "ratios are of the medians. Latencies are histogrammed up to one second: 1000 ms means a",
+        "second or more. The load generator reads with its own framing (`bench/src/client.rs`) so",
+        "that it is not what limits a table. channelgate runs with its defaults (event history on);",
+        "H1 measures what history costs, R1 and R2 how replays go. `bash bench/callgrind.sh` counts",
+        "instructions and system calls per delivery for channelgate and the raw broadcaster, which",
+        "no noise moves (its latest table, where there is one, closes this page); its instructions are",
+        "user space only, and the kernel's share of the server's CPU (the \"in the kernel\" columns,",
+        "from /proc's stime) says how much that leaves out.",
         "",
     ]
-    fanout_table(rows, "S1", "fan-out, 10,000 connections in 100 groups of 100", out)
-    idle = [r for r in rows if r.get("scenario") == "S2"]
-    if idle:
-        out.append("## S2: idle authenticated connections with one page each\n")
-        out.append("| system | connections | server RSS before | after | RSS per connection |")
-        out.append("|---|---|---|---|---|")
-        for system in SYSTEMS:
-            for r in sorted((r for r in idle if r["system"] == system), key=lambda r: r["conns"]):
-                out.append(
-                    f"| {NAMES[system]} | {r['conns']:,} | {r['rss_kib_before'] / 1024:.1f} MiB | "
-                    f"{r['rss_kib_after'] / 1024:.1f} MiB | {r['kib_per_conn']:.1f} KiB |"
-                )
-        per_conn = {(r["system"], r["conns"]): r["kib_per_conn"] for r in idle}
-        for peer in ("raw", "django"):
-            for conns in sorted({r["conns"] for r in idle}):
-                cg, other = per_conn.get(("channelgate", conns)), per_conn.get((peer, conns))
-                if cg and other:
-                    out.append("")
-                    out.append(f"channelgate / {NAMES[peer]} at {conns:,}: {ratio(cg, other)} RSS per connection")
-        out.append("")
-    fanout_table(rows, "S3", "one hot group of 5,000", out)
-    storm = by_system(rows, "S4")
-    if storm:
-        out.append("## S4: connect storm, 10,000 connects and subscribes as fast as they go\n")
-        out.append("| system | handshakes/s | seconds to the last page_add | server CPU |")
-        out.append("|---|---|---|---|")
-        for system in SYSTEMS:
-            runs = storm.get(system, [])
-            for i, r in enumerate(runs):
-                out.append(
-                    f"| {label(system, runs, i)} | {fmt(r['handshakes_per_sec'])} | "
-                    f"{r['seconds_to_last_page_add']:.2f} | {fmt(r['cpu_percent'])}% |"
-                )
-        ratio_lines(storm, "handshakes_per_sec", "handshakes/s", out)
-        out.append("")
-    fanout_table(rows, "S5", "S1 across two channelgate nodes through Redis", out)
-    s1 = by_system(rows, "S1")
-    s5 = by_system(rows, "S5")
-    if "channelgate" in s5 and "channelgate" in s1:
-        out.append(
-            "Two nodes / one node (S5 / median of S1's channelgate rounds): "
-            f"{ratio(median(s5['channelgate'], 'deliveries_per_sec'), median(s1['channelgate'], 'deliveries_per_sec'))}"
-        )
-        out.append("")
+    s1_title = "fan-out, 10,000 connections in 100 groups of 100"
+    fixed_section(rows, "S1", s1_title, 1, out)
+    for workers in sorted({r.get("workers") for r in rows if r.get("scenario") == "S1" and r.get("workers") not in (None, 1)}):
+        fixed_section(rows, "S1", s1_title, workers, out, notes=(
+            "The server may use both cores, and the load generator, on core 1, takes part of one: "
+            "read it for how each system scales, not as the machine's limit.",))
+    idle_section(rows, out)
+    fixed_section(rows, "S3", "one hot group of 5,000", 1, out, notes=(
+        "One event reaches 5,000 sockets one write at a time, so a step holds with a p99 up to one second.",))
+    storm_section(rows, out)
+    cluster_section(rows, by_system(rows, "S1", 1), out)
+    ingest_section(rows, out)
     history_cost(rows, out)
     replay_speed(rows, out)
     replay_storm(rows, out)
+    callgrind_section(out)
     with open(target, "w") as f:
         f.write("\n".join(out) + "\n")
 

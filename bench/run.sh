@@ -3,25 +3,63 @@
 # Channels (the system channelgate replaces), driven by one load generator with the same
 # scenarios in one run; results in bench/results/latest.jsonl and BENCHMARKS.md.
 #
-# The server under test runs on core 0 and the load generator on core 1, so they do not
-# fight for a core. Each system is started afresh for each scenario. SYSTEMS, ROUNDS and
-# STEP_SECS narrow or widen a run.
+# Every Rust server gets the same tokio worker count: one worker pinned to core 0 for the
+# headline tables (the load generator on core 1, so they do not fight for a core), and
+# WORKERS2 workers on cores 0-1 for a second S1 table (the generator, still on core 1,
+# then shares a core with the server). Django/daphne is one process whatever the count.
+# Each system is started afresh for each run. S1 and S3 hold each of a few fixed rates and
+# report, per rate, delivered/expected, p50/p99, server CPU and deliveries per server
+# CPU-second (deliveries over the CPU time the server's process used, from /proc): the
+# primary figure, over all the fixed steps together, which a neighbour's burst moves far
+# less than a rate does. Then each searches for the highest sustained rate (no loss, p99
+# within 100 ms, S3 one second). The Rust systems take turns, the order swapped every
+# round. About twenty minutes on 2 cores.
 #
-# The history scenarios (channelgate only): H1, publish cost with history on against off
-# (H1_ROUNDS rounds taking turns, H1_RATE deliveries/s for H1_SECS, H1_CONNS sockets in
-# groups of 100), R1, one socket replaying R1_EVENTS events, and R2, a replay storm of
-# R2_SOCKETS sockets after a node is killed. ONLY=history runs just those, ONLY=classic
-# just S1..S5; a run with ONLY set writes bench/results/$ONLY.jsonl and
-# target/bench/BENCHMARKS-$ONLY.md, not BENCHMARKS.md (RESULTS and REPORT override both).
-# ONLY=presence runs bench/presence.sh (P1, presence in one space of 1,000 members) instead,
-# into bench/results/presence.jsonl and target/bench/presence.md.
+# Knobs (environment), defaults in brackets:
+#   SYSTEMS    systems side by side ["channelgate raw django"]; Django runs once
+#   ROUNDS     rounds of S1 and S3 on one worker [3]
+#   ROUNDS2    rounds of S1 on WORKERS2 workers [3]
+#   WORKERS2   the second table's worker count [2]; 0 skips that table
+#   RATES      S1's fixed rates, deliveries/s, comma-separated [40000,65000,80000,95000]
+#   S3_RATES   S3's fixed rates [250000,500000,800000]
+#   RATE_SECS  seconds each fixed rate is held [4]
+#   STEP_SECS  seconds of each step of the search for the highest sustained rate [2]
+#   S6_GROUPS S6_SECS S6_ROUNDS  S6, publish ingest: groups (one socket each) [10000],
+#              seconds per phase [5], rounds of one node and two nodes taking turns [2]
+#   S6_IN_FLIGHT S6_BATCH S6_BATCH_IN_FLIGHT  Publish calls in flight [32], events per
+#              PublishBatch [100], PublishBatch calls in flight [4]
+#   H1_ROUNDS H1_RATE H1_SECS H1_CONNS R1_EVENTS R2_SOCKETS  the history scenarios: H1,
+#              publish cost with history on against off ([3] rounds taking turns, [30000]
+#              deliveries/s for [4] s, [10000] sockets in groups of 100), R1, one socket
+#              replaying [10000] events, and R2, a replay storm of [1000] sockets after a
+#              node is killed
+#   ONLY       a part: classic (S1..S5), fanout (S1 and S3 only, both tables), ingest (S6),
+#              history (H1, R1, R2), or presence (bench/presence.sh: P1, presence in one
+#              space of 1,000, into bench/results/presence.jsonl and target/bench/presence.md)
+#   RESULTS REPORT  where the JSON lines and the report go [bench/results/latest.jsonl and
+#              BENCHMARKS.md; with ONLY set, bench/results/$ONLY.jsonl and
+#              target/bench/BENCHMARKS-$ONLY.md]
+#
+# `bash bench/callgrind.sh` counts instructions per delivery instead, which the machine's
+# noise cannot move.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ${ONLY:-} == presence ]]; then exec bash bench/presence.sh; fi
 root=$(pwd)
 systems=${SYSTEMS:-"channelgate raw django"}
-step_secs=${STEP_SECS:-2}
 rounds=${ROUNDS:-3}
+rounds2=${ROUNDS2:-3}
+workers2=${WORKERS2:-2}
+rates=${RATES:-40000,65000,80000,95000}
+s3_rates=${S3_RATES:-250000,500000,800000}
+rate_secs=${RATE_SECS:-4}
+step_secs=${STEP_SECS:-2}
+s6_groups=${S6_GROUPS:-10000}
+s6_secs=${S6_SECS:-5}
+s6_rounds=${S6_ROUNDS:-2}
+s6_in_flight=${S6_IN_FLIGHT:-32}
+s6_batch=${S6_BATCH:-100}
+s6_batch_in_flight=${S6_BATCH_IN_FLIGHT:-4}
 only=${ONLY:-}
 h1_rounds=${H1_ROUNDS:-3}
 h1_rate=${H1_RATE:-30000}
@@ -31,19 +69,22 @@ r1_events=${R1_EVENTS:-10000}
 r2_sockets=${R2_SOCKETS:-1000}
 case $only in
   "") results=${RESULTS:-bench/results/latest.jsonl}; report=${REPORT:-BENCHMARKS.md} ;;
-  history|classic)
+  history|classic|fanout|ingest)
     results=${RESULTS:-bench/results/$only.jsonl}; report=${REPORT:-target/bench/BENCHMARKS-$only.md} ;;
-  *) echo "ONLY is history, classic or presence, not $only" >&2; exit 2 ;;
+  *) echo "ONLY is classic, fanout, ingest, history or presence, not $only" >&2; exit 2 ;;
 esac
-classic() { [[ $only != history ]]; }
-history_runs() { [[ $only != classic && " $systems " == *" channelgate "* ]]; }
+has() { [[ " $systems " == *" $1 "* ]]; }
+classic() { [[ -z $only || $only == classic ]]; }
+fanout_runs() { [[ -z $only || $only == classic || $only == fanout ]]; }
+ingest_runs() { [[ (-z $only || $only == ingest) ]] && has channelgate; }
+history_runs() { [[ (-z $only || $only == history) ]] && has channelgate; }
 mkdir -p bench/results target/bench
 : >"$results"
 ulimit -n 20000
 
 echo "building release binaries"
 cargo build --release -q -p channelgate -p channelgate-bench
-if classic && [[ " $systems " == *" django "* ]]; then
+if fanout_runs && has django; then
   bash bench/peers/django/setup.sh
 fi
 
@@ -56,48 +97,55 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 server_pid=
-# Starts one system on core 0 on fresh ports (reusing ports would meet the last run's
-# TIME_WAIT sockets); sets ws_port, grpc_port and server_pid (whose CPU and RSS count).
-# Further arguments are channelgate flags.
+# Starts one system with WORKERS tokio workers on CORES (taskset's list) on fresh ports
+# (reusing ports would meet the last run's TIME_WAIT sockets); sets ws_port, grpc_port and
+# server_pid (whose CPU and RSS count). Further arguments are channelgate flags. Django is
+# one daphne process (and a redis-server beside it, on the same cores) whatever WORKERS.
 start_system() {
-  local system=$1; shift
+  local system=$1 workers=$2 cores=$3; shift 3
   ws_port=$(free_port)
   grpc_port=$(free_port)
   case $system in
     channelgate)
-      taskset -c 0 ./target/release/channelgate --dev --jwt-secret "$secret" \
-        --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" "$@" \
+      taskset -c "$cores" ./target/release/channelgate --dev --jwt-secret "$secret" \
+        --workers "$workers" --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" "$@" \
         >target/bench/channelgate.log 2>&1 &
       server_pid=$!; pids+=("$server_pid") ;;
     raw)
-      taskset -c 0 ./target/release/rawcast "127.0.0.1:$ws_port" >target/bench/raw.log 2>&1 &
+      # tokio's runtime takes its worker count from TOKIO_WORKER_THREADS.
+      TOKIO_WORKER_THREADS=$workers taskset -c "$cores" ./target/release/rawcast "127.0.0.1:$ws_port" \
+        >target/bench/raw.log 2>&1 &
       server_pid=$!; pids+=("$server_pid") ;;
     django)
       redis_port=$(free_port)
-      taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+      taskset -c "$cores" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
       pids+=($!)
       wait_port "$redis_port"
       export REDIS_URL="redis://127.0.0.1:$redis_port/0" JWT_SECRET="$secret"
-      taskset -c 0 bash bench/peers/django/run.sh "$ws_port" >target/bench/django.log 2>&1 &
+      taskset -c "$cores" bash bench/peers/django/run.sh "$ws_port" >target/bench/django.log 2>&1 &
       server_pid=$!; pids+=("$server_pid") ;;
+    *) echo "unknown system $system (SYSTEMS: channelgate, raw, django)" >&2; exit 2 ;;
   esac
   wait_port "$ws_port"
   if [[ $system == channelgate ]]; then wait_port "$grpc_port"; fi
 }
 
-# A redis-server and two channelgate nodes on it, all three on core 0, with the channelgate
-# flags given; sets ws_ports, grpc_ports, node_pids and redis_pid.
+# A redis-server and two channelgate nodes on it, one worker each: node A and redis-server
+# on CORES_A, node B on CORES_B, with the channelgate flags given; sets ws_ports, grpc_ports,
+# node_pids and redis_pid.
 start_cluster() {
+  local cores_a=$1 cores_b=$2; shift 2
+  local cores=("$cores_a" "$cores_b")
   ws_ports=("$(free_port)" "$(free_port)")
   grpc_ports=("$(free_port)" "$(free_port)")
   local redis_port; redis_port=$(free_port)
-  taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+  taskset -c "$cores_a" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
   redis_pid=$!; pids+=("$redis_pid")
   wait_port "$redis_port"
   node_pids=()
   for n in 0 1; do
-    taskset -c 0 ./target/release/channelgate --dev --jwt-secret "$secret" --node-id "node-$n" \
-      --redis-url "redis://127.0.0.1:$redis_port/" \
+    taskset -c "${cores[n]}" ./target/release/channelgate --dev --jwt-secret "$secret" --node-id "node-$n" \
+      --workers 1 --redis-url "redis://127.0.0.1:$redis_port/" \
       --ws-addr "127.0.0.1:${ws_ports[n]}" --grpc-addr "127.0.0.1:${grpc_ports[n]}" "$@" \
       >"target/bench/node-$n.log" 2>&1 &
     node_pids+=($!); pids+=($!)
@@ -112,70 +160,131 @@ loadgen_cg() {
     | tee -a "$results"
 }
 
+# The load generator on core 1 against the system start_system started; stopped after ten
+# minutes whatever happens (Django's 19,000 sockets take a minute and a half to open).
 loadgen() { # system, scenario args...
   local system=$1; shift
-  taskset -c 1 ./target/release/loadgen --system "$system" --jwt-secret "$secret" \
+  timeout 600 taskset -c 1 ./target/release/loadgen --system "$system" --jwt-secret "$secret" \
     --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
     --server-pid "$server_pid" \
     --django-publisher "$root/bench/.venv-django/bin/python $root/bench/peers/django/publisher.py" \
     "$@" | tee -a "$results"
 }
 
-# The first step's deliveries/s: system, Rust systems' rate, Django's (default 200).
-start_rate() { case $1 in django) echo "${3:-200}" ;; *) echo "$2" ;; esac; }
+# The Rust systems in the order of a round: as given in odd rounds, reversed in even ones.
+rust_order() { # round
+  local list=() s
+  for s in $systems; do [[ $s == django ]] || list+=("$s"); done
+  if (( $1 % 2 == 0 )); then
+    local reversed=() i
+    for (( i = ${#list[@]} - 1; i >= 0; i-- )); do reversed+=("${list[i]}"); done
+    list=("${reversed[@]}")
+  fi
+  echo "${list[@]}"
+}
 
-# Memory per idle connection barely moves between runs: one round.
+# S1 on one system: WORKERS workers on CORES, round ROUND. Its 10,000 sockets open as fast
+# as they go: that opening is S4's connect storm. Django has no fixed rates (it sustains a
+# few hundred deliveries a second): its search starts at 200.
+s1() { # system workers cores round
+  local system=$1 workers=$2 cores=$3 round=$4
+  echo "== $system: S1 and S4, $workers worker(s) on cores $cores, round $round"
+  start_system "$system" "$workers" "$cores"
+  if [[ $system == django ]]; then
+    loadgen "$system" fanout-search --scenario S1 --storm-scenario S4 --conns 10000 --groups 100 \
+      --start-rate 200 --step-secs "$step_secs" --round "$round" || true
+  else
+    loadgen "$system" fanout-search --scenario S1 --storm-scenario S4 --conns 10000 --groups 100 \
+      --rates "$rates" --rate-secs "$rate_secs" --start-rate 40000 --step-secs "$step_secs" \
+      --workers "$workers" --round "$round" || true
+  fi
+  cleanup
+}
+
+# S3 likewise. One event reaches 5,000 sockets one write at a time, so its last delivery
+# comes a fan-out later; a step therefore holds with a p99 up to one second, not 100 ms.
+s3() { # system workers cores round
+  local system=$1 workers=$2 cores=$3 round=$4
+  echo "== $system: S3, $workers worker(s) on cores $cores, round $round"
+  start_system "$system" "$workers" "$cores"
+  if [[ $system == django ]]; then
+    loadgen "$system" fanout-search --scenario S3 --conns 5000 --groups 1 --max-p99-ms 1000 \
+      --start-rate 5000 --step-secs "$step_secs" --round "$round" || true
+  else
+    loadgen "$system" fanout-search --scenario S3 --conns 5000 --groups 1 --max-p99-ms 1000 \
+      --rates "$s3_rates" --rate-secs "$rate_secs" --start-rate 400000 --step-secs "$step_secs" \
+      --workers "$workers" --round "$round" || true
+  fi
+  cleanup
+}
+
+# Memory per idle connection barely moves between runs: one round, one worker.
 classic && for system in $systems; do
   echo "== $system: S2"
-  start_system "$system"
+  start_system "$system" 1 0
   loadgen "$system" idle --conns 10000,19000 || true
   cleanup
 done
 
-# Throughput does move on a shared machine (a neighbour's burst can halve a run): the Rust
-# systems take turns for $rounds rounds, and the report gives every round and the ratios of
-# their medians. Django, far behind, runs once.
-classic && for round in $(seq "$rounds"); do
-  for system in $systems; do
-    if [[ $system == django && $round -gt 1 ]]; then continue; fi
-    echo "== $system: S1, S4 and S3, round $round"
-    start_system "$system"
-    # S1's 10,000 sockets open as fast as they go: that opening is S4's connect storm.
-    loadgen "$system" fanout-search --scenario S1 --storm-scenario S4 --conns 10000 --groups 100 \
-      --start-rate "$(start_rate "$system" 40000)" --step-secs "$step_secs" || true
-    cleanup
-    start_system "$system"
-    # One event reaches 5,000 sockets one write at a time, so its last delivery comes a
-    # fan-out later; S3 therefore runs until loss or a p99 over one second, not 100 ms.
-    loadgen "$system" fanout-search --scenario S3 --conns 5000 --groups 1 --max-p99-ms 1000 \
-      --start-rate "$(start_rate "$system" 400000 5000)" --step-secs "$step_secs" || true
-    cleanup
+# The headline: one worker on core 0, the Rust systems taking turns; Django once.
+if fanout_runs; then
+  for round in $(seq "$rounds"); do
+    for system in $(rust_order "$round"); do
+      s1 "$system" 1 0 "$round"
+      s3 "$system" 1 0 "$round"
+    done
+    if (( round == 1 )) && has django; then
+      s1 django 1 0 1
+      s3 django 1 0 1
+    fi
   done
-done
+  # The second table: WORKERS2 workers on cores 0-1, the generator still on core 1.
+  if (( workers2 > 0 )); then
+    for round in $(seq "$rounds2"); do
+      for system in $(rust_order "$round"); do
+        s1 "$system" "$workers2" "0-1" "$round"
+      done
+    done
+  fi
+fi
 
-if classic && [[ " $systems " == *" channelgate "* ]]; then
+if classic && has channelgate; then
+  # Every server process counts: both nodes and redis-server, all on core 0.
   echo "== channelgate, two nodes through Redis (S5)"
-  ws_ports=("$(free_port)" "$(free_port)")
-  grpc_ports=("$(free_port)" "$(free_port)")
-  redis_port=$(free_port)
-  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
-  pids+=($!)
-  wait_port "$redis_port"
-  for n in 0 1; do
-    taskset -c 0 ./target/release/channelgate --dev --jwt-secret "$secret" --node-id "node-$n" \
-      --redis-url "redis://127.0.0.1:$redis_port/" \
-      --ws-addr "127.0.0.1:${ws_ports[n]}" --grpc-addr "127.0.0.1:${grpc_ports[n]}" \
-      >"target/bench/node-$n.log" 2>&1 &
-    pids+=($!)
-  done
-  wait_port "${ws_ports[0]}"; wait_port "${ws_ports[1]}"
-  server_pid=${pids[-2]}
-  taskset -c 1 ./target/release/loadgen --system channelgate --jwt-secret "$secret" \
-    --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" --grpc-addr "127.0.0.1:${grpc_ports[0]}" \
-    --server-pid "${pids[-2]}" --server-pid "${pids[-1]}" \
-    fanout-search --scenario S5 --conns 10000 --groups 100 --start-rate 40000 --step-secs "$step_secs" \
-    | tee -a "$results" || true
+  start_cluster 0 0
+  loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" --grpc-addr "127.0.0.1:${grpc_ports[0]}" \
+    --server-pid "${node_pids[0]}" --server-pid "${node_pids[1]}" --server-pid "$redis_pid" \
+    fanout-search --scenario S5 --conns 10000 --groups 100 --rates "$rates" --rate-secs "$rate_secs" \
+    --start-rate 40000 --step-secs "$step_secs" --workers 1 || true
   cleanup
+fi
+
+if ingest_runs; then
+  # S6: one socket in each of S6_GROUPS groups, Publish with S6_IN_FLIGHT calls in flight,
+  # then PublishBatch. One node: on core 0, the generator on core 1. Two nodes: node A
+  # (which the generator publishes through) and redis-server on core 0, node B with the
+  # generator on core 1; the sockets alternate between the nodes, so half the events cross
+  # Redis to node B. One node and two take turns.
+  s6=(ingest --groups "$s6_groups" --secs "$s6_secs" --in-flight "$s6_in_flight"
+    --batch "$s6_batch" --batch-in-flight "$s6_batch_in_flight")
+  for round in $(seq "$s6_rounds"); do
+    order="one two"; if (( round % 2 == 0 )); then order="two one"; fi
+    for nodes in $order; do
+      if [[ $nodes == one ]]; then
+        echo "== channelgate: S6, one node, round $round"
+        start_system channelgate 1 0
+        loadgen_cg --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
+          --server-pid "$server_pid" "${s6[@]}" --round "$round" || true
+      else
+        echo "== channelgate: S6, two nodes through Redis, round $round"
+        start_cluster 0 1
+        loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" \
+          --grpc-addr "127.0.0.1:${grpc_ports[0]}" --server-pid "${node_pids[0]}" \
+          --server-pid "${node_pids[1]}" --server-pid "$redis_pid" "${s6[@]}" --round "$round" || true
+      fi
+      cleanup
+    done
+  done
 fi
 
 if history_runs; then
@@ -187,14 +296,14 @@ if history_runs; then
     order="on off"; if (( round % 2 == 0 )); then order="off on"; fi
     for history in $order; do
       echo "== channelgate: H1, one node, history $history, round $round"
-      start_system channelgate --history "$history"
+      start_system channelgate 1 0 --history "$history"
       loadgen_cg --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
         --server-pid "$server_pid" "${h1[@]}" --history "$history" --round "$round" || true
       cleanup
     done
     for history in $order; do
       echo "== channelgate: H1, two nodes on Redis, history $history, round $round"
-      start_cluster --history "$history"
+      start_cluster 0 0 --history "$history"
       loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" \
         --grpc-addr "127.0.0.1:${grpc_ports[0]}" --server-pid "${node_pids[0]}" \
         --server-pid "${node_pids[1]}" --server-pid "$redis_pid" \
@@ -207,12 +316,12 @@ if history_runs; then
   # one node, replayed on the other).
   replay_flags=(--replay-limit "$r1_events" --history-size "$r1_events")
   echo "== channelgate: R1, one node"
-  start_system channelgate "${replay_flags[@]}"
+  start_system channelgate 1 0 "${replay_flags[@]}"
   loadgen_cg --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
     --server-pid "$server_pid" replay-one --events "$r1_events" --store memory || true
   cleanup
   echo "== channelgate: R1, two nodes on Redis"
-  start_cluster "${replay_flags[@]}"
+  start_cluster 0 0 "${replay_flags[@]}"
   loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]}" --grpc-addr "127.0.0.1:${grpc_ports[1]}" \
     --server-pid "${node_pids[0]}" --server-pid "$redis_pid" \
     replay-one --events "$r1_events" --store redis || true
@@ -220,7 +329,7 @@ if history_runs; then
 
   # R2: node A is lost under its sockets, which all come back on node B at once.
   echo "== channelgate: R2, replay storm after a node loss"
-  start_cluster
+  start_cluster 0 0
   # The load generator kills node A itself, once its sockets are in place; disowned, the
   # shell does not report that kill as a failure.
   disown "${node_pids[0]}"

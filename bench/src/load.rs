@@ -11,8 +11,9 @@ use channelgate::proto::gateway_client::GatewayClient;
 use channelgate::proto::{PublishRequest, publish_request::Target as GrpcTarget};
 use futures_util::SinkExt;
 use serde_json::json;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{Client, Frame};
@@ -136,22 +137,9 @@ impl Seen {
 
 /// CPU time (ticks) and RSS (KiB) of the server processes.
 pub(crate) fn proc_sample(pids: &[u32]) -> (u64, u64) {
-    let mut ticks = 0;
+    let (user, kernel) = proc_times(pids);
     let mut rss = 0;
     for pid in pids {
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // Fields after the command name, which may hold spaces: utime is 14th, stime 15th.
-            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-            let fields: Vec<&str> = after.split_whitespace().collect();
-            ticks += fields
-                .get(11)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0);
-            ticks += fields
-                .get(12)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
         if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
             rss += status
                 .lines()
@@ -161,7 +149,29 @@ pub(crate) fn proc_sample(pids: &[u32]) -> (u64, u64) {
                 .unwrap_or(0);
         }
     }
-    (ticks, rss)
+    (user + kernel, rss)
+}
+
+/// CPU time (ticks) of the processes in user space and in the kernel (utime, stime).
+pub(crate) fn proc_times(pids: &[u32]) -> (u64, u64) {
+    let mut user = 0;
+    let mut kernel = 0;
+    for pid in pids {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after the command name, which may hold spaces: utime is 14th, stime 15th.
+            let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let field = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            user += field(11);
+            kernel += field(12);
+        }
+    }
+    (user, kernel)
 }
 
 pub(crate) const TICKS_PER_SEC: f64 = 100.0;
@@ -304,6 +314,85 @@ pub(crate) fn payload(n: u64, group: usize, size: usize) -> String {
     )
 }
 
+/// A publisher of one system (channelgate over gRPC, the raw broadcaster over its publisher
+/// WebSocket; Django publishes through a process of its own, see [`publish`]).
+pub(crate) enum Publisher {
+    Grpc(GatewayClient<tonic::transport::Channel>),
+    Raw(Box<WebSocketStream<TcpStream>>),
+}
+
+impl Publisher {
+    pub(crate) async fn connect(setup: &Setup) -> Result<Publisher, String> {
+        match setup.system {
+            System::Channelgate => Ok(Publisher::Grpc(
+                GatewayClient::connect(format!("http://{}", setup.grpc_addr))
+                    .await
+                    .map_err(|e| format!("gRPC connect: {e}"))?,
+            )),
+            System::Raw => {
+                let url = format!("ws://{}/pub", setup.ws_addrs[0]);
+                let stream = TcpStream::connect(setup.ws_addrs[0])
+                    .await
+                    .map_err(|e| format!("raw publisher: {e}"))?;
+                // Without it Nagle holds each tick's frames for the last ones' ACK (tonic's
+                // gRPC publisher sets it too).
+                stream.set_nodelay(true).map_err(|e| e.to_string())?;
+                let (ws, _) = tokio_tungstenite::client_async(url, stream)
+                    .await
+                    .map_err(|e| format!("raw publisher: {e}"))?;
+                Ok(Publisher::Raw(Box::new(ws)))
+            }
+            System::Django => Err("the Django peer publishes through its own process".into()),
+        }
+    }
+
+    /// Publishes `(group, payload)` events to `table-{group}` all at once (gRPC: one call
+    /// each, all in flight together; raw: the frames in one write) and waits for every
+    /// answer (gRPC) or for the write (raw).
+    pub(crate) async fn publish_burst(
+        &mut self,
+        events: Vec<(usize, String)>,
+    ) -> Result<(), String> {
+        match self {
+            Publisher::Grpc(client) => {
+                let calls: Vec<_> = events
+                    .into_iter()
+                    .map(|(group, body)| {
+                        let mut client = client.clone();
+                        let request = PublishRequest {
+                            target: Some(GrpcTarget::Group(format!("table-{group}"))),
+                            payload: body,
+                            ..Default::default()
+                        };
+                        tokio::spawn(async move {
+                            tokio::time::timeout(PUBLISH_TIMEOUT, client.publish(request)).await
+                        })
+                    })
+                    .collect();
+                for call in calls {
+                    call.await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|_| "publish timed out".to_string())?
+                        .map_err(|status| format!("publish failed: {status}"))?;
+                }
+                Ok(())
+            }
+            Publisher::Raw(ws) => {
+                for (group, body) in events {
+                    let frame = format!("table-{group}\n{body}").into_bytes();
+                    ws.feed(Message::binary(frame))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                ws.flush().await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// How long one publish call may take.
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Publishes `events_per_sec` for `duration`, round robin over `groups` groups.
 async fn publish(
     setup: &Setup,
@@ -337,31 +426,7 @@ async fn publish(
     }
     let started = Instant::now();
     let mut sent = 0u64;
-    let mut grpc = None;
-    let mut raw = None;
-    match setup.system {
-        System::Channelgate => {
-            grpc = Some(
-                GatewayClient::connect(format!("http://{}", setup.grpc_addr))
-                    .await
-                    .map_err(|e| format!("gRPC connect: {e}"))?,
-            );
-        }
-        System::Raw => {
-            let url = format!("ws://{}/pub", setup.ws_addrs[0]);
-            let stream = tokio::net::TcpStream::connect(setup.ws_addrs[0])
-                .await
-                .map_err(|e| format!("raw publisher: {e}"))?;
-            // Without it Nagle holds each tick's frames for the last ones' ACK (tonic's
-            // gRPC publisher sets it too).
-            stream.set_nodelay(true).map_err(|e| e.to_string())?;
-            let (ws, _) = tokio_tungstenite::client_async(url, stream)
-                .await
-                .map_err(|e| format!("raw publisher: {e}"))?;
-            raw = Some(ws);
-        }
-        System::Django => {}
-    }
+    let mut publisher = Publisher::connect(setup).await?;
     let in_flight = Arc::new(Semaphore::new(256));
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     while sent < total {
@@ -370,33 +435,38 @@ async fn publish(
         while sent < due {
             let group = (sent as usize) % groups;
             let body = payload(sent, group, size);
-            if let Some(client) = &grpc {
-                let permit = in_flight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut client = client.clone();
-                let request = PublishRequest {
-                    target: Some(GrpcTarget::Group(format!("table-{group}"))),
-                    payload: body,
-                    ..Default::default()
-                };
-                tokio::spawn(async move {
-                    if let Err(status) = client.publish(request).await {
-                        eprintln!("publish failed: {status}");
-                    }
-                    drop(permit);
-                });
-            } else if let Some(ws) = &mut raw {
-                let frame = format!("table-{group}\n{body}").into_bytes();
-                ws.feed(Message::binary(frame))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            match &mut publisher {
+                Publisher::Grpc(client) => {
+                    let permit = in_flight
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mut client = client.clone();
+                    let request = PublishRequest {
+                        target: Some(GrpcTarget::Group(format!("table-{group}"))),
+                        payload: body,
+                        ..Default::default()
+                    };
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(PUBLISH_TIMEOUT, client.publish(request)).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(status)) => eprintln!("publish failed: {status}"),
+                            Err(_) => eprintln!("publish timed out"),
+                        }
+                        drop(permit);
+                    });
+                }
+                Publisher::Raw(ws) => {
+                    let frame = format!("table-{group}\n{body}").into_bytes();
+                    ws.feed(Message::binary(frame))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
             }
             sent += 1;
         }
-        if let Some(ws) = &mut raw {
+        if let Publisher::Raw(ws) = &mut publisher {
             ws.flush().await.map_err(|e| e.to_string())?;
         }
     }
@@ -406,15 +476,17 @@ async fn publish(
 }
 
 /// One paced run: what was expected, what arrived, how fast and how late.
+#[derive(Clone)]
 pub(crate) struct Step {
     pub deliveries_per_sec: f64,
     pub expected: u64,
     pub received: u64,
     pub latency_ms: [f64; 4],
     pub cpu_percent: f64,
-    /// Events published, and the server CPU seconds the step took.
+    /// Events published, and the server CPU seconds the step took (of them, in the kernel).
     pub events: u64,
     pub cpu_secs: f64,
+    pub kernel_secs: f64,
 }
 
 pub(crate) async fn step(
@@ -429,7 +501,7 @@ pub(crate) async fn step(
     let events_per_sec = deliveries_per_sec / members_per_group as f64;
     let before = seen.received.load(Ordering::Relaxed);
     seen.latency.take();
-    let (cpu_before, _) = proc_sample(&setup.server_pids);
+    let (user_before, kernel_before) = proc_times(&setup.server_pids);
     let started = Instant::now();
     let events = publish(setup, groups, events_per_sec, duration, size).await?;
     let expected = events * members_per_group as u64;
@@ -445,12 +517,14 @@ pub(crate) async fn step(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let (cpu_after, _) = proc_sample(&setup.server_pids);
+    let (user_after, kernel_after) = proc_times(&setup.server_pids);
     let received = seen.received.load(Ordering::Relaxed) - before;
-    let cpu_secs = (cpu_after - cpu_before) as f64 / TICKS_PER_SEC;
+    let kernel_secs = kernel_after.saturating_sub(kernel_before) as f64 / TICKS_PER_SEC;
+    let cpu_secs = user_after.saturating_sub(user_before) as f64 / TICKS_PER_SEC + kernel_secs;
     Ok(Step {
         events,
         cpu_secs,
+        kernel_secs,
         deliveries_per_sec: received as f64 / elapsed.max(duration.as_secs_f64()),
         expected,
         received,
@@ -479,78 +553,193 @@ fn sustains(result: &Step, max_p99_ms: f64) -> bool {
 /// Steps below the start rate a search may take when the first step fails (1.4x each).
 const MAX_STEPS_DOWN: u32 = 3;
 
-/// Fan-out (S1, S3, S5): opens the sockets, raises the rate until loss or p99 over
-/// `max_p99_ms` (stepping down first when the start rate is already too much), then
-/// measures latency at half the best sustained rate.
-#[allow(clippy::too_many_arguments)]
-pub async fn fanout(
-    setup: Setup,
-    conns: usize,
-    groups: usize,
-    start_rate: f64,
-    max_p99_ms: f64,
-    step_secs: f64,
-    size: usize,
-    scenario: &str,
-    storm_scenario: Option<&str>,
-) -> Result<(), String> {
+/// What a fan-out run (S1, S3, S5) measures.
+pub struct FanoutPlan {
+    pub scenario: String,
+    /// Also report the opening of the sockets as this connect storm (S4).
+    pub storm_scenario: Option<String>,
+    pub conns: usize,
+    pub groups: usize,
+    pub size: usize,
+    /// Fixed rates (deliveries/s), measured first and in this order, each for `rate_secs`.
+    pub rates: Vec<f64>,
+    pub rate_secs: f64,
+    /// The search for the highest sustained rate: its first step when there are no fixed
+    /// rates, its steps' length, and the p99 a sustained step stays within.
+    pub start_rate: f64,
+    pub step_secs: f64,
+    pub max_p99_ms: f64,
+    /// Labels of the result: the server's worker threads and the round.
+    pub workers: Option<u32>,
+    pub round: Option<u32>,
+}
+
+/// Between two steps, for the server's queues to settle.
+const PAUSE: Duration = Duration::from_millis(500);
+/// Steps a search may take at most (it ends much sooner: on a failure or a publisher that
+/// cannot keep up).
+const MAX_SEARCH_STEPS: u32 = 30;
+
+/// Deliveries per CPU-second of the server, or null when it used none that /proc shows.
+fn per_cpu_sec(delivered: u64, cpu_secs: f64) -> serde_json::Value {
+    if cpu_secs > 0.0 {
+        json!((delivered as f64 / cpu_secs).round())
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+/// One step as the result lists it.
+fn step_json(rate: f64, step: &Step) -> serde_json::Value {
+    json!({
+        "rate": rate.round(),
+        "expected": step.expected,
+        "received": step.received,
+        "deliveries_per_sec": step.deliveries_per_sec.round(),
+        "p50_ms": step.latency_ms[0],
+        "p90_ms": step.latency_ms[1],
+        "p99_ms": step.latency_ms[2],
+        "max_ms": step.latency_ms[3],
+        "cpu_percent": (step.cpu_percent * 10.0).round() / 10.0,
+        "cpu_secs": step.cpu_secs,
+        "kernel_secs": step.kernel_secs,
+        "deliveries_per_cpu_sec": per_cpu_sec(step.received, step.cpu_secs),
+    })
+}
+
+/// Fan-out (S1, S3, S5): opens the sockets, measures each fixed rate (after a second's
+/// warm-up at the first), then searches for the highest sustained rate (no loss, p99
+/// within `max_p99_ms`): upwards by 1.4x when every fixed rate held, downwards when the
+/// first failed, and in any case two geometric halvings between the last rate that held
+/// and the first that failed. Without fixed rates the search starts at `start_rate` and
+/// latency is then measured at half the best sustained rate.
+///
+/// The per-CPU figure is deliveries per server CPU-second over all the fixed steps
+/// together: every system under test gets the same schedule, so it is the same work.
+pub async fn fanout(setup: Setup, plan: FanoutPlan) -> Result<(), String> {
+    if plan.groups == 0 || plan.conns < plan.groups {
+        return Err(format!(
+            "fan-out needs at least one socket per group ({} sockets, {} groups)",
+            plan.conns, plan.groups
+        ));
+    }
     let setup = Arc::new(setup);
     let seen = Arc::new(Seen::new());
-    open_as_storm(&setup, conns, groups, &seen, storm_scenario).await?;
-    let members = conns / groups;
-    let duration = Duration::from_secs_f64(step_secs);
-    let mut rate = start_rate;
+    let storm = plan.storm_scenario.as_deref();
+    let labels = (plan.workers, plan.round);
+    open_as_storm(&setup, plan.conns, plan.groups, &seen, storm, labels).await?;
+    let members = plan.conns / plan.groups;
+    let groups = plan.groups;
+    let closed = || seen.closed.load(Ordering::Relaxed);
+    let search_step = Duration::from_secs_f64(plan.step_secs);
+
+    let mut fixed: Vec<(f64, Step)> = Vec::with_capacity(plan.rates.len());
+    if let Some(&first) = plan.rates.first() {
+        // Not reported: the first allocations, the caches, the publisher's connection.
+        let warm = Duration::from_secs(1);
+        step(&setup, &seen, groups, members, first, warm, plan.size).await?;
+        tokio::time::sleep(PAUSE).await;
+        let duration = Duration::from_secs_f64(plan.rate_secs);
+        for &rate in &plan.rates {
+            let result = step(&setup, &seen, groups, members, rate, duration, plan.size).await?;
+            log_step(&setup, &plan.scenario, rate, &result);
+            fixed.push((rate, result));
+            tokio::time::sleep(PAUSE).await;
+        }
+    }
+
+    // The fixed steps seed the search: the last that held below the first that failed.
     let mut best: Option<Step> = None;
+    let mut low = 0.0;
     let mut failed_rate = None;
     let mut lost = 0;
-    let mut steps_down = 0;
-    loop {
-        let result = step(&setup, &seen, groups, members, rate, duration, size).await?;
-        log_step(&setup, scenario, rate, &result);
-        if result.expected == 0 {
-            // Too slow to publish a single event in a step: not a measurement.
-            rate *= 1.4;
-            continue;
-        }
-        if !sustains(&result, max_p99_ms) {
+    for (rate, result) in &fixed {
+        if sustains(result, plan.max_p99_ms) && result.expected > 0 {
+            best = Some(result.clone());
+            low = *rate;
+        } else {
+            failed_rate = Some(*rate);
             lost = result.expected.saturating_sub(result.received);
-            failed_rate = Some(rate);
-            if best.is_none() {
-                // The machine is slower today than the start rate assumes: step down.
-                if steps_down < MAX_STEPS_DOWN && seen.closed.load(Ordering::Relaxed) == 0 {
-                    steps_down += 1;
-                    rate /= 1.4;
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    continue;
-                }
-                return report_unsustained(&setup, scenario, conns, groups, rate, &result);
-            }
             break;
         }
-        // The Django publisher is a process whose start-up counts in the step's time, so
-        // its measured rate trails the target even when every event arrived.
-        let keep_going = result.deliveries_per_sec >= rate * 0.9 || setup.system == System::Django;
-        best = Some(result);
-        // Found by stepping down: the step above it failed already.
-        if !keep_going || failed_rate.is_some() || seen.closed.load(Ordering::Relaxed) > 0 {
-            break;
-        }
-        rate *= 1.4;
     }
-    // A 1.4x step leaves the limit anywhere in 40 %: two geometric halvings between the
-    // last sustained rate and the failed one narrow it to 9 %.
-    if let Some(mut high) = failed_rate {
-        let mut low = high / 1.4;
+    let mut steps_down = 0;
+    let next = match (fixed.last(), &best, failed_rate) {
+        (None, _, _) => Some(plan.start_rate),
+        // Every fixed rate held: on upwards (from the start rate if that is higher), unless
+        // the publisher already fell behind.
+        (Some((rate, last)), Some(_), None) => (last.deliveries_per_sec >= rate * 0.9
+            || setup.system == System::Django)
+            .then_some((low * 1.4).max(plan.start_rate)),
+        (Some(_), Some(_), Some(_)) => None,
+        (Some(_), None, failed) => {
+            let (first_rate, first) = &fixed[0];
+            if closed() > 0 {
+                return report_unsustained(&setup, &plan, *first_rate, first, &fixed, closed());
+            }
+            steps_down = 1;
+            Some(failed.unwrap_or(*first_rate) / 1.4)
+        }
+    };
+    if let Some(mut rate) = next.filter(|_| closed() == 0) {
+        for _ in 0..MAX_SEARCH_STEPS {
+            let result = step(&setup, &seen, groups, members, rate, search_step, plan.size).await?;
+            log_step(&setup, &plan.scenario, rate, &result);
+            if result.expected == 0 {
+                // Too slow to publish a single event in a step: not a measurement.
+                rate *= 1.4;
+                continue;
+            }
+            if !sustains(&result, plan.max_p99_ms) {
+                lost = result.expected.saturating_sub(result.received);
+                failed_rate = Some(rate);
+                if best.is_none() {
+                    // The machine is slower today than the start rate assumes: step down.
+                    if steps_down < MAX_STEPS_DOWN && closed() == 0 {
+                        steps_down += 1;
+                        rate /= 1.4;
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        continue;
+                    }
+                    return report_unsustained(&setup, &plan, rate, &result, &fixed, closed());
+                }
+                break;
+            }
+            // The Django publisher is a process whose start-up counts in the step's time, so
+            // its measured rate trails the target even when every event arrived.
+            let keep_going =
+                result.deliveries_per_sec >= rate * 0.9 || setup.system == System::Django;
+            best = Some(result);
+            low = rate;
+            // Found by stepping down: the step above it failed already.
+            if !keep_going || failed_rate.is_some() || closed() > 0 {
+                break;
+            }
+            rate *= 1.4;
+        }
+    }
+    // Two geometric halvings between the last sustained rate and the failed one narrow the
+    // limit to a quarter of their ratio's logarithm (9 % of a 1.4x step).
+    if let (Some(mut high), Some(_)) = (failed_rate, &best) {
         for _ in 0..2 {
-            if seen.closed.load(Ordering::Relaxed) > 0 {
+            if closed() > 0 || high / low < 1.04 {
                 break;
             }
             // Let the failed step's backlog drain first.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let middle = (low * high).sqrt();
-            let result = step(&setup, &seen, groups, members, middle, duration, size).await?;
-            log_step(&setup, scenario, middle, &result);
-            if sustains(&result, max_p99_ms) && result.expected > 0 {
+            let result = step(
+                &setup,
+                &seen,
+                groups,
+                members,
+                middle,
+                search_step,
+                plan.size,
+            )
+            .await?;
+            log_step(&setup, &plan.scenario, middle, &result);
+            if sustains(&result, plan.max_p99_ms) && result.expected > 0 {
                 low = middle;
                 best = Some(result);
             } else {
@@ -560,69 +749,172 @@ pub async fn fanout(
         }
     }
     let Some(best) = best else {
-        return Err(format!("not even {start_rate}/s was sustained"));
+        return Err(format!("not even {}/s was sustained", plan.start_rate));
     };
-    // Let the backlog of the failed step drain before measuring at half rate.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let half = step(
-        &setup,
-        &seen,
-        groups,
-        members,
-        best.deliveries_per_sec / 2.0,
-        duration,
-        size,
-    )
-    .await?;
+    let half = if plan.rates.is_empty() {
+        // Let the backlog of the failed step drain before measuring at half rate.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rate = best.deliveries_per_sec / 2.0;
+        Some(step(&setup, &seen, groups, members, rate, search_step, plan.size).await?)
+    } else {
+        None
+    };
     let (_, rss_kib) = proc_sample(&setup.server_pids);
-    let result = json!({
-        "scenario": scenario,
-        "system": setup.system.name(),
-        "conns": conns,
-        "groups": groups,
-        "deliveries_per_sec": best.deliveries_per_sec.round(),
-        "cpu_percent_at_best": best.cpu_percent.round(),
-        "lost_in_failed_step": lost,
-        "half_rate": (best.deliveries_per_sec / 2.0).round(),
-        "half_expected": half.expected,
-        "half_received": half.received,
-        "p50_ms_at_half": half.latency_ms[0],
-        "p90_ms_at_half": half.latency_ms[1],
-        "p99_ms_at_half": half.latency_ms[2],
-        "max_ms_at_half": half.latency_ms[3],
-        "cpu_percent_at_half": half.cpu_percent.round(),
-        "rss_kib": rss_kib,
-        "slow_consumer_closes": seen.closed.load(Ordering::Relaxed),
-    });
+    let mut result = result_head(&setup, &plan, &fixed);
+    let fields = [
+        ("deliveries_per_sec", json!(best.deliveries_per_sec.round())),
+        ("sustained_rate", json!(low.round())),
+        ("cpu_percent_at_best", json!(best.cpu_percent.round())),
+        (
+            "deliveries_per_cpu_sec_at_best",
+            per_cpu_sec(best.received, best.cpu_secs),
+        ),
+        ("p50_ms_at_best", json!(best.latency_ms[0])),
+        ("p99_ms_at_best", json!(best.latency_ms[2])),
+        ("lost_in_failed_step", json!(lost)),
+        ("rss_kib", json!(rss_kib)),
+        ("slow_consumer_closes", json!(closed())),
+    ];
+    extend(&mut result, fields);
+    if let Some(half) = half {
+        let fields = [
+            ("half_rate", json!((best.deliveries_per_sec / 2.0).round())),
+            ("half_expected", json!(half.expected)),
+            ("half_received", json!(half.received)),
+            ("p50_ms_at_half", json!(half.latency_ms[0])),
+            ("p90_ms_at_half", json!(half.latency_ms[1])),
+            ("p99_ms_at_half", json!(half.latency_ms[2])),
+            ("max_ms_at_half", json!(half.latency_ms[3])),
+            ("cpu_percent_at_half", json!(half.cpu_percent.round())),
+        ];
+        extend(&mut result, fields);
+    }
     println!("{result}");
     Ok(())
 }
 
-/// The first step already failed: report it, so the table says how far off it was.
+/// What every fan-out result starts with: what ran, and the fixed steps.
+fn result_head(setup: &Setup, plan: &FanoutPlan, fixed: &[(f64, Step)]) -> serde_json::Value {
+    let delivered = fixed.iter().map(|(_, s)| s.received).sum();
+    let cpu_secs: f64 = fixed.iter().map(|(_, s)| s.cpu_secs).sum();
+    let kernel_secs: f64 = fixed.iter().map(|(_, s)| s.kernel_secs).sum();
+    json!({
+        "scenario": plan.scenario,
+        "system": setup.system.name(),
+        "workers": plan.workers,
+        "round": plan.round,
+        "conns": plan.conns,
+        "groups": plan.groups,
+        "rate_secs": plan.rate_secs,
+        "fixed": fixed.iter().map(|(rate, s)| step_json(*rate, s)).collect::<Vec<_>>(),
+        "deliveries_per_cpu_sec": if fixed.is_empty() { serde_json::Value::Null } else { per_cpu_sec(delivered, cpu_secs) },
+        "kernel_share": if cpu_secs > 0.0 { json!((kernel_secs / cpu_secs * 1000.0).round() / 1000.0) } else { serde_json::Value::Null },
+    })
+}
+
+fn extend<const N: usize>(object: &mut serde_json::Value, fields: [(&str, serde_json::Value); N]) {
+    if let Some(map) = object.as_object_mut() {
+        for (key, value) in fields {
+            map.insert(key.to_owned(), value);
+        }
+    }
+}
+
+/// The first step already failed, and the steps below it too: report it, so the table
+/// says how far off it was.
 fn report_unsustained(
     setup: &Setup,
-    scenario: &str,
-    conns: usize,
-    groups: usize,
+    plan: &FanoutPlan,
     rate: f64,
     first: &Step,
+    fixed: &[(f64, Step)],
+    closes: usize,
 ) -> Result<(), String> {
     let (_, rss_kib) = proc_sample(&setup.server_pids);
-    let result = json!({
-        "scenario": scenario,
-        "system": setup.system.name(),
-        "conns": conns,
-        "groups": groups,
-        "deliveries_per_sec": 0,
-        "unsustained_rate": rate.round(),
-        "unsustained_received": first.received,
-        "unsustained_expected": first.expected,
-        "unsustained_p50_ms": first.latency_ms[0],
-        "unsustained_p99_ms": first.latency_ms[2],
-        "cpu_percent_at_best": first.cpu_percent.round(),
-        "rss_kib": rss_kib,
-    });
+    let mut result = result_head(setup, plan, fixed);
+    let fields = [
+        ("deliveries_per_sec", json!(0)),
+        ("unsustained_rate", json!(rate.round())),
+        ("unsustained_received", json!(first.received)),
+        ("unsustained_expected", json!(first.expected)),
+        ("unsustained_p50_ms", json!(first.latency_ms[0])),
+        ("unsustained_p99_ms", json!(first.latency_ms[2])),
+        ("cpu_percent_at_best", json!(first.cpu_percent.round())),
+        (
+            "deliveries_per_cpu_sec_at_best",
+            per_cpu_sec(first.received, first.cpu_secs),
+        ),
+        ("rss_kib", json!(rss_kib)),
+        ("slow_consumer_closes", json!(closes)),
+    ];
+    extend(&mut result, fields);
     println!("{result}");
+    Ok(())
+}
+
+/// Lock-step fan-out, for counting instructions (`bench/callgrind.sh`): `sockets`
+/// subscribers in `groups` groups, and `events` published `burst` at a time (round robin
+/// over the groups, all of a burst at once), each burst once the previous one reached every
+/// member of its groups (then `gap`). With bursts of one, no run batches writes more than
+/// another; bursts of several events per group make every socket's writes queue up, as
+/// under load. Channelgate and the raw broadcaster.
+pub async fn lockstep(
+    setup: Setup,
+    sockets: usize,
+    groups: usize,
+    events: u64,
+    burst: u64,
+    gap: Duration,
+) -> Result<(), String> {
+    if groups == 0 || !sockets.is_multiple_of(groups) || burst == 0 {
+        return Err(format!(
+            "{sockets} sockets do not make {groups} groups of the same size, or bursts of {burst}"
+        ));
+    }
+    let setup = Arc::new(setup);
+    let seen = Arc::new(Seen::new());
+    let took = open(&setup, 0..sockets, groups, &seen).await?;
+    eprintln!(
+        "{sockets} sockets subscribed in {:.2} s",
+        took.as_secs_f64()
+    );
+    let members = (sockets / groups) as u64;
+    let mut publisher = Publisher::connect(&setup).await?;
+    let started = Instant::now();
+    let mut first = 0;
+    while first < events {
+        let end = (first + burst).min(events);
+        let bodies = (first..end)
+            .map(|n| {
+                let group = (n as usize) % groups;
+                (group, payload(n, group, 200))
+            })
+            .collect();
+        publisher.publish_burst(bodies).await?;
+        let due = end * members;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while seen.received.load(Ordering::Relaxed) < due {
+            if Instant::now() > deadline || seen.closed.load(Ordering::Relaxed) > 0 {
+                return Err(format!(
+                    "events {first}..{end}: {} of {due} deliveries, {} sockets closed",
+                    seen.received.load(Ordering::Relaxed),
+                    seen.closed.load(Ordering::Relaxed)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        first = end;
+    }
+    let [p50, _, p99, max] = percentiles(&seen.latency.take());
+    println!(
+        "{} deliveries of {events} events ({burst} at a time) to {sockets} sockets in {groups} \
+         groups in {:.2} s; p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
+        seen.received.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -659,6 +951,7 @@ pub async fn storm(setup: Setup, conns: usize) -> Result<(), String> {
         100,
         &Arc::new(Seen::new()),
         Some("S4"),
+        (None, None),
     )
     .await
 }
@@ -671,6 +964,7 @@ async fn open_as_storm(
     groups: usize,
     seen: &Arc<Seen>,
     scenario: Option<&str>,
+    (workers, round): (Option<u32>, Option<u32>),
 ) -> Result<(), String> {
     let (cpu_before, _) = proc_sample(&setup.server_pids);
     let took = open(setup, 0..conns, groups, seen).await?;
@@ -679,6 +973,8 @@ async fn open_as_storm(
         let result = json!({
             "scenario": scenario,
             "system": setup.system.name(),
+            "workers": workers,
+            "round": round,
             "conns": conns,
             "seconds_to_last_page_add": (took.as_secs_f64() * 1000.0).round() / 1000.0,
             "handshakes_per_sec": (conns as f64 / took.as_secs_f64()).round(),

@@ -5,7 +5,6 @@
 //! client computes publish-to-receive latency when the frame arrives.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use channelgate::identity::sign_access_token;
@@ -18,6 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 mod client;
 mod history;
+mod ingest;
 mod load;
 mod presence;
 
@@ -62,16 +62,31 @@ enum Scenario {
         #[arg(long, default_value_t = 2000)]
         count: u64,
     },
-    /// Fan-out (S1, S3, S5): rate raised until loss or p99 over the limit, then p50/p99
-    /// at half the best sustained rate. `--ws-addr` may list several nodes, comma-separated.
+    /// Fan-out (S1, S3, S5): each of `--rates` for `--rate-secs` (delivered, latency, server
+    /// CPU, deliveries per server CPU-second), then the highest sustained rate (no loss, p99
+    /// within `--max-p99-ms`), searched from the fixed rates' outcome; without `--rates`,
+    /// from `--start-rate`, with p50/p99 at half the best. `--ws-addr` may list several
+    /// nodes, comma-separated.
     FanoutSearch {
         #[arg(long)]
         scenario: String,
+        /// Fixed rates in deliveries per second, comma-separated, measured in this order.
+        #[arg(long, value_delimiter = ',')]
+        rates: Vec<f64>,
+        #[arg(long, default_value_t = 4.0)]
+        rate_secs: f64,
+        /// The server's worker threads (only labels the result).
+        #[arg(long)]
+        workers: Option<u32>,
+        /// Labels the result.
+        #[arg(long)]
+        round: Option<u32>,
         #[arg(long, default_value_t = 10_000)]
         conns: usize,
         #[arg(long, default_value_t = 100)]
         groups: usize,
-        /// Deliveries per second of the first step.
+        /// Deliveries per second of the search's first step (with `--rates`: the least it
+        /// goes on from when every fixed rate held).
         #[arg(long, default_value_t = 20_000.0)]
         start_rate: f64,
         #[arg(long, default_value_t = 100.0)]
@@ -172,14 +187,44 @@ enum Scenario {
         #[arg(long, default_value = "127.0.0.1:18002")]
         grpc_addr: String,
     },
-    /// N subscribers of one group; events published one at a time, `gap_ms` apart.
+    /// Lock-step fan-out for instruction counts (bench/callgrind.sh): `sockets` subscribers
+    /// in `groups` groups; `events` published `burst` at a time (round robin over the
+    /// groups, a burst all at once), each burst once the previous one reached all its
+    /// sockets, then `gap_ms`. `--system channelgate` publishes over gRPC, `raw` over the
+    /// raw broadcaster's publisher socket.
     Fanout {
         #[arg(long, default_value_t = 1000)]
-        sockets: u64,
+        sockets: usize,
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
         #[arg(long, default_value_t = 100)]
         events: u64,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 1)]
+        burst: u64,
+        #[arg(long, default_value_t = 0)]
         gap_ms: u64,
+    },
+    /// S6, publish ingest: `groups` groups with one socket each (over the `--ws-addr` nodes,
+    /// round robin); `in_flight` Publish calls (one event each, the groups round robin) kept
+    /// in flight for `secs`, then `batch_in_flight` PublishBatch calls of `batch` events for
+    /// `secs`, through `--grpc-addr`: events accepted and delivered a second, publish to
+    /// socket latency, server CPU. Channelgate only.
+    Ingest {
+        #[arg(long, default_value_t = 10_000)]
+        groups: usize,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        #[arg(long, default_value_t = 32)]
+        in_flight: usize,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_in_flight: usize,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        /// Labels the result.
+        #[arg(long, default_value_t = 1)]
+        round: u32,
     },
 }
 
@@ -336,6 +381,10 @@ async fn main() -> Result<(), String> {
         } => return serve_authorizer(http_addr, grpc_addr).await,
         Scenario::FanoutSearch {
             scenario,
+            rates,
+            rate_secs,
+            workers,
+            round,
             conns,
             groups,
             start_rate,
@@ -344,18 +393,54 @@ async fn main() -> Result<(), String> {
             size,
             storm_scenario,
         } => {
-            return load::fanout(
-                setup()?,
-                *conns,
-                *groups,
-                *start_rate,
-                *max_p99_ms,
-                *step_secs,
-                *size,
-                scenario,
-                storm_scenario.as_deref(),
-            )
-            .await;
+            let plan = load::FanoutPlan {
+                scenario: scenario.clone(),
+                storm_scenario: storm_scenario.clone(),
+                conns: *conns,
+                groups: *groups,
+                size: *size,
+                rates: rates.clone(),
+                rate_secs: *rate_secs,
+                start_rate: *start_rate,
+                step_secs: *step_secs,
+                max_p99_ms: *max_p99_ms,
+                workers: *workers,
+                round: *round,
+            };
+            return load::fanout(setup()?, plan).await;
+        }
+        Scenario::Fanout {
+            sockets,
+            groups,
+            events,
+            burst,
+            gap_ms,
+        } => {
+            let gap = Duration::from_millis(*gap_ms);
+            return load::lockstep(setup()?, *sockets, *groups, *events, *burst, gap).await;
+        }
+        Scenario::Ingest {
+            groups,
+            secs,
+            in_flight,
+            batch,
+            batch_in_flight,
+            size,
+            round,
+        } => {
+            if args.system != load::System::Channelgate {
+                return Err("ingest (S6) drives channelgate only".into());
+            }
+            let plan = ingest::Plan {
+                groups: *groups,
+                secs: *secs,
+                in_flight: *in_flight,
+                batch: *batch,
+                batch_in_flight: *batch_in_flight,
+                size: *size,
+                round: *round,
+            };
+            return ingest::run(setup()?, plan).await;
         }
         Scenario::PublishCost {
             history,
@@ -446,6 +531,8 @@ async fn main() -> Result<(), String> {
         }
         Scenario::ServeAuthorizer { .. }
         | Scenario::FanoutSearch { .. }
+        | Scenario::Fanout { .. }
+        | Scenario::Ingest { .. }
         | Scenario::Idle { .. }
         | Scenario::PublishCost { .. }
         | Scenario::Presence { .. }
@@ -483,54 +570,6 @@ async fn main() -> Result<(), String> {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             report("subscribe to page_add", latencies);
-        }
-        Scenario::Fanout {
-            sockets,
-            events,
-            gap_ms,
-        } => {
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let started = Instant::now();
-            for i in 0..sockets {
-                subscriber(&args, 1 + (i as i64 % 100), tx.clone()).await?;
-            }
-            drop(tx);
-            println!("{sockets} sockets subscribed in {:?}", started.elapsed());
-            let received = Arc::new(AtomicU64::new(0));
-            let collector = {
-                let received = received.clone();
-                tokio::spawn(async move {
-                    let mut all = Vec::new();
-                    let mut last_per_event = vec![0u64; events as usize];
-                    while let Some(r) = rx.recv().await {
-                        all.push(r.latency_us);
-                        if let Some(slot) = last_per_event.get_mut(r.n as usize) {
-                            *slot = (*slot).max(r.latency_us);
-                        }
-                        if received.fetch_add(1, Ordering::Relaxed) + 1 == sockets * events {
-                            break;
-                        }
-                    }
-                    (all, last_per_event)
-                })
-            };
-            for n in 0..events {
-                grpc.publish(publish(n)).await.map_err(|e| e.to_string())?;
-                tokio::time::sleep(Duration::from_millis(gap_ms)).await;
-            }
-            let (all, last) = tokio::time::timeout(Duration::from_secs(30), collector)
-                .await
-                .map_err(|_| {
-                    format!(
-                        "timed out: {} of {} deliveries",
-                        received.load(Ordering::Relaxed),
-                        sockets * events
-                    )
-                })?
-                .map_err(|e| e.to_string())?;
-            println!("deliveries: {} of {}", all.len(), sockets * events);
-            report(&format!("per delivery, {sockets} sockets"), all);
-            report("publish to last socket, per event", last);
         }
     }
     Ok(())

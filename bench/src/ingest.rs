@@ -1,0 +1,422 @@
+//! S6, publish ingest: how many events a second the gRPC API takes in and the sockets get,
+//! when every event goes to a different group. `groups` groups with one subscriber socket
+//! each (spread over the `--ws-addr` nodes, round robin; socket `i` holds `table-{i}`), and
+//! two phases through `--grpc-addr`, on one HTTP/2 connection:
+//!
+//! - `publish`: `in_flight` tasks each call Publish (one event, the next group round robin)
+//!   and call again when it answers, for `secs`;
+//! - `batch`: `batch_in_flight` tasks each call PublishBatch with `batch` events (the next
+//!   groups round robin) the same way.
+//!
+//! Every event carries its number, its group and its send time; each socket checks that an
+//! event is of its group and times it. An event accepted (the call answered OK) and never
+//! delivered counts as missing, one delivered twice as a duplicate. Prints a JSON line per
+//! phase.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use channelgate::proto::gateway_client::GatewayClient;
+use channelgate::proto::{PublishBatchRequest, PublishRequest, publish_request::Target};
+use serde_json::json;
+use tokio::sync::{Semaphore, mpsc};
+use tonic::transport::Channel;
+
+use crate::client::Frame;
+use crate::load::{self, Histogram, Setup};
+
+/// What S6 runs.
+pub struct Plan {
+    pub groups: usize,
+    pub secs: f64,
+    pub in_flight: usize,
+    pub batch: usize,
+    pub batch_in_flight: usize,
+    pub size: usize,
+    pub round: u32,
+}
+
+/// Event numbers checked for loss and duplicates (two bits each): 16.7 million, far more
+/// than a phase publishes on a machine like this one; those past it are only counted.
+const CHECKED_EVENTS: usize = 1 << 24;
+/// Stragglers: a phase ends when every accepted event arrived, or after this long without
+/// a delivery, or at `DRAIN_MAX` in any case.
+const QUIET: Duration = Duration::from_secs(3);
+const DRAIN_MAX: Duration = Duration::from_secs(60);
+/// Between the phases, for the server's queues to settle.
+const PAUSE: Duration = Duration::from_secs(1);
+
+/// A bit per event number.
+struct Bits(Vec<AtomicU64>);
+
+impl Bits {
+    fn new() -> Self {
+        Bits(
+            (0..CHECKED_EVENTS / 64)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+
+    /// Sets bit `n`; whether it was set already (`None` past the end).
+    fn set(&self, n: u64) -> Option<bool> {
+        let word = self.0.get((n / 64) as usize)?;
+        let bit = 1 << (n % 64);
+        Some(word.fetch_or(bit, Ordering::Relaxed) & bit != 0)
+    }
+
+    fn get(&self, n: u64) -> bool {
+        self.0
+            .get((n / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (n % 64)) != 0)
+    }
+}
+
+/// What the sockets and the publisher have seen, shared.
+struct Tally {
+    received: AtomicU64,
+    latency: Histogram,
+    /// `now_micros()` of the latest delivery.
+    last_at_us: AtomicU64,
+    delivered: Bits,
+    accepted: Bits,
+    duplicates: AtomicU64,
+    /// Events that reached a socket not of their group.
+    wrong_socket: AtomicU64,
+    /// Sockets the server closed (or lost).
+    closed: AtomicUsize,
+}
+
+impl Tally {
+    fn on_event(&self, text: &[u8], group: usize) {
+        let (Some(ts), Some(n), Some(g)) = (
+            load::number_after(text, b"\"ts\":"),
+            load::number_after(text, b"\"n\":"),
+            load::number_after(text, b"\"g\":"),
+        ) else {
+            return;
+        };
+        let now = load::now_micros();
+        self.latency.record(now.saturating_sub(ts));
+        self.last_at_us.fetch_max(now, Ordering::Relaxed);
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if g != group as u64 {
+            self.wrong_socket.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.delivered.set(n) == Some(true) {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Opens socket `index`, subscribed to `table-{index}`, which counts what it receives.
+async fn subscriber(setup: &Setup, index: usize, tally: Arc<Tally>) -> Result<(), String> {
+    let user_id = 1 + (index % 1000) as i64;
+    let mut ws = load::connect(setup, index, user_id).await?;
+    ws.subscribe_table(index).await?;
+    tokio::spawn(async move {
+        let count = |frame: Frame<'_>| {
+            if let Frame::Text(text) = frame {
+                tally.on_event(text, index);
+            }
+        };
+        while let Ok(true) = ws.read_frames(count).await {}
+        tally.closed.fetch_add(1, Ordering::Relaxed);
+    });
+    Ok(())
+}
+
+/// Opens the `groups` sockets, [`load::OPEN_CONCURRENCY`] at a time.
+async fn open(setup: &Arc<Setup>, groups: usize, tally: &Arc<Tally>) -> Result<Duration, String> {
+    let started = Instant::now();
+    let permits = Arc::new(Semaphore::new(load::OPEN_CONCURRENCY));
+    let (errors, mut error_rx) = mpsc::unbounded_channel();
+    let mut tasks = Vec::with_capacity(groups);
+    for index in 0..groups {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (setup, tally, errors) = (setup.clone(), tally.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = subscriber(&setup, index, tally).await {
+                let _ = errors.send(error);
+            }
+            drop(permit);
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    drop(errors);
+    if let Some(error) = error_rx.recv().await {
+        return Err(format!("opening {groups} sockets: {error}"));
+    }
+    Ok(started.elapsed())
+}
+
+/// One phase's publishing: calls, events accepted, calls failed and the first failure.
+#[derive(Default)]
+struct Calls {
+    calls: AtomicU64,
+    accepted: AtomicU64,
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Calls {
+    fn fail(&self, error: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(error);
+    }
+}
+
+/// One phase: `tasks` callers, each sending `batch` events per call (Publish when 1,
+/// PublishBatch otherwise) until `secs` have passed, then the stragglers.
+#[allow(clippy::too_many_arguments)]
+async fn phase(
+    setup: &Setup,
+    plan: &Plan,
+    tally: &Arc<Tally>,
+    grpc: &GatewayClient<Channel>,
+    next: &Arc<AtomicU64>,
+    mode: &str,
+    batch: usize,
+    tasks: usize,
+) -> Result<serde_json::Value, String> {
+    let groups = plan.groups as u64;
+    let received_before = tally.received.load(Ordering::Relaxed);
+    tally.latency.take();
+    let first_event = next.load(Ordering::Relaxed);
+    let (user_before, kernel_before) = load::proc_times(&setup.server_pids);
+    let (own_before, _) = load::proc_sample(&[std::process::id()]);
+    let calls = Arc::new(Calls::default());
+    let started = Instant::now();
+    let started_us = load::now_micros();
+    let deadline = started + Duration::from_secs_f64(plan.secs);
+    let mut callers = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        let (mut grpc, next, calls, tally) =
+            (grpc.clone(), next.clone(), calls.clone(), tally.clone());
+        let size = plan.size;
+        callers.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let first = next.fetch_add(batch as u64, Ordering::Relaxed);
+                let mut events: Vec<PublishRequest> = (first..first + batch as u64)
+                    .map(|n| {
+                        let group = (n % groups) as usize;
+                        PublishRequest {
+                            target: Some(Target::Group(format!("table-{group}"))),
+                            payload: load::payload(n, group, size),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                calls.calls.fetch_add(1, Ordering::Relaxed);
+                let answer = if batch == 1 {
+                    let request = events.pop().unwrap_or_default();
+                    tokio::time::timeout(load::PUBLISH_TIMEOUT, grpc.publish(request))
+                        .await
+                        .map(|r| r.map(|_| ()))
+                } else {
+                    let request = PublishBatchRequest { events };
+                    tokio::time::timeout(load::PUBLISH_TIMEOUT, grpc.publish_batch(request))
+                        .await
+                        .map(|r| r.map(|_| ()))
+                };
+                match answer {
+                    Ok(Ok(())) => {
+                        calls.accepted.fetch_add(batch as u64, Ordering::Relaxed);
+                        for n in first..first + batch as u64 {
+                            tally.accepted.set(n);
+                        }
+                    }
+                    Ok(Err(status)) => {
+                        calls.fail(format!("{:?}: {}", status.code(), status.message()))
+                    }
+                    Err(_) => calls.fail("timed out".into()),
+                }
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.map_err(|e| format!("publisher task: {e}"))?;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    let accepted = calls.accepted.load(Ordering::Relaxed);
+    let last_event = next.load(Ordering::Relaxed);
+
+    // Stragglers.
+    let mut last = tally.received.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    while last - received_before < accepted
+        && quiet_since.elapsed() < QUIET
+        && started.elapsed() < DRAIN_MAX
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = tally.received.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+    let window_secs = started.elapsed().as_secs_f64();
+    let (user_after, kernel_after) = load::proc_times(&setup.server_pids);
+    let (_, rss_kib) = load::proc_sample(&setup.server_pids);
+    let (own_after, _) = load::proc_sample(&[std::process::id()]);
+    let delivered = tally.received.load(Ordering::Relaxed) - received_before;
+    let kernel_secs = kernel_after.saturating_sub(kernel_before) as f64 / load::TICKS_PER_SEC;
+    let cpu_secs =
+        user_after.saturating_sub(user_before) as f64 / load::TICKS_PER_SEC + kernel_secs;
+    let own_secs = (own_after - own_before) as f64 / load::TICKS_PER_SEC;
+    let checked_end = last_event.min(CHECKED_EVENTS as u64);
+    let missing = (first_event.min(checked_end)..checked_end)
+        .filter(|&n| tally.accepted.get(n) && !tally.delivered.get(n))
+        .count();
+    let unchecked = last_event.saturating_sub(CHECKED_EVENTS as u64);
+    let delivered_secs = (tally
+        .last_at_us
+        .load(Ordering::Relaxed)
+        .saturating_sub(started_us)) as f64
+        / 1e6;
+    let latency = load::percentiles(&tally.latency.take());
+    let per_sec = |count: u64, secs: f64| if secs > 0.0 { count as f64 / secs } else { 0.0 };
+    let first_error = calls
+        .first_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    eprintln!(
+        "S6 {mode} ({} node(s)): {:.0} accepted/s, {delivered} of {accepted} delivered, \
+         p99 {:.2} ms, server cpu {:.0}%, loadgen cpu {:.0}%",
+        setup.ws_addrs.len(),
+        per_sec(accepted, publish_secs),
+        latency[2],
+        cpu_secs / window_secs * 100.0,
+        own_secs / window_secs * 100.0,
+    );
+    Ok(json!({
+        "scenario": "S6",
+        "system": setup.system.name(),
+        "nodes": setup.ws_addrs.len(),
+        "round": plan.round,
+        "mode": mode,
+        "batch": batch,
+        "in_flight": tasks,
+        "groups": plan.groups,
+        "secs": plan.secs,
+        "calls": calls.calls.load(Ordering::Relaxed),
+        "failed_calls": calls.failed.load(Ordering::Relaxed),
+        "first_error": first_error,
+        "accepted": accepted,
+        "accepted_per_sec": per_sec(accepted, publish_secs).round(),
+        "delivered": delivered,
+        "delivered_per_sec": per_sec(delivered, delivered_secs.max(publish_secs)).round(),
+        "missing": missing,
+        "unchecked": unchecked,
+        "duplicates": tally.duplicates.load(Ordering::Relaxed),
+        "wrong_socket": tally.wrong_socket.load(Ordering::Relaxed),
+        "p50_ms": latency[0],
+        "p90_ms": latency[1],
+        "p99_ms": latency[2],
+        "max_ms": latency[3],
+        "server_cpu_percent": (cpu_secs / window_secs * 1000.0).round() / 10.0,
+        "server_cpu_secs": cpu_secs,
+        "server_kernel_secs": kernel_secs,
+        "events_per_cpu_sec": if cpu_secs > 0.0 { json!((delivered as f64 / cpu_secs).round()) } else { json!(null) },
+        "loadgen_cpu_percent": (own_secs / window_secs * 1000.0).round() / 10.0,
+        "rss_kib": rss_kib,
+        "slow_consumer_closes": tally.closed.load(Ordering::Relaxed),
+    }))
+}
+
+/// S6: opens the sockets, then the Publish phase and the PublishBatch phase.
+pub async fn run(setup: Setup, plan: Plan) -> Result<(), String> {
+    if plan.groups == 0 || plan.in_flight == 0 || plan.batch == 0 || plan.batch_in_flight == 0 {
+        return Err("S6 needs groups, in-flight calls and batches of at least 1".into());
+    }
+    let setup = Arc::new(setup);
+    let tally = Arc::new(Tally {
+        received: AtomicU64::new(0),
+        latency: Histogram::new(),
+        last_at_us: AtomicU64::new(0),
+        delivered: Bits::new(),
+        accepted: Bits::new(),
+        duplicates: AtomicU64::new(0),
+        wrong_socket: AtomicU64::new(0),
+        closed: AtomicUsize::new(0),
+    });
+    let took = open(&setup, plan.groups, &tally).await?;
+    eprintln!(
+        "S6: {} sockets, one per group, in {:.2} s",
+        plan.groups,
+        took.as_secs_f64()
+    );
+    let grpc = GatewayClient::connect(format!("http://{}", setup.grpc_addr))
+        .await
+        .map_err(|e| format!("gRPC connect: {e}"))?;
+    let next = Arc::new(AtomicU64::new(0));
+    tokio::time::sleep(PAUSE).await;
+    let publish = phase(
+        &setup,
+        &plan,
+        &tally,
+        &grpc,
+        &next,
+        "publish",
+        1,
+        plan.in_flight,
+    )
+    .await?;
+    println!("{publish}");
+    tokio::time::sleep(PAUSE).await;
+    let batch = phase(
+        &setup,
+        &plan,
+        &tally,
+        &grpc,
+        &next,
+        "batch",
+        plan.batch,
+        plan.batch_in_flight,
+    )
+    .await?;
+    println!("{batch}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_and_events() {
+        let bits = Bits::new();
+        assert_eq!(bits.set(70), Some(false));
+        assert_eq!(bits.set(70), Some(true));
+        assert!(bits.get(70) && !bits.get(71));
+        assert_eq!(bits.set(CHECKED_EVENTS as u64), None);
+        let tally = Tally {
+            received: AtomicU64::new(0),
+            latency: Histogram::new(),
+            last_at_us: AtomicU64::new(0),
+            delivered: Bits::new(),
+            accepted: Bits::new(),
+            duplicates: AtomicU64::new(0),
+            wrong_socket: AtomicU64::new(0),
+            closed: AtomicUsize::new(0),
+        };
+        let body = load::payload(12, 3, 200);
+        tally.on_event(body.as_bytes(), 3);
+        tally.on_event(body.as_bytes(), 4);
+        tally.on_event(br#"{"type":"page_add"}"#, 3);
+        assert_eq!(tally.received.load(Ordering::Relaxed), 2);
+        assert_eq!(tally.duplicates.load(Ordering::Relaxed), 1);
+        assert_eq!(tally.wrong_socket.load(Ordering::Relaxed), 1);
+        assert!(tally.delivered.get(12));
+    }
+}
