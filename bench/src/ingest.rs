@@ -19,13 +19,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use channelgate::proto::gateway_client::GatewayClient;
-use channelgate::proto::{PublishBatchRequest, PublishRequest, publish_request::Target};
+use channelgate::proto::{PublishBatchRequest, PublishRequest};
 use serde_json::json;
-use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 
-use crate::client::Frame;
-use crate::load::{self, Histogram, Setup};
+use crate::load::{self, Counter, Histogram, Setup};
 
 /// What S6 runs.
 pub struct Plan {
@@ -90,7 +88,22 @@ struct Tally {
 }
 
 impl Tally {
-    fn on_event(&self, text: &[u8], group: usize) {
+    fn new() -> Self {
+        Tally {
+            received: AtomicU64::new(0),
+            latency: Histogram::new(),
+            last_at_us: AtomicU64::new(0),
+            delivered: Bits::new(),
+            accepted: Bits::new(),
+            duplicates: AtomicU64::new(0),
+            wrong_socket: AtomicU64::new(0),
+            closed: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Counter for Tally {
+    fn on_text(&self, text: &[u8], group: usize) {
         let (Some(ts), Some(n), Some(g)) = (
             load::number_after(text, b"\"ts\":"),
             load::number_after(text, b"\"n\":"),
@@ -109,53 +122,10 @@ impl Tally {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
         }
     }
-}
 
-/// Opens socket `index`, subscribed to `table-{index}`, which counts what it receives.
-async fn subscriber(setup: &Setup, index: usize, tally: Arc<Tally>) -> Result<(), String> {
-    let user_id = 1 + (index % 1000) as i64;
-    let mut ws = load::connect(setup, index, user_id).await?;
-    ws.subscribe_table(index).await?;
-    tokio::spawn(async move {
-        let count = |frame: Frame<'_>| {
-            if let Frame::Text(text) = frame {
-                tally.on_event(text, index);
-            }
-        };
-        while let Ok(true) = ws.read_frames(count).await {}
-        tally.closed.fetch_add(1, Ordering::Relaxed);
-    });
-    Ok(())
-}
-
-/// Opens the `groups` sockets, [`load::OPEN_CONCURRENCY`] at a time.
-async fn open(setup: &Arc<Setup>, groups: usize, tally: &Arc<Tally>) -> Result<Duration, String> {
-    let started = Instant::now();
-    let permits = Arc::new(Semaphore::new(load::OPEN_CONCURRENCY));
-    let (errors, mut error_rx) = mpsc::unbounded_channel();
-    let mut tasks = Vec::with_capacity(groups);
-    for index in 0..groups {
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| e.to_string())?;
-        let (setup, tally, errors) = (setup.clone(), tally.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(error) = subscriber(&setup, index, tally).await {
-                let _ = errors.send(error);
-            }
-            drop(permit);
-        }));
+    fn on_closed(&self) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
     }
-    for task in tasks {
-        let _ = task.await;
-    }
-    drop(errors);
-    if let Some(error) = error_rx.recv().await {
-        return Err(format!("opening {groups} sockets: {error}"));
-    }
-    Ok(started.elapsed())
 }
 
 /// One phase's publishing: calls, events accepted, calls failed and the first failure.
@@ -209,11 +179,7 @@ async fn phase(
                 let mut events: Vec<PublishRequest> = (first..first + batch as u64)
                     .map(|n| {
                         let group = (n % groups) as usize;
-                        PublishRequest {
-                            target: Some(Target::Group(format!("table-{group}"))),
-                            payload: load::payload(n, group, size),
-                            ..Default::default()
-                        }
+                        load::publish_request(group, load::payload(n, group, size))
                     })
                     .collect();
                 calls.calls.fetch_add(1, Ordering::Relaxed);
@@ -340,17 +306,8 @@ pub async fn run(setup: Setup, plan: Plan) -> Result<(), String> {
         return Err("S6 needs groups, in-flight calls and batches of at least 1".into());
     }
     let setup = Arc::new(setup);
-    let tally = Arc::new(Tally {
-        received: AtomicU64::new(0),
-        latency: Histogram::new(),
-        last_at_us: AtomicU64::new(0),
-        delivered: Bits::new(),
-        accepted: Bits::new(),
-        duplicates: AtomicU64::new(0),
-        wrong_socket: AtomicU64::new(0),
-        closed: AtomicUsize::new(0),
-    });
-    let took = open(&setup, plan.groups, &tally).await?;
+    let tally = Arc::new(Tally::new());
+    let took = load::open(&setup, 0..plan.groups, plan.groups, &tally).await?;
     eprintln!(
         "S6: {} sockets, one per group, in {:.2} s",
         plan.groups,
@@ -400,20 +357,11 @@ mod tests {
         assert_eq!(bits.set(70), Some(true));
         assert!(bits.get(70) && !bits.get(71));
         assert_eq!(bits.set(CHECKED_EVENTS as u64), None);
-        let tally = Tally {
-            received: AtomicU64::new(0),
-            latency: Histogram::new(),
-            last_at_us: AtomicU64::new(0),
-            delivered: Bits::new(),
-            accepted: Bits::new(),
-            duplicates: AtomicU64::new(0),
-            wrong_socket: AtomicU64::new(0),
-            closed: AtomicUsize::new(0),
-        };
+        let tally = Tally::new();
         let body = load::payload(12, 3, 200);
-        tally.on_event(body.as_bytes(), 3);
-        tally.on_event(body.as_bytes(), 4);
-        tally.on_event(br#"{"type":"page_add"}"#, 3);
+        tally.on_text(body.as_bytes(), 3);
+        tally.on_text(body.as_bytes(), 4);
+        tally.on_text(br#"{"type":"page_add"}"#, 3);
         assert_eq!(tally.received.load(Ordering::Relaxed), 2);
         assert_eq!(tally.duplicates.load(Ordering::Relaxed), 1);
         assert_eq!(tally.wrong_socket.load(Ordering::Relaxed), 1);

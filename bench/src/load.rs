@@ -199,31 +199,49 @@ pub(crate) fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
 /// Sockets opened from one source address (it has about 28,000 ephemeral ports).
 const SOCKETS_PER_SOURCE: usize = 20_000;
 
+/// What a subscriber socket does with what it receives.
+pub(crate) trait Counter: Send + Sync + 'static {
+    /// A text frame on the socket subscribed to `table-{group}`.
+    fn on_text(&self, text: &[u8], group: usize);
+    /// The server closed the socket, or it was lost.
+    fn on_closed(&self);
+}
+
+impl Counter for Seen {
+    fn on_text(&self, text: &[u8], _group: usize) {
+        if let Some(ts) = stamp(text) {
+            self.latency.record(now_micros().saturating_sub(ts));
+            self.received.fetch_add(1, Ordering::Relaxed);
+            if has_event_id(text) {
+                self.with_event_id.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn on_closed(&self) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Opens one subscriber: connects, authenticates, subscribes to `table-{group}`.
-/// Returns once `page_add` arrived; the socket then counts what it receives.
-async fn subscriber(
+/// Returns once `page_add` arrived; the socket then hands what it receives to `counter`.
+async fn subscriber<C: Counter>(
     setup: &Setup,
     index: usize,
     group: usize,
-    seen: Arc<Seen>,
+    counter: Arc<C>,
 ) -> Result<(), String> {
     let user_id = 1 + (index % 1000) as i64;
     let mut ws = connect(setup, index, user_id).await?;
     ws.subscribe_table(group).await?;
     tokio::spawn(async move {
         let count = |frame: Frame<'_>| {
-            if let Frame::Text(text) = frame
-                && let Some(ts) = stamp(text)
-            {
-                seen.latency.record(now_micros().saturating_sub(ts));
-                seen.received.fetch_add(1, Ordering::Relaxed);
-                if has_event_id(text) {
-                    seen.with_event_id.fetch_add(1, Ordering::Relaxed);
-                }
+            if let Frame::Text(text) = frame {
+                counter.on_text(text, group);
             }
         };
         while let Ok(true) = ws.read_frames(count).await {}
-        seen.closed.fetch_add(1, Ordering::Relaxed);
+        counter.on_closed();
     });
     Ok(())
 }
@@ -267,13 +285,14 @@ fn has_event_id(text: &[u8]) -> bool {
 /// Handshakes in flight while sockets are opened: enough to keep every system busy.
 pub(crate) const OPEN_CONCURRENCY: usize = 512;
 
-/// Opens the subscribers numbered `sockets` over `groups` groups.
+/// Opens the subscribers numbered `sockets` over `groups` groups (socket `i` in group
+/// `i % groups`), each counting into `counter`.
 /// Returns the time the last `page_add` arrived after the start.
-pub(crate) async fn open(
+pub(crate) async fn open<C: Counter>(
     setup: &Arc<Setup>,
     sockets: std::ops::Range<usize>,
     groups: usize,
-    seen: &Arc<Seen>,
+    counter: &Arc<C>,
 ) -> Result<Duration, String> {
     let conns = sockets.len();
     let started = Instant::now();
@@ -286,9 +305,9 @@ pub(crate) async fn open(
             .acquire_owned()
             .await
             .map_err(|e| e.to_string())?;
-        let (setup, seen, errors) = (setup.clone(), seen.clone(), errors.clone());
+        let (setup, counter, errors) = (setup.clone(), counter.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(error) = subscriber(&setup, index, index % groups, seen).await {
+            if let Err(error) = subscriber(&setup, index, index % groups, counter).await {
                 let _ = errors.send(error);
             }
             drop(permit);
@@ -312,6 +331,15 @@ pub(crate) fn payload(n: u64, group: usize, size: usize) -> String {
         &head[..head.len() - 1],
         "x".repeat(pad)
     )
+}
+
+/// A gRPC Publish of `payload` to `table-{group}`.
+pub(crate) fn publish_request(group: usize, payload: String) -> PublishRequest {
+    PublishRequest {
+        target: Some(GrpcTarget::Group(format!("table-{group}"))),
+        payload,
+        ..Default::default()
+    }
 }
 
 /// A publisher of one system (channelgate over gRPC, the raw broadcaster over its publisher
@@ -359,11 +387,7 @@ impl Publisher {
                     .into_iter()
                     .map(|(group, body)| {
                         let mut client = client.clone();
-                        let request = PublishRequest {
-                            target: Some(GrpcTarget::Group(format!("table-{group}"))),
-                            payload: body,
-                            ..Default::default()
-                        };
+                        let request = publish_request(group, body);
                         tokio::spawn(async move {
                             tokio::time::timeout(PUBLISH_TIMEOUT, client.publish(request)).await
                         })
@@ -443,11 +467,7 @@ async fn publish(
                         .await
                         .map_err(|e| e.to_string())?;
                     let mut client = client.clone();
-                    let request = PublishRequest {
-                        target: Some(GrpcTarget::Group(format!("table-{group}"))),
-                        payload: body,
-                        ..Default::default()
-                    };
+                    let request = publish_request(group, body);
                     tokio::spawn(async move {
                         match tokio::time::timeout(PUBLISH_TIMEOUT, client.publish(request)).await {
                             Ok(Ok(_)) => {}
