@@ -16,7 +16,7 @@
 # out. Callgrind counts user-space instructions only: the kernel's side of the system calls
 # (writes, epoll) is not in them, so the calls per delivery are counted too
 # (--collect-systime). channelgate's pings are pushed past the run (--ping-interval-ms
-# 3600000), or the longer run would count more of them. About two minutes per variant. The
+# 3600000), or the longer run would count more of them. Two to four minutes a variant. The
 # table goes to standard output and to target/bench/callgrind.md, which the next `make bench`
 # quotes in BENCHMARKS.md.
 #
@@ -136,11 +136,13 @@ echo
   echo "$header"
   echo "$rule"
   printf '%s\n' "${rows[@]}"
+  echo
   for burst in $bursts; do
+    what="one event at a time"; if (( burst > 1 )); then what="bursts of $burst"; fi
     for variant in channelgate-on channelgate-off; do
       if [[ -n ${ir[raw,$burst]:-} && -n ${ir[$variant,$burst]:-} ]]; then
-        python3 -c 'import sys; c, r = map(int, sys.argv[3:]); print(f"\n{sys.argv[1]} / raw broadcaster, bursts of {sys.argv[2]}: {c / r:.2f}x instructions")' \
-          "$(name "$variant")" "$burst" "${ir[$variant,$burst]}" "${ir[raw,$burst]}"
+        python3 -c 'import sys; c, r = map(int, sys.argv[3:]); print(f"- {sys.argv[1]} / raw broadcaster, {sys.argv[2]}: {c / r:.2f}x instructions")' \
+          "$(name "$variant")" "$what" "${ir[$variant,$burst]}" "${ir[raw,$burst]}"
       fi
     done
   done
