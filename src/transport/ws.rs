@@ -226,7 +226,7 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     let heard = Heard::new();
     let writer = write_loop(&tcp, &conn.outbox);
     let reader = read_loop(&tcp, early, &conn.outbox, &session, &ctx, &heard);
-    let pinger = keep_alive(&conn.outbox, &heard, ctx.ping_interval);
+    let pinger = keep_alive(&conn.outbox, &heard, ctx.ping_interval, conn.id);
     tokio::pin!(writer, reader, pinger);
     match race::first(writer.as_mut(), reader.as_mut(), pinger.as_mut()).await {
         First::Writer(_) => {
@@ -274,8 +274,9 @@ impl Heard {
 
 /// Pings the client every `every`; one that sent nothing for two intervals (no pong, no
 /// frame) is dead or half-open, and its connection ends.
-async fn keep_alive(outbox: &Outbox, heard: &Heard, every: Duration) -> CloseReason {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+async fn keep_alive(outbox: &Outbox, heard: &Heard, every: Duration, conn_id: u64) -> CloseReason {
+    let first = tokio::time::Instant::now() + first_ping(every, conn_id);
+    let mut tick = tokio::time::interval_at(first, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -284,6 +285,16 @@ async fn keep_alive(outbox: &Outbox, heard: &Heard, every: Duration) -> CloseRea
         }
         outbox.push(Frame::ping());
     }
+}
+
+/// When a connection's first ping goes: within its first interval, at a point its id picks.
+/// The sockets of a connect storm (a deploy, a network blip) would otherwise ping, and read
+/// their pongs, all in the same instant of every interval: a burst of work that shows as a
+/// latency spike for every event published then.
+fn first_ping(every: Duration, conn_id: u64) -> Duration {
+    // Fibonacci hashing: consecutive ids land far apart in [0, 1).
+    let fraction = (conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    every.mul_f64(fraction).max(Duration::from_millis(1))
 }
 
 /// The connect check (`--authorize-connect`): the backend confirms a signed-in user's

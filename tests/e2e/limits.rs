@@ -203,6 +203,41 @@ async fn a_client_that_answers_no_ping_is_closed_and_one_that_does_stays() {
 }
 
 #[tokio::test]
+async fn sockets_that_connect_together_do_not_ping_together() {
+    use futures_util::StreamExt;
+    let every = Duration::from_millis(2000);
+    let node = TestNode::start_with(&["--ping-interval-ms", "2000"]).await;
+    let mut clients = Vec::new();
+    for user in 1..=20 {
+        clients.push(node.client(user).await);
+    }
+    let connected = Instant::now();
+    // When each socket's first ping arrives.
+    let firsts = futures_util::future::join_all(clients.iter_mut().map(|client| async {
+        loop {
+            let message = tokio::time::timeout(every * 2, client.ws.next())
+                .await
+                .expect("a ping within two intervals")
+                .expect("open")
+                .expect("frame");
+            if message.is_ping() {
+                return connected.elapsed();
+            }
+        }
+    }))
+    .await;
+    let earliest = firsts.iter().min().expect("twenty");
+    let latest = firsts.iter().max().expect("twenty");
+    // All at once, they would arrive within the few milliseconds the connects took.
+    assert!(
+        *latest - *earliest > every / 2,
+        "first pings spread over {:?}: {firsts:?}",
+        *latest - *earliest
+    );
+    assert!(*latest <= every + Duration::from_millis(500), "{firsts:?}");
+}
+
+#[tokio::test]
 async fn json_logs_are_one_object_a_line_and_never_carry_secrets() {
     use tokio::io::AsyncBufReadExt;
     let ws_addr = format!("127.0.0.1:{}", free_port());
