@@ -155,6 +155,13 @@ impl Client {
         self.send_text(&format!(r#"{{"page":"table","table_id":{table_id}}}"#))
             .await
             .map_err(|e| e.to_string())?;
+        self.await_answer(b"page_add", &[b"page_rejected"]).await
+    }
+
+    /// Reads until a text frame holds `accept` (`Ok`) or one of `reject` (`Err` with the
+    /// frame); other frames, and whatever follows the answer in the same read, are dropped.
+    pub async fn await_answer(&mut self, accept: &[u8], reject: &[&[u8]]) -> Result<(), String> {
+        let name = String::from_utf8_lossy(accept).into_owned();
         let mut answer = None;
         while answer.is_none() {
             let open = self
@@ -162,18 +169,18 @@ impl Client {
                     if let Frame::Text(text) = frame
                         && answer.is_none()
                     {
-                        if find(text, b"page_add").is_some() {
+                        if find(text, accept).is_some() {
                             answer = Some(Ok(()));
-                        } else if find(text, b"page_rejected").is_some() {
+                        } else if reject.iter().any(|r| find(text, r).is_some()) {
                             let text = String::from_utf8_lossy(text);
-                            answer = Some(Err(format!("subscribe refused: {text}")));
+                            answer = Some(Err(format!("refused, waiting for {name}: {text}")));
                         }
                     }
                 })
                 .await
-                .map_err(|e| format!("before page_add: {e}"))?;
+                .map_err(|e| format!("before {name}: {e}"))?;
             if !open && answer.is_none() {
-                return Err("socket closed before page_add".into());
+                return Err(format!("socket closed before {name}"));
             }
         }
         answer.unwrap_or(Ok(()))

@@ -17,6 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{Client, Frame};
+use crate::pusher;
 
 /// Which system is driven; they differ only in how events are published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -27,6 +28,8 @@ pub enum System {
     Raw,
     /// `channel_layer.group_send` from `bench/peers/django/publisher.py`.
     Django,
+    /// Sockudo, a Pusher-protocol server: Pusher's signed HTTP API (`bench/src/pusher.rs`).
+    Sockudo,
 }
 
 impl System {
@@ -36,6 +39,7 @@ impl System {
             System::Channelgate => "channelgate",
             System::Raw => "raw",
             System::Django => "django",
+            System::Sockudo => "sockudo",
         }
     }
 }
@@ -176,9 +180,10 @@ pub(crate) fn proc_times(pids: &[u32]) -> (u64, u64) {
 
 pub(crate) const TICKS_PER_SEC: f64 = 100.0;
 
-/// The send time stamped in a payload, found without a JSON parser.
+/// The send time stamped in a payload, found without a JSON parser; in a Pusher event
+/// (sockudo's), inside the `data` string.
 fn stamp(text: &[u8]) -> Option<u64> {
-    number_after(text, b"\"ts\":")
+    number_after(text, b"\"ts\":").or_else(|| pusher::stamp(text))
 }
 
 /// The non-negative integer that follows the first `key` (`"name":`) in `text`.
@@ -224,7 +229,7 @@ impl Counter for Seen {
 }
 
 /// Opens one subscriber: connects, authenticates, subscribes to `table-{group}`.
-/// Returns once `page_add` arrived; the socket then hands what it receives to `counter`.
+/// Returns once `page_add` (sockudo: `pusher_internal:subscription_succeeded`) arrived; the socket then hands what it receives to `counter`.
 async fn subscriber<C: Counter>(
     setup: &Setup,
     index: usize,
@@ -233,7 +238,11 @@ async fn subscriber<C: Counter>(
 ) -> Result<(), String> {
     let user_id = 1 + (index % 1000) as i64;
     let mut ws = connect(setup, index, user_id).await?;
-    ws.subscribe_table(group).await?;
+    if setup.system == System::Sockudo {
+        pusher::subscribe(&mut ws, &format!("table-{group}")).await?;
+    } else {
+        ws.subscribe_table(group).await?;
+    }
     tokio::spawn(async move {
         let count = |frame: Frame<'_>| {
             if let Frame::Text(text) = frame {
@@ -247,7 +256,7 @@ async fn subscriber<C: Counter>(
 }
 
 /// Opens socket `index` as `user_id` on its node (`setup.ws_addrs`, round robin), up to
-/// the end of the WebSocket handshake. Past one source address's ephemeral ports, further
+/// the end of the WebSocket handshake (sockudo: to `pusher:connection_established`). Past one source address's ephemeral ports, further
 /// sockets come from 127.0.1.x.
 pub(crate) async fn connect(setup: &Setup, index: usize, user_id: i64) -> Result<Client, String> {
     let server = setup.ws_addrs[index % setup.ws_addrs.len()];
@@ -264,6 +273,9 @@ pub(crate) async fn connect(setup: &Setup, index: usize, user_id: i64) -> Result
         .await
         .map_err(|e| format!("connect {server}: {e}"))?;
     let _ = stream.set_nodelay(true);
+    if setup.system == System::Sockudo {
+        return pusher::connect(stream, &server.to_string()).await;
+    }
     let token = sign_access_token(setup.jwt_secret.as_bytes(), "user_id", user_id, 3600)
         .map_err(|e| e.to_string())?;
     Client::connect(
@@ -343,10 +355,12 @@ pub(crate) fn publish_request(group: usize, payload: String) -> PublishRequest {
 }
 
 /// A publisher of one system (channelgate over gRPC, the raw broadcaster over its publisher
-/// WebSocket; Django publishes through a process of its own, see [`publish`]).
+/// WebSocket, sockudo over Pusher's HTTP API; Django publishes through a process of its own,
+/// see [`publish`]).
 pub(crate) enum Publisher {
     Grpc(GatewayClient<tonic::transport::Channel>),
     Raw(Box<WebSocketStream<TcpStream>>),
+    Pusher(pusher::Publisher),
 }
 
 impl Publisher {
@@ -371,12 +385,13 @@ impl Publisher {
                 Ok(Publisher::Raw(Box::new(ws)))
             }
             System::Django => Err("the Django peer publishes through its own process".into()),
+            System::Sockudo => Ok(Publisher::Pusher(pusher::Publisher::new(setup.ws_addrs[0]))),
         }
     }
 
-    /// Publishes `(group, payload)` events to `table-{group}` all at once (gRPC: one call
-    /// each, all in flight together; raw: the frames in one write) and waits for every
-    /// answer (gRPC) or for the write (raw).
+    /// Publishes `(group, payload)` events to `table-{group}` all at once (gRPC and HTTP: one
+    /// call each, all in flight together; raw: the frames in one write) and waits for every
+    /// answer (gRPC, HTTP) or for the write (raw).
     pub(crate) async fn publish_burst(
         &mut self,
         events: Vec<(usize, String)>,
@@ -409,6 +424,22 @@ impl Publisher {
                         .map_err(|e| e.to_string())?;
                 }
                 ws.flush().await.map_err(|e| e.to_string())
+            }
+            Publisher::Pusher(http) => {
+                let calls: Vec<_> = events
+                    .into_iter()
+                    .map(|(group, body)| {
+                        let call = http.publish(&format!("table-{group}"), &body);
+                        tokio::spawn(tokio::time::timeout(PUBLISH_TIMEOUT, call))
+                    })
+                    .collect();
+                for call in calls {
+                    call.await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|_| "publish timed out".to_string())?
+                        .map_err(|e| format!("publish failed: {e}"))?;
+                }
+                Ok(())
             }
         }
     }
@@ -482,6 +513,22 @@ async fn publish(
                     ws.feed(Message::binary(frame))
                         .await
                         .map_err(|e| e.to_string())?;
+                }
+                Publisher::Pusher(http) => {
+                    let permit = in_flight
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let call = http.publish(&format!("table-{group}"), &body);
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(PUBLISH_TIMEOUT, call).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => eprintln!("publish failed: {error}"),
+                            Err(_) => eprintln!("publish timed out"),
+                        }
+                        drop(permit);
+                    });
                 }
             }
             sent += 1;

@@ -20,6 +20,7 @@ mod history;
 mod ingest;
 mod load;
 mod presence;
+mod pusher;
 
 use client::{Client, Frame};
 use load::now_micros;
@@ -36,7 +37,8 @@ struct Args {
     /// The node's --jwt-secret, to sign client tokens.
     #[arg(long)]
     jwt_secret: String,
-    /// The system under test (the scenarios differ only in how they publish).
+    /// The system under test (the scenarios differ in how they publish, and sockudo's sockets
+    /// speak the Pusher protocol).
     #[arg(long, value_enum, default_value = "channelgate")]
     system: load::System,
     /// Server processes whose CPU and RSS are read from /proc (repeatable).
@@ -191,7 +193,7 @@ enum Scenario {
     /// in `groups` groups; `events` published `burst` at a time (round robin over the
     /// groups, a burst all at once), each burst once the previous one reached all its
     /// sockets, then `gap_ms`. `--system channelgate` publishes over gRPC, `raw` over the
-    /// raw broadcaster's publisher socket.
+    /// raw broadcaster's publisher socket, `sockudo` over Pusher's HTTP API.
     Fanout {
         #[arg(long, default_value_t = 1000)]
         sockets: usize,
