@@ -216,20 +216,8 @@ async fn phase(
     let accepted = calls.accepted.load(Ordering::Relaxed);
     let last_event = next.load(Ordering::Relaxed);
 
-    // Stragglers.
-    let mut last = tally.received.load(Ordering::Relaxed);
-    let mut quiet_since = Instant::now();
-    while last - received_before < accepted
-        && quiet_since.elapsed() < QUIET
-        && started.elapsed() < DRAIN_MAX
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = tally.received.load(Ordering::Relaxed);
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        }
-    }
+    let deadline = Some(started + DRAIN_MAX);
+    load::drain(&tally.received, received_before, accepted, QUIET, deadline).await;
     let window_secs = started.elapsed().as_secs_f64();
     let (user_after, kernel_after) = load::proc_times(&setup.server_pids);
     let (_, rss_kib) = load::proc_sample(&setup.server_pids);

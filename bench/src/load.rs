@@ -573,16 +573,8 @@ pub(crate) async fn step(
     let events = publish(setup, groups, events_per_sec, duration, size).await?;
     let expected = events * members_per_group as u64;
     // Stragglers: wait until everything arrived, or for three seconds of silence.
-    let mut last = seen.received.load(Ordering::Relaxed);
-    let mut quiet_since = Instant::now();
-    while last - before < expected && quiet_since.elapsed() < Duration::from_secs(3) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = seen.received.load(Ordering::Relaxed);
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        }
-    }
+    let quiet = Duration::from_secs(3);
+    drain(&seen.received, before, expected, quiet, None).await;
     let elapsed = started.elapsed().as_secs_f64();
     let (user_after, kernel_after) = proc_times(&setup.server_pids);
     let received = seen.received.load(Ordering::Relaxed) - before;
@@ -598,6 +590,30 @@ pub(crate) async fn step(
         latency_ms: percentiles(&seen.latency.take()),
         cpu_percent: cpu_secs / elapsed * 100.0,
     })
+}
+
+/// Waits for stragglers: until `received` has grown by `expected` since it read `before`,
+/// or for `quiet` without a delivery, or (given one) until `deadline`.
+pub(crate) async fn drain(
+    received: &AtomicU64,
+    before: u64,
+    expected: u64,
+    quiet: Duration,
+    deadline: Option<Instant>,
+) {
+    let mut last = received.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    while last - before < expected
+        && quiet_since.elapsed() < quiet
+        && deadline.is_none_or(|d| Instant::now() < d)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = received.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
 }
 
 pub(crate) fn log_step(setup: &Setup, scenario: &str, rate: f64, result: &Step) {
