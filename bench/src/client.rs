@@ -35,9 +35,12 @@ pub struct Client {
     /// Unparsed input is `buf[start..end]`.
     start: usize,
     end: usize,
-    /// Pongs owed for pings read, sent before the next read.
+    /// Pongs owed for pings read (and automatic replies), sent before the next read.
     pongs: Vec<Vec<u8>>,
     mask_seed: u32,
+    /// A text frame starting with `.0` is answered with the text `.1` (Pusher's
+    /// application-level ping), see [`Client::answer_text`].
+    auto_reply: Option<(&'static [u8], &'static str)>,
 }
 
 fn invalid(what: String) -> io::Error {
@@ -59,6 +62,7 @@ impl Client {
             end: 0,
             pongs: Vec::new(),
             mask_seed: 0x9e37_79b9,
+            auto_reply: None,
         };
         loop {
             if let Some(head_end) = find(&client.buf[..client.end], b"\r\n\r\n") {
@@ -85,6 +89,12 @@ impl Client {
     pub async fn send_text(&mut self, text: &str) -> io::Result<()> {
         let frame = masked(self.next_mask(), OP_TEXT, text.as_bytes());
         self.stream.write_all(&frame).await
+    }
+
+    /// From now on, answers every text frame that starts with `prefix` with the text `reply`
+    /// (sent with the pongs, before the next read); the frame is still handed on.
+    pub fn answer_text(&mut self, prefix: &'static [u8], reply: &'static str) {
+        self.auto_reply = Some((prefix, reply));
     }
 
     /// xorshift: a load generator's masks need not be secret, only present.
@@ -133,9 +143,16 @@ impl Client {
         }
         while let Some((opcode, payload)) = self.next_frame() {
             self.start = payload.end;
-            let bytes = &self.buf[payload.clone()];
             match opcode {
-                OP_TEXT => each(Frame::Text(bytes)),
+                OP_TEXT => {
+                    if let Some((prefix, reply)) = self.auto_reply
+                        && self.buf[payload.clone()].starts_with(prefix)
+                    {
+                        let frame = masked(self.next_mask(), OP_TEXT, reply.as_bytes());
+                        self.pongs.push(frame);
+                    }
+                    each(Frame::Text(&self.buf[payload]));
+                }
                 OP_CLOSE => {
                     each(Frame::Close);
                     return Ok(Some(false));
@@ -291,6 +308,47 @@ mod tests {
             .unwrap()
         {}
         assert_eq!(texts, [2, 70_000]);
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn answers_a_text_that_starts_with_the_prefix() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut head = vec![0; 1024];
+            let _ = socket.read(&mut head).await.unwrap();
+            let mut out = b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec();
+            for text in [&b"ping?"[..], b"no ping", b"ping!"] {
+                out.extend_from_slice(&[0x81, text.len() as u8]);
+                out.extend_from_slice(text);
+            }
+            socket.write_all(&out).await.unwrap();
+            // Two answers, masked: header, length, mask, "pong".
+            let mut answers = [0u8; 20];
+            socket.read_exact(&mut answers).await.unwrap();
+            for answer in answers.chunks(10) {
+                assert_eq!(answer[..2], [0x81, 0x80 | 4]);
+                let text: Vec<u8> = (0..4).map(|i| answer[6 + i] ^ answer[2 + i]).collect();
+                assert_eq!(text, b"pong");
+            }
+            socket.write_all(&[0x88, 0]).await.unwrap();
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut client = Client::connect(stream, "x", "/").await.unwrap();
+        client.answer_text(b"ping", "pong");
+        let mut texts = 0;
+        while client
+            .read_frames(|frame| {
+                if let Frame::Text(_) = frame {
+                    texts += 1;
+                }
+            })
+            .await
+            .unwrap()
+        {}
+        assert_eq!(texts, 3, "answered frames are still handed on");
         server.await.unwrap();
     }
 }

@@ -30,6 +30,10 @@ pub const APP_ID: &str = "channelgate-bench";
 pub const APP_KEY: &str = "channelgate-bench-key";
 pub const APP_SECRET: &str = "channelgate-bench-secret";
 
+/// The start of the server's application-level ping, and the client's answer.
+const PING: &[u8] = br#"{"event":"pusher:ping""#;
+const PONG: &str = r#"{"event":"pusher:pong","data":{}}"#;
+
 /// The event name every published event carries.
 const EVENT: &str = "bench";
 
@@ -39,10 +43,14 @@ fn socket_path() -> String {
 }
 
 /// Upgrades `stream` to a Pusher socket and waits for `pusher:connection_established`.
+/// The socket answers the server's `pusher:ping` (sent after `activity_timeout`, 120 s, of
+/// silence from the client) with `pusher:pong`, as a Pusher client does; without it the
+/// server closes the socket.
 pub async fn connect(stream: TcpStream, host: &str) -> Result<Client, String> {
     let mut ws = Client::connect(stream, host, &socket_path())
         .await
         .map_err(|e| format!("handshake: {e}"))?;
+    ws.answer_text(PING, PONG);
     ws.await_answer(b"pusher:connection_established", &[b"pusher:error"])
         .await?;
     Ok(ws)
