@@ -12,11 +12,12 @@ import platform
 import sys
 
 # The systems in the order their rows appear; a new peer needs a line here and in NAMES.
-SYSTEMS = ["channelgate", "raw", "django"]
+SYSTEMS = ["channelgate", "raw", "sockudo", "django"]
 PEERS = [s for s in SYSTEMS if s != "channelgate"]
 NAMES = {
     "channelgate": "channelgate",
     "raw": "raw broadcaster (tokio + tungstenite)",
+    "sockudo": "sockudo 5.2.0 (Pusher protocol)",
     "django": "Django Channels 4 + channels_redis + daphne",
 }
 WORKERS = {1: "one tokio worker on core 0", 2: "two tokio workers on cores 0-1"}
@@ -642,6 +643,11 @@ def main():
         "table gives each two workers on cores 0-1, which the generator on core 1 then shares.",
         "Django/daphne is one process either way. Every system gets the same sockets, pages and",
         "payloads (200 bytes, stamped with their send time), and is started afresh for each run.",
+        "sockudo (a Rust package, built by `bench/peers/sockudo/setup.sh`) takes its worker count from",
+        "`TOKIO_WORKER_THREADS` like the raw broadcaster; its sockets speak Pusher protocol 7 (a",
+        "public channel per group) and events go in through Pusher's signed HTTP API, with its",
+        "defaults but for the rate limiter and the metrics server, both off",
+        "(`bench/peers/sockudo/README.md`).",
         "",
         "S1 and S3 hold a few fixed rates for the same time on every system and report, per rate,",
         "delivered/expected, p50/p99 and the server's CPU; the primary figure is deliveries per",

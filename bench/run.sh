@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# make bench: channelgate, the raw broadcaster (the machine's practical limit) and Django
-# Channels (the system channelgate replaces), driven by one load generator with the same
-# scenarios in one run; results in bench/results/latest.jsonl and BENCHMARKS.md.
+# make bench: channelgate, the raw broadcaster (the machine's practical limit), sockudo (a
+# Rust Pusher-protocol server, built with cargo install) and Django Channels (the system
+# channelgate replaces), driven by one load generator with the same scenarios in one run;
+# results in bench/results/latest.jsonl and BENCHMARKS.md.
 #
 # Every Rust server gets the same tokio worker count: one worker pinned to core 0 for the
 # headline tables (the load generator on core 1, so they do not fight for a core), and
@@ -13,10 +14,16 @@
 # primary figure, over all the fixed steps together, which a neighbour's burst moves far
 # less than a rate does. Then each searches for the highest sustained rate (no loss, p99
 # within 100 ms, S3 one second). The Rust systems take turns, the order swapped every
-# round. About twenty minutes on 2 cores.
+# round. About half an hour on 2 cores (sockudo adds ten minutes, and up to 40 minutes
+# more for its first build).
 #
 # Knobs (environment), defaults in brackets:
-#   SYSTEMS    systems side by side ["channelgate raw django"]; Django runs once
+#   SYSTEMS    systems side by side ["channelgate raw sockudo django"]; Django runs once.
+#              sockudo is built on first use by bench/peers/sockudo/setup.sh (cargo install
+#              of sockudo 5.2.0 into ~/.cache/channelgate-bench/sockudo, or SOCKUDO_ROOT;
+#              25-40 minutes on 2 cores, needs protoc) and skipped, saying why, when it
+#              cannot be built. It runs in S1, S2, S3 and S4, its worker count given as
+#              TOKIO_WORKER_THREADS, publishing through Pusher's HTTP API
 #   ROUNDS     rounds of S1 and S3 on one worker [3]
 #   ROUNDS2    rounds of S1 on WORKERS2 workers [3]
 #   WORKERS2   the second table's worker count [2]; 0 skips that table
@@ -46,7 +53,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ${ONLY:-} == presence ]]; then exec bash bench/presence.sh; fi
 root=$(pwd)
-systems=${SYSTEMS:-"channelgate raw django"}
+systems=${SYSTEMS:-"channelgate raw sockudo django"}
 rounds=${ROUNDS:-3}
 rounds2=${ROUNDS2:-3}
 workers2=${WORKERS2:-2}
@@ -87,6 +94,12 @@ cargo build --release -q -p channelgate -p channelgate-bench
 if fanout_runs && has django; then
   bash bench/peers/django/setup.sh
 fi
+if fanout_runs && has sockudo; then
+  if ! sockudo_bin=$(bash bench/peers/sockudo/setup.sh); then
+    echo "sockudo skipped: it could not be built (why is above)" >&2
+    systems=$(for s in $systems; do [[ $s == sockudo ]] || printf '%s ' "$s"; done)
+  fi
+fi
 
 secret=bench-secret
 pids=()
@@ -115,6 +128,11 @@ start_system() {
       # tokio's runtime takes its worker count from TOKIO_WORKER_THREADS.
       TOKIO_WORKER_THREADS=$workers taskset -c "$cores" ./target/release/rawcast "127.0.0.1:$ws_port" \
         >target/bench/raw.log 2>&1 &
+      server_pid=$!; pids+=("$server_pid") ;;
+    sockudo)
+      # A plain #[tokio::main] too; run.sh execs sockudo, so the pid is the server's.
+      TOKIO_WORKER_THREADS=$workers taskset -c "$cores" bash bench/peers/sockudo/run.sh "$ws_port" \
+        "$sockudo_bin" >target/bench/sockudo.log 2>&1 &
       server_pid=$!; pids+=("$server_pid") ;;
     django)
       redis_port=$(free_port)

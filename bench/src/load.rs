@@ -183,7 +183,11 @@ pub(crate) const TICKS_PER_SEC: f64 = 100.0;
 /// The send time stamped in a payload, found without a JSON parser; in a Pusher event
 /// (sockudo's), inside the `data` string.
 fn stamp(text: &[u8]) -> Option<u64> {
-    number_after(text, b"\"ts\":").or_else(|| pusher::stamp(text))
+    if pusher::is_event(text) {
+        pusher::stamp(text)
+    } else {
+        number_after(text, b"\"ts\":")
+    }
 }
 
 /// The non-negative integer that follows the first `key` (`"name":`) in `text`.
@@ -1080,6 +1084,10 @@ mod tests {
             Some(1234)
         );
         assert_eq!(stamp(br#"{"type":"x"}"#), None);
+        assert_eq!(
+            stamp(br#"{"event":"bench","channel":"table-0","data":"{\"n\":1,\"ts\":99}"}"#),
+            Some(99)
+        );
         let h = Histogram::new();
         for us in [100, 200, 300, 400, 10_000] {
             h.record(us);
