@@ -1,10 +1,11 @@
 //! The HTTP listener: `/ws/core/` upgrades are taken here, everything else is routed by warp
 //! (`/healthz`, `/readyz`, `/metrics`).
 //!
-//! warp's own `ws()` filter cannot set tungstenite's read buffer, and its 128 KiB default
-//! costs about 137 KiB per idle socket. So upgrades of `/ws/core/` are answered by
-//! [`super::ws`] with the gateway's own `WebSocketConfig`, and the socket session then runs
-//! in the same task that accepted the TCP connection, holding its connection permit.
+//! warp's own `ws()` filter keeps tungstenite's 128 KiB read buffer, about 137 KiB per idle
+//! socket. So upgrades of `/ws/core/` are answered by [`super::ws`], which decodes client
+//! frames itself, and the socket session then runs in a task of its own, holding the
+//! connection's permit: a task's memory is the size of its largest state for as long as it
+//! lives, and the HTTP connection's state is twice a session's.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use warp::Filter;
 
 use super::ws::{self, Upgrade, WsContext};
@@ -73,10 +74,18 @@ pub async fn serve(
         let ctx = ctx.clone();
         let routes = routes.clone();
         tokio::spawn(async move {
-            if let Err(error) = serve_connection(stream, ctx, routes, permit).await {
-                tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+            match serve_connection(stream, &ctx, routes).await {
+                Ok(Some(upgrade)) => {
+                    tokio::spawn(async move {
+                        ws::run(ctx, upgrade).await;
+                        drop((permit, ip_slot));
+                    });
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+                }
             }
-            drop(ip_slot);
         });
     }
 }
@@ -149,12 +158,12 @@ pub fn incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<Tcp
     })
 }
 
+/// Serves one HTTP connection; returns the WebSocket handshake it accepted, if it did.
 async fn serve_connection<R>(
     stream: TcpStream,
-    ctx: Arc<WsContext>,
+    ctx: &Arc<WsContext>,
     routes: R,
-    permit: OwnedSemaphorePermit,
-) -> Result<(), hyper::Error>
+) -> Result<Option<Upgrade>, hyper::Error>
 where
     R: tower::Service<
             http::Request<Incoming>,
@@ -194,11 +203,7 @@ where
         .with_upgrades()
         .await?;
     let upgrade = accepted.lock().unwrap_or_else(|e| e.into_inner()).take();
-    if let Some(upgrade) = upgrade {
-        ws::run(ctx, upgrade).await;
-    }
-    drop(permit);
-    Ok(())
+    Ok(upgrade)
 }
 
 /// The plain HTTP endpoints.
