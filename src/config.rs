@@ -27,7 +27,7 @@ use crate::presence::{FocusTypeSpec, FocusTypes, PresenceLimits};
 #[serde(default, deny_unknown_fields)]
 pub struct Options {
     /// TOML config file. Besides these options it may replace the page table with
-    /// [[pages]] entries (see README).
+    /// [[pages]] entries and the presence focus types with [[focus_types]] (see README).
     #[arg(long, env = "CHANNELGATE_CONFIG", value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -81,7 +81,7 @@ pub struct Options {
     /// Who decides subscriptions: `static` allows every authenticated user every page
     /// (anonymous users only anonymous-ok pages); `http://HOST[:PORT]/PATH` POSTs each
     /// question as JSON; `grpc://HOST:PORT` calls channelgate.v1.Authorizer/Authorize
-    /// [default: static]
+    /// (and AuthorizeConnect) [default: static]
     #[arg(long, env = "CHANNELGATE_AUTHORIZER", value_name = "KIND")]
     pub authorizer: Option<String>,
 
@@ -95,8 +95,8 @@ pub struct Options {
     )]
     pub authorizer_secret: Option<String>,
 
-    /// Milliseconds the authorizer has to answer; later means `authorizer_unavailable`
-    /// [default: 2000]
+    /// Milliseconds the authorizer has to answer; later means `authorizer_unavailable` for
+    /// a subscribe, close 1011 for a connect check [default: 2000]
     #[arg(long, env = "CHANNELGATE_AUTHORIZER_TIMEOUT_MS", value_name = "MS")]
     pub authorizer_timeout_ms: Option<u64>,
 
@@ -104,8 +104,9 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_AUTHORIZER_CONCURRENCY", value_name = "N")]
     pub authorizer_concurrency: Option<usize>,
 
-    /// Milliseconds an answer is reused for the same user and group; 0 keeps none
-    /// (identical questions in flight are still merged) [default: 5000]
+    /// Milliseconds an answer is reused for the same user, group and page parameters (a
+    /// connect answer: for the same token); 0 keeps none (identical questions in flight
+    /// are still merged) [default: 5000]
     #[arg(long, env = "CHANNELGATE_AUTHORIZER_CACHE_MS", value_name = "MS")]
     pub authorizer_cache_ms: Option<u64>,
 
@@ -117,8 +118,9 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_AUTHORIZE_CONNECT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub authorize_connect: Option<bool>,
 
-    /// Milliseconds the connect check may take, waiting for the authorizer included; a
-    /// socket not confirmed by then gets the authentication failure frame and close 1011
+    /// Milliseconds the connect check may take, waiting for a free authorizer call
+    /// included; a socket not confirmed by then gets the authentication failure frame and
+    /// close 1011. Each call is also bounded by --authorizer-timeout-ms: the shorter wins
     /// [default: 5000]
     #[arg(long, env = "CHANNELGATE_AUTHENTICATION_TIMEOUT_MS", value_name = "MS")]
     pub authentication_timeout_ms: Option<u64>,

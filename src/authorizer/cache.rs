@@ -1,5 +1,5 @@
-//! Short-lived answers per (user, group) and per token, and single-flight: identical questions asked at
-//! the same time become one backend call, so a reconnect storm of many sockets of one user
+//! Short-lived answers per subscribe question (user, group, parameters) and per token, and
+//! single-flight: identical questions asked at the same time become one backend call, so a reconnect storm of many sockets of one user
 //! re-subscribing the same table asks the backend once.
 
 use std::collections::HashMap;
@@ -13,7 +13,47 @@ use futures_util::future::{BoxFuture, Shared};
 
 use super::{AuthorizeRequest, Authorizer, AuthorizerError, ConnectRequest, Decision};
 
-type Key = (i64, String);
+/// What an answer is kept under. Subscribe and connect answers never share a key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    /// The page's parameters count as well as its group: one the group leaves out (a public
+    /// view's password `token`) can change the answer.
+    Page {
+        user_id: i64,
+        group: String,
+        parameters: String,
+    },
+    /// One answer per token: its `jti`, and its `iat` for a token without one.
+    Connect {
+        user_id: i64,
+        token_id: Option<String>,
+        issued_at: Option<i64>,
+    },
+}
+
+impl Key {
+    fn page(request: &AuthorizeRequest) -> Key {
+        Key::Page {
+            user_id: request.user_id,
+            group: request.group.clone(),
+            parameters: request.parameters.to_string(),
+        }
+    }
+
+    fn connect(request: &ConnectRequest) -> Key {
+        Key::Connect {
+            user_id: request.user_id,
+            token_id: request.token_id.clone(),
+            issued_at: request.token_issued_at,
+        }
+    }
+
+    /// Whether this is an answer about `user_id`'s `group`, whatever its parameters.
+    fn is_about(&self, user_id: i64, group: &str) -> bool {
+        matches!(self, Key::Page { user_id: u, group: g, .. } if *u == user_id && g == group)
+    }
+}
+
 type Answer = Result<Decision, AuthorizerError>;
 
 /// Wraps an authorizer with a cache of definite answers and merging of calls in flight.
@@ -114,15 +154,14 @@ impl CachedAuthorizer {
 
 impl Authorizer for CachedAuthorizer {
     fn authorize(&self, request: AuthorizeRequest) -> BoxFuture<'static, Answer> {
-        let key = (request.user_id, request.group.clone());
-        self.answer(key, || self.inner.authorize(request))
+        self.answer(Key::page(&request), || self.inner.authorize(request))
     }
 
     fn authorize_connect(
         &self,
         request: ConnectRequest,
     ) -> BoxFuture<'static, Result<bool, AuthorizerError>> {
-        let answer = self.answer(request.cache_key(), || {
+        let answer = self.answer(Key::connect(&request), || {
             let allowed = self.inner.authorize_connect(request);
             Box::pin(async move { Ok(Decision::allowed(allowed.await?)) })
         });
@@ -130,11 +169,10 @@ impl Authorizer for CachedAuthorizer {
     }
 
     fn forget(&self, keys: &[(i64, String)]) {
+        let forgotten = |key: &Key| keys.iter().any(|(user, group)| key.is_about(*user, group));
         let mut state = lock(&self.state);
-        for key in keys {
-            state.answers.remove(key);
-            state.in_flight.remove(key);
-        }
+        state.answers.retain(|key, _| !forgotten(key));
+        state.in_flight.retain(|key, _| !forgotten(key));
     }
 
     fn describe(&self) -> String {
@@ -219,6 +257,28 @@ mod tests {
             Ok(Decision::allowed(true))
         );
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parameters_the_group_leaves_out_are_another_question() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let cache = CachedAuthorizer::new(
+            Arc::new(Counting(calls.clone())),
+            Duration::from_secs(5),
+            100,
+        );
+        let view = |token: &str| AuthorizeRequest {
+            parameters: serde_json::json!({"slug": "s", "token": token}),
+            page: "view".into(),
+            group: "view-s".into(),
+            ..question(0)
+        };
+        cache.authorize(view("right")).await.expect("an answer");
+        cache.authorize(view("wrong")).await.expect("an answer");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        cache.forget(&[(0, "view-s".into())]);
+        cache.authorize(view("right")).await.expect("an answer");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(start_paused = true)]

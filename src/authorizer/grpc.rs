@@ -81,10 +81,10 @@ impl Authorizer for GrpcAuthorizer {
                 .await
                 .map_err(unavailable)?
                 .into_inner();
-            Ok(Decision {
-                allowed: answer.allowed,
-                presence_space: Some(answer.presence_space).filter(|s| !s.is_empty()),
-            })
+            Ok(Decision::answered(
+                answer.allowed,
+                Some(answer.presence_space),
+            ))
         })
     }
 

@@ -138,10 +138,7 @@ impl Authorizer for HttpAuthorizer {
         let answer = self.ask("subscribe", &request);
         Box::pin(async move {
             let answer = answer.await?;
-            Ok(Decision {
-                allowed: answer.allowed,
-                presence_space: answer.presence_space,
-            })
+            Ok(Decision::answered(answer.allowed, answer.presence_space))
         })
     }
 

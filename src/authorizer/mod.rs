@@ -42,20 +42,6 @@ pub struct ConnectRequest {
     pub token_id: Option<String>,
 }
 
-impl ConnectRequest {
-    /// The cache key of this question: one answer per token. A token without `jti` is
-    /// told apart from the user's other tokens by its `iat`. Group names hold no spaces, so
-    /// no page's (user, group) key looks like one of these.
-    fn cache_key(&self) -> (i64, String) {
-        let token = match (&self.token_id, self.token_issued_at) {
-            (Some(id), _) => format!("connect jti {id}"),
-            (None, Some(iat)) => format!("connect iat {iat}"),
-            (None, None) => "connect".to_string(),
-        };
-        (self.user_id, token)
-    }
-}
-
 /// The backend's answer to a subscribe question.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decision {
@@ -70,6 +56,14 @@ impl Decision {
         Decision {
             allowed,
             presence_space: None,
+        }
+    }
+
+    /// A backend's answer, as HTTP and gRPC give it: an empty space names none.
+    pub fn answered(allowed: bool, presence_space: Option<String>) -> Decision {
+        Decision {
+            allowed,
+            presence_space: presence_space.filter(|space| !space.is_empty()),
         }
     }
 }
