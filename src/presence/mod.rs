@@ -471,7 +471,9 @@ impl Presence {
     /// A snapshot of the other nodes' members is about to be read: their changes wait
     /// until [`Presence::reconcile`].
     pub fn begin_loading(&self) {
-        lock(&self.state).loading.get_or_insert_with(Vec::new);
+        // A fresh list: changes held for a load that failed predate the snapshot to come,
+        // and replaying them after it could bring back a member that left meanwhile.
+        lock(&self.state).loading = Some(Vec::new());
     }
 
     /// Makes the view of the other nodes' members match `snapshot` (what the store held
