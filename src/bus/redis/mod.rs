@@ -68,22 +68,35 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Channel and key names.
+/// Channel and key names. The channels every message is told apart by are made once: the
+/// listener compares each message's channel with them before it delivers an event.
 #[derive(Clone)]
 struct Names {
     prefix: String,
     node_id: String,
+    control: String,
+    presence: String,
+    own_reply: String,
 }
 
 impl Names {
+    fn new(prefix: &str, node_id: &str) -> Names {
+        Names {
+            prefix: prefix.to_string(),
+            node_id: node_id.to_string(),
+            control: format!("{prefix}:control"),
+            presence: format!("{prefix}:presence"),
+            own_reply: format!("{prefix}:reply:{node_id}"),
+        }
+    }
     fn group(&self, group: &str) -> String {
         format!("{}:g:{group}", self.prefix)
     }
     fn broadcast(&self) -> String {
         format!("{}:broadcast", self.prefix)
     }
-    fn control(&self) -> String {
-        format!("{}:control", self.prefix)
+    fn control(&self) -> &str {
+        &self.control
     }
     fn reply(&self, node_id: &str) -> String {
         format!("{}:reply:{node_id}", self.prefix)
@@ -94,15 +107,19 @@ impl Names {
     fn nodes(&self) -> String {
         format!("{}:nodes", self.prefix)
     }
-    fn presence(&self) -> String {
-        format!("{}:presence", self.prefix)
+    fn presence(&self) -> &str {
+        &self.presence
     }
     fn presence_members(&self) -> String {
         format!("{}:presence:members", self.prefix)
     }
     /// The channels every node listens on, whatever its members.
     fn fixed(&self) -> Vec<String> {
-        vec![self.broadcast(), self.control(), self.reply(&self.node_id)]
+        vec![
+            self.broadcast(),
+            self.control.clone(),
+            self.own_reply.clone(),
+        ]
     }
 }
 
@@ -368,10 +385,7 @@ impl RedisBus {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| format!("--redis-url {:?}: {e}", settings.url))?;
         let shared = Arc::new(Shared {
-            names: Names {
-                prefix: settings.prefix.clone(),
-                node_id: node_id.to_string(),
-            },
+            names: Names::new(&settings.prefix, node_id),
             client,
             publisher: Mutex::default(),
             ready: watch::Sender::new(false),
@@ -474,7 +488,7 @@ impl Bus for RedisBus {
                     request: Some(request),
                 };
                 shared
-                    .publish_bytes(shared.names.control(), message.encode_to_vec())
+                    .publish_bytes(shared.names.control().to_string(), message.encode_to_vec())
                     .await?;
                 Ok::<_, BusUnavailable>(live)
             }
@@ -610,7 +624,7 @@ impl Listener {
         let wanted = self.subscriptions.wanted();
         let mut channels = names.fixed();
         if self.presence.is_some() {
-            channels.push(names.presence());
+            channels.push(names.presence().to_string());
         }
         channels.extend(wanted.iter().map(|g| names.group(g)));
         sink.subscribe(channels)
@@ -775,7 +789,7 @@ impl Listener {
             if let Some(presence) = &self.presence {
                 presence.received(payload);
             }
-        } else if channel == names.reply(&names.node_id) {
+        } else if channel == names.own_reply {
             match proto::ControlReply::decode(payload) {
                 Ok(proto::ControlReply {
                     id,
