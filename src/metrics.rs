@@ -100,7 +100,7 @@ impl Metrics {
         line(
             "channelgate_authentication_failures_total",
             "counter",
-            "Handshakes refused for a bad token.",
+            "Handshakes refused: a bad token, a connect check denied (1008) or not answered (1011).",
             counter(&self.authentication_failures),
         );
         line(

@@ -64,7 +64,7 @@ impl Frame {
         Frame::encode(OP_TEXT, &[open.as_bytes(), id.as_bytes()])
     }
 
-    /// Bytes that are frames already (what the WebSocket reader writes: pongs).
+    /// Bytes that are frames already (the rest of a frame a write sent only in part).
     pub fn framed(bytes: Bytes) -> Frame {
         Frame(bytes)
     }

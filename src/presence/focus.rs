@@ -72,7 +72,7 @@ impl FocusTypes {
         ]
     }
 
-    /// Checks a focus a client sent; the focus to relay, or why it is dropped.
+    /// Checks a focus a client sent against its type; the error says why it is dropped.
     pub fn check(&self, focus: &Value) -> Result<(), FocusError> {
         let object = match focus {
             Value::Null => return Ok(()),

@@ -2,8 +2,9 @@
 //! for it.
 //!
 //! A socket task is woken mostly by events to write. `tokio::select!` polls every branch
-//! on every wake-up, so each event also re-polled the reader (tungstenite's read path,
-//! a third of a delivery's instructions) and the pinger's timer, to find nothing. Here the
+//! on every wake-up, so each event also re-polled the reader (measured when tungstenite
+//! still read: a third of a delivery's instructions) and the pinger's timer, to find
+//! nothing. Here the
 //! writer is polled on every wake-up, and the reader and the pinger each get a waker of
 //! their own that marks them before waking the task: they are polled only when marked.
 

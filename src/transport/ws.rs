@@ -1,11 +1,11 @@
 //! `/ws/core/`: the WebSocket handshake and the I/O of one socket.
 //!
 //! A socket runs as futures in one task, sharing its TCP stream without a lock: the reader
-//! decodes client frames ([`super::frames`]) from each read and hands messages to the [`Session`]
-//! one at a time; the writer takes the connection's outbox a batch at a time and hands the
-//! frames, framed once per event for every socket, to the kernel in one write. Whichever ends first asks the other to finish, within a deadline. The
-//! writer is polled on every wake-up, the reader and the pinger only when they have news
-//! ([`race`]).
+//! decodes client frames ([`super::frames`]) from each read and hands messages to the
+//! [`Session`] one at a time; the writer takes the connection's outbox a batch at a time and
+//! hands the frames, framed once per event for every socket, to the kernel in one write.
+//! Whichever ends first asks the other to finish, within a deadline. The writer is polled on
+//! every wake-up, the reader and the pinger only when they have news ([`race`]).
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -204,7 +204,7 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
             return;
         }
     };
-    let tcp = Arc::new(parts.io.into_inner());
+    let tcp = parts.io.into_inner();
     // Copied out and dropped: the slice would hold hyper's whole read buffer (8 KiB and
     // more) for the socket's life.
     let early = Bytes::copy_from_slice(&parts.read_buf);
@@ -412,6 +412,10 @@ async fn write_loop(tcp: &TcpStream, outbox: &Outbox) -> CloseReason {
             unfinished = Some(Frame::framed(frame.wire().slice(written.bytes..)));
         }
         batch.clear();
+        if batch.capacity() > 64 {
+            // As the outbox does: a burst's capacity is not kept for the socket's life.
+            batch = Vec::new();
+        }
     }
 }
 
