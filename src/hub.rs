@@ -5,8 +5,8 @@
 //! each recipient's [`Outbox`]. Groups and users are sharded by hash so that unrelated
 //! joins and fan-outs do not contend on one lock.
 //!
-//! Lock order (outer to inner): a connection's pages, a group shard, a group's members,
-//! an outbox. Every lock is a std mutex held for in-memory work only, never across `.await`.
+//! Lock order (outer to inner): the presence state (it asks whether a connection still
+//! holds a space), a connection's pages, a group shard, a group's members, an outbox. Every lock is a std mutex held for in-memory work only, never across `.await`.
 
 use std::collections::HashMap;
 use std::collections::hash_map::{Entry, RandomState};
@@ -35,7 +35,9 @@ pub trait GroupInterest: Send + Sync + 'static {
 /// Told by the hub when a connection stops being in a presence space: it lost its last
 /// page of the space (an unsubscribe or a revoke, after its `page_discard`), or it is gone.
 pub trait SpaceInterest: Send + Sync + 'static {
-    fn left(&self, conn: &Connection, space: &Arc<str>);
+    /// The connection's last page of `space` went; `still_held` tells, under the presence
+    /// lock, whether a page of the space came back meanwhile (then it stays a member).
+    fn left(&self, conn: &Connection, space: &Arc<str>, still_held: &dyn Fn() -> bool);
     fn disconnected(&self, conn: &Connection);
 }
 
@@ -43,7 +45,7 @@ pub trait SpaceInterest: Send + Sync + 'static {
 pub struct NoSpaces;
 
 impl SpaceInterest for NoSpaces {
-    fn left(&self, _conn: &Connection, _space: &Arc<str>) {}
+    fn left(&self, _conn: &Connection, _space: &Arc<str>, _still_held: &dyn Fn() -> bool) {}
     fn disconnected(&self, _conn: &Connection) {}
 }
 
@@ -345,19 +347,23 @@ impl Hub {
             self.leave(&page.group, conn.id);
             self.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
-        let left_space = page.presence_space.as_ref().filter(|space| {
-            !pages
-                .iter()
-                .any(|p| p.presence_space.as_ref() == Some(space))
-        });
-        let left_space = left_space.cloned();
+        let left_space = page
+            .presence_space
+            .as_ref()
+            .filter(|space| {
+                !pages
+                    .iter()
+                    .any(|p| p.presence_space.as_ref() == Some(space))
+            })
+            .cloned();
         drop(pages);
         conn.outbox.push(Frame::from(server::page_discard(
             &page.page,
             &page.parameters,
         )));
         if let Some(space) = left_space {
-            self.spaces.left(conn, &space);
+            self.spaces
+                .left(conn, &space, &|| self.in_space(conn, &space));
         }
         true
     }

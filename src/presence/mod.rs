@@ -568,8 +568,13 @@ impl Presence {
 }
 
 impl SpaceInterest for Presence {
-    fn left(&self, conn: &Connection, space: &Arc<str>) {
-        self.leave(&mut lock(&self.state), conn, space, true);
+    fn left(&self, conn: &Connection, space: &Arc<str>, still_held: &dyn Fn() -> bool) {
+        let mut state = lock(&self.state);
+        // A page of the space subscribed while the last one went found the member still
+        // there and did not join again: it must not be taken out now.
+        if !still_held() {
+            self.leave(&mut state, conn, space, true);
+        }
     }
 
     fn disconnected(&self, conn: &Connection) {

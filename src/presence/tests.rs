@@ -79,7 +79,12 @@ fn joiner_lists_the_others_and_the_others_hear_of_it() {
     join(&presence, &b);
     assert!(frames(&a).is_empty() && frames(&b).is_empty());
 
-    presence.left(&b, &space());
+    // A page of the space that came back while the last one went keeps the member.
+    presence.left(&b, &space(), &|| true);
+    assert!(frames(&a).is_empty() && frames(&b).is_empty());
+    assert_eq!(presence.stats().members, 2);
+
+    presence.left(&b, &space(), &|| false);
     assert_eq!(
         frames(&b),
         vec![json!({"type": "presence.space_discard", "space": "table-1"})]
