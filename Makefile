@@ -35,11 +35,13 @@ deps:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3 python3-venv >/dev/null; }
 
-## A local cluster to try: a redis-server on port 6390 and two dev nodes sharing it
-## (WebSocket on 8081 and 8082, gRPC on 50061 and 50062). Ctrl-C stops all three.
+## A local cluster to try: two dev nodes (WebSocket on 8081 and 8082, gRPC on 50061 and
+## 50062) on a redis-server on port 6390; REDIS_CLUSTER=1 puts them on a Redis Cluster
+## instead, three primaries with a replica each on ports 7001-7006
+## (scripts/redis-cluster.sh). Ctrl-C stops them all.
 cluster: deps
 	$(CARGO) build --release
-	bash scripts/cluster.sh
+	REDIS_CLUSTER=$(REDIS_CLUSTER) bash scripts/cluster.sh
 
 ## Side-by-side benchmarks (channelgate, a raw broadcaster, sockudo, Django Channels): S1
 ## and S3 at fixed rates with deliveries per server CPU-second, one tokio worker each (and S1 on two),

@@ -13,6 +13,7 @@ mod limits;
 mod pages;
 mod presence;
 mod protocol;
+mod redis_cluster;
 mod redis_server;
 mod replay;
 mod shutdown;
