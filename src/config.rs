@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
-use crate::bus::RedisSettings;
+use crate::bus::{RedisSettings, RedisTarget};
 use crate::history::{HistorySettings, Retention};
 use crate::pages::{PageRegistry, PageSpec};
 use crate::presence::{FocusTypeSpec, FocusTypes, PresenceLimits};
@@ -134,6 +134,18 @@ pub struct Options {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
+
+    /// Nodes of a Redis Cluster (HOST:PORT,...; a few are enough, the rest are found):
+    /// groups, users and history spread over its shards by slot, with sharded pub/sub,
+    /// and a primary replaced by its replica is followed. Not with --redis-url
+    #[arg(
+        long,
+        env = "CHANNELGATE_REDIS_CLUSTER_NODES",
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
+        conflicts_with = "redis_url"
+    )]
+    pub redis_cluster_nodes: Option<Vec<String>>,
 
     /// Prefix of every Redis channel and key this cluster uses [default: channelgate]
     #[arg(long, env = "CHANNELGATE_REDIS_PREFIX", value_name = "PREFIX")]
@@ -417,6 +429,28 @@ impl Options {
 }
 
 /// A count setting: at least 1, `default` when not given.
+/// One Redis, a Redis Cluster, or neither (the in-memory bus). Empty values count as unset.
+fn redis_target(
+    url: Option<String>,
+    cluster_nodes: Option<Vec<String>>,
+) -> Result<Option<RedisTarget>, String> {
+    let nodes: Vec<String> = cluster_nodes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|node| node.trim().to_string())
+        .filter(|node| !node.is_empty())
+        .collect();
+    let url = url.filter(|url| !url.is_empty());
+    match (url, nodes.is_empty()) {
+        (Some(_), false) => {
+            Err("--redis-url and --redis-cluster-nodes: choose one Redis or a cluster".into())
+        }
+        (Some(url), true) => Ok(Some(RedisTarget::Url(url))),
+        (None, false) => Ok(Some(RedisTarget::Cluster(nodes))),
+        (None, true) => Ok(None),
+    }
+}
+
 fn positive(name: &str, value: Option<usize>, default: usize) -> Result<usize, String> {
     match value {
         Some(0) => Err(format!("--{name} must be at least 1")),
@@ -565,17 +599,16 @@ impl Settings {
             )?,
             authorizer_cache: Duration::from_millis(options.authorizer_cache_ms.unwrap_or(5000)),
             connect_check,
-            redis: options
-                .redis_url
-                .filter(|url| !url.is_empty())
-                .map(|url| RedisSettings {
-                    url,
+            redis: redis_target(options.redis_url, options.redis_cluster_nodes)?.map(|target| {
+                RedisSettings {
+                    target,
                     prefix: options.redis_prefix.unwrap_or_else(|| "channelgate".into()),
                     control_timeout: Duration::from_millis(
                         options.control_timeout_ms.unwrap_or(2000),
                     ),
                     unsubscribe_delay: Duration::from_secs(1),
-                }),
+                }
+            }),
             node_id: options.node_id.unwrap_or_else(|| {
                 format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
             }),

@@ -238,15 +238,27 @@ impl Event {
         proto::BusEvent {
             event: Some(self.to_request()),
             event_id: self.id,
+            position: 0,
         }
     }
 
     /// Rebuilds an event from [`Event::to_bus`] bytes (with the id Redis appended).
     pub fn from_bus(bytes: &[u8]) -> Option<Event> {
+        Event::from_bus_positioned(bytes).map(|(event, _)| event)
+    }
+
+    /// Rebuilds an event and its position among the ids: its id, or for an event that is
+    /// not recorded the position a Redis Cluster gave it (0: none).
+    pub fn from_bus_positioned(bytes: &[u8]) -> Option<(Event, u64)> {
         let bus = <proto::BusEvent as prost::Message>::decode(bytes).ok()?;
         let mut event = Event::from_trusted(bus.event?)?;
         event.id = bus.event_id;
-        Some(event)
+        let position = if bus.event_id != 0 {
+            bus.event_id
+        } else {
+            bus.position
+        };
+        Some((event, position))
     }
 
     /// What one socket gets of this event, by Baserow's rules: `None` for the socket that

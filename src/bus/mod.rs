@@ -10,7 +10,7 @@ mod redis;
 
 pub use memory::MemoryBus;
 pub use redis::{
-    PendingCommands, Receivers, RedisBus, RedisSettings, Subscriptions, subscriptions,
+    PendingCommands, Receivers, RedisBus, RedisSettings, RedisTarget, Subscriptions, subscriptions,
 };
 
 use std::sync::Arc;

@@ -15,6 +15,7 @@
 //! microseconds and counts everything below as forgotten, so ids keep increasing across
 //! a lost store, and a cursor from before the loss can never pass for complete.
 
+pub mod lanes;
 pub mod memory;
 
 use std::sync::Arc;

@@ -14,17 +14,41 @@ use tonic::Code;
 use crate::common::*;
 use crate::redis_server::{RedisServer, free_port};
 
+/// Where test nodes meet: one redis-server, or a Redis Cluster.
+pub trait Meeting {
+    /// The flags that point a node at it.
+    fn flags(&self) -> [String; 2];
+}
+
+impl Meeting for RedisServer {
+    fn flags(&self) -> [String; 2] {
+        ["--redis-url".into(), self.url()]
+    }
+}
+
 /// A node of the cluster on `redis`, ready to serve.
-pub async fn node_on(redis: &RedisServer, prefix: &str, node_id: &str) -> TestNode {
-    let node = TestNode::start_with(&[
-        "--redis-url",
-        &redis.url(),
+pub async fn node_on(redis: &impl Meeting, prefix: &str, node_id: &str) -> TestNode {
+    node_on_with(redis, prefix, node_id, &[]).await
+}
+
+/// A node of the cluster on `redis` with extra flags, ready to serve.
+pub async fn node_on_with(
+    redis: &impl Meeting,
+    prefix: &str,
+    node_id: &str,
+    extra: &[&str],
+) -> TestNode {
+    let [flag, value] = redis.flags();
+    let mut args = vec![
+        flag.as_str(),
+        &value,
         "--redis-prefix",
         prefix,
         "--node-id",
         node_id,
-    ])
-    .await;
+    ];
+    args.extend_from_slice(extra);
+    let node = TestNode::start_with(&args).await;
     assert!(
         node.node.ready(PATIENCE).await,
         "{node_id} connects to Redis"
@@ -32,16 +56,22 @@ pub async fn node_on(redis: &RedisServer, prefix: &str, node_id: &str) -> TestNo
     node
 }
 
+/// Three nodes on `redis`, `a`, `b` and `c`, with a gRPC client of `a`.
+pub async fn three_nodes_on(redis: &impl Meeting, test: &str) -> ([TestNode; 3], Grpc) {
+    let p = prefix(test);
+    let nodes = [
+        node_on(redis, &p, "a").await,
+        node_on(redis, &p, "b").await,
+        node_on(redis, &p, "c").await,
+    ];
+    let grpc = nodes[0].grpc().await;
+    (nodes, grpc)
+}
+
 /// A redis-server and three nodes on it, `a`, `b` and `c`, with a gRPC client of `a`.
 async fn three_nodes(test: &str) -> (RedisServer, [TestNode; 3], Grpc) {
     let redis = RedisServer::start();
-    let p = prefix(test);
-    let nodes = [
-        node_on(&redis, &p, "a").await,
-        node_on(&redis, &p, "b").await,
-        node_on(&redis, &p, "c").await,
-    ];
-    let grpc = nodes[0].grpc().await;
+    let (nodes, grpc) = three_nodes_on(&redis, test).await;
     (redis, nodes, grpc)
 }
 
@@ -63,12 +93,12 @@ where
     }
 }
 
-async fn expect(client: &mut Client, kind: &str) {
+pub async fn expect(client: &mut Client, kind: &str) {
     let frame = client.recv().await;
     assert_eq!(frame["type"], kind, "{frame}");
 }
 
-async fn mark(grpc: &mut Grpc) {
+pub async fn mark(grpc: &mut Grpc) {
     grpc.publish(group_request("users", event("marker", 0)))
         .await
         .expect("marker");
@@ -77,7 +107,11 @@ async fn mark(grpc: &mut Grpc) {
 #[tokio::test]
 async fn every_delivery_rule_holds_from_node_a_to_sockets_on_b_and_c() {
     let (_redis, [_a, b, c], mut grpc) = three_nodes("rules").await;
+    delivery_rules(&b, &c, &mut grpc).await;
+}
 
+/// Every delivery rule, published through `grpc` to sockets on `b` and `c`.
+pub async fn delivery_rules(b: &TestNode, c: &TestNode, grpc: &mut Grpc) {
     let mut author = b.client(1).await;
     let mut colleague = c.client(2).await;
     let mut excluded = b.client(3).await;
@@ -120,7 +154,7 @@ async fn every_delivery_rule_holds_from_node_a_to_sockets_on_b_and_c() {
         ..Default::default()
     };
     grpc.publish(everyone).await.expect("publish");
-    mark(&mut grpc).await;
+    mark(grpc).await;
 
     expect(&mut colleague, "rows_created").await;
     expect(&mut colleague, "user_updated").await;
@@ -194,6 +228,11 @@ async fn a_thousand_publishes_on_a_arrive_in_order_on_b() {
     let p = prefix("order");
     let a = node_on(&redis, &p, "a").await;
     let b = node_on(&redis, &p, "b").await;
+    thousand_in_order(&a, &b).await;
+}
+
+/// A thousand publishes through `a` to one group arrive in order on both nodes.
+pub async fn thousand_in_order(a: &TestNode, b: &TestNode) {
     let mut grpc = a.grpc().await;
     let mut on_b = b.client(1).await;
     let mut on_a = a.client(2).await;
@@ -214,6 +253,11 @@ async fn a_thousand_publishes_on_a_arrive_in_order_on_b() {
 #[tokio::test]
 async fn check_permission_disconnect_and_info_act_on_every_node() {
     let (_redis, [_a, b, c], mut grpc) = three_nodes("control").await;
+    control_on_every_node(&b, &c, &mut grpc).await;
+}
+
+/// CheckPermission, Disconnect and Info through `grpc` (node `a`) act on `b` and `c`.
+pub async fn control_on_every_node(b: &TestNode, c: &TestNode, grpc: &mut Grpc) {
     let mut on_b = b.client(2).await;
     let mut on_c = c.client(2).await;
     let mut keeper = c.client(1).await;
@@ -246,7 +290,7 @@ async fn check_permission_disconnect_and_info_act_on_every_node() {
         .await
         .expect("publish");
     expect(&mut keeper, "after").await;
-    mark(&mut grpc).await;
+    mark(grpc).await;
     expect(&mut on_b, "marker").await;
     expect(&mut on_c, "marker").await;
 

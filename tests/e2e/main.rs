@@ -16,4 +16,5 @@ mod protocol;
 mod redis_cluster;
 mod redis_server;
 mod replay;
+mod sharded;
 mod shutdown;

@@ -7,7 +7,7 @@ use channelgate::proto::InfoRequest;
 use serde_json::{Value, json};
 
 use crate::backend::Backend;
-use crate::cluster::{NodeProcess, eventually, prefix};
+use crate::cluster::{Meeting, NodeProcess, eventually, node_on_with, prefix};
 use crate::common::*;
 use crate::redis_server::RedisServer;
 
@@ -28,22 +28,14 @@ async fn backend() -> (std::sync::Arc<Backend>, String) {
     (backend, url)
 }
 
-async fn presence_node(redis: &RedisServer, prefix: &str, id: &str, authorizer: &str) -> TestNode {
-    let node = TestNode::start_with(&[
-        "--presence",
-        "on",
-        "--authorizer",
-        authorizer,
-        "--redis-url",
-        &redis.url(),
-        "--redis-prefix",
+async fn presence_node(redis: &impl Meeting, prefix: &str, id: &str, authorizer: &str) -> TestNode {
+    node_on_with(
+        redis,
         prefix,
-        "--node-id",
         id,
-    ])
-    .await;
-    assert!(node.node.ready(PATIENCE).await, "{id} connects to Redis");
-    node
+        &["--presence", "on", "--authorizer", authorizer],
+    )
+    .await
 }
 
 /// The next frame, which must be of `kind`.
@@ -79,11 +71,16 @@ fn users(entries: &[Value]) -> Vec<i64> {
 
 #[tokio::test]
 async fn three_users_and_an_anonymous_viewer_on_two_nodes_see_exactly_the_documented_frames() {
-    let redis = RedisServer::start();
+    documented_frames(&RedisServer::start()).await;
+}
+
+/// Three users and an anonymous viewer on two nodes meeting on `redis` see exactly the
+/// documented presence frames.
+pub async fn documented_frames(redis: &impl Meeting) {
     let (_backend, url) = backend().await;
     let p = prefix("presence");
-    let a = presence_node(&redis, &p, "a", &url).await;
-    let b = presence_node(&redis, &p, "b", &url).await;
+    let a = presence_node(redis, &p, "a", &url).await;
+    let b = presence_node(redis, &p, "b", &url).await;
 
     // User 1 on a: alone.
     let mut one = a.client(1).await;

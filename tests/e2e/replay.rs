@@ -10,7 +10,7 @@ use channelgate::proto::publish_request::Target;
 use channelgate::proto::{IndividualTarget, PublishRequest, UserTarget};
 use serde_json::{Value, json};
 
-use crate::cluster::{node_on, prefix};
+use crate::cluster::{Meeting, node_on, node_on_with, prefix};
 use crate::common::*;
 use crate::redis_server::RedisServer;
 
@@ -18,7 +18,7 @@ const TABLE_1: &str = r#"{"page":"table","table_id":1}"#;
 
 /// A client of `user_id` with the socket id `web_socket_id`, past authentication, which
 /// must say that replay is enabled.
-async fn reconnect(ws_addr: &str, user_id: i64, web_socket_id: &str) -> Client {
+pub async fn reconnect(ws_addr: &str, user_id: i64, web_socket_id: &str) -> Client {
     let url = format!(
         "ws://{ws_addr}/ws/core/?jwt_token={}&web_socket_id={web_socket_id}",
         token(user_id)
@@ -31,7 +31,7 @@ async fn reconnect(ws_addr: &str, user_id: i64, web_socket_id: &str) -> Client {
     client
 }
 
-async fn join_all(client: &mut Client, pages: &[&str]) {
+pub async fn join_all(client: &mut Client, pages: &[&str]) {
     for page in pages {
         client
             .join(serde_json::from_str(page).expect("page JSON"))
@@ -41,7 +41,7 @@ async fn join_all(client: &mut Client, pages: &[&str]) {
 
 /// Sends `replay_events` and reads up to its answer: the events replayed before it, and
 /// the answer (`replay_events_result` or `replay_events_retry`).
-async fn replay(
+pub async fn replay(
     client: &mut Client,
     last_seen_id: Value,
     supports_retry: bool,
@@ -60,7 +60,7 @@ async fn replay(
 }
 
 /// The current highest id, as a first connect learns it.
-async fn baseline(client: &mut Client) -> u64 {
+pub async fn baseline(client: &mut Client) -> u64 {
     let (events, result) = replay(client, json!(-1), true).await;
     assert!(events.is_empty(), "{events:?}");
     assert_eq!(result["force_refresh"], false, "{result}");
@@ -92,7 +92,7 @@ fn assert_retry(answer: &Value) {
     assert!((500..=1500).contains(&after), "{answer}");
 }
 
-fn assert_refresh(result: &Value) {
+pub fn assert_refresh(result: &Value) {
     assert_eq!(result["type"], "replay_events_result", "{result}");
     assert_eq!(result["force_refresh"], true, "{result}");
     assert_eq!(result["latest_event_id"], -2, "{result}");
@@ -101,7 +101,7 @@ fn assert_refresh(result: &Value) {
 /// While the socket of user 1, `tab-1`, on `table-1`, `table-2` and row 5 of table 1, is
 /// away: events for it and events it must not get. Returns the ids of those it must get,
 /// with the `n` of each.
-async fn publish_while_away(grpc: &mut Grpc) -> Vec<(u64, i64)> {
+pub async fn publish_while_away(grpc: &mut Grpc) -> Vec<(u64, i64)> {
     let mut wanted = Vec::new();
     let mut to = async |grpc: &mut Grpc, request: PublishRequest, n: i64, wanted_too: bool| {
         let id = publish(grpc, request).await;
@@ -148,7 +148,7 @@ async fn publish_while_away(grpc: &mut Grpc) -> Vec<(u64, i64)> {
     wanted
 }
 
-const TAB_PAGES: [&str; 3] = [
+pub const TAB_PAGES: [&str; 3] = [
     TABLE_1,
     r#"{"page":"table","table_id":2}"#,
     r#"{"page":"row","table_id":1,"row_id":5}"#,
@@ -156,7 +156,7 @@ const TAB_PAGES: [&str; 3] = [
 
 /// Reconnects `tab-1` to `ws_addr`, replays from `cursor` and checks it gets exactly
 /// `wanted`, in id order, then the result, then a live event, which it returns.
-async fn replays_what_was_missed(
+pub async fn replays_what_was_missed(
     ws_addr: &str,
     grpc: &mut Grpc,
     cursor: u64,
@@ -215,10 +215,14 @@ async fn a_reconnecting_socket_gets_exactly_what_it_missed_then_live_events() {
 
 #[tokio::test]
 async fn a_socket_replays_on_any_node_from_redis() {
-    let redis = RedisServer::start();
+    replay_on_any_node(&RedisServer::start()).await;
+}
+
+/// A socket that left node a replays on node b, and on a again, from the same cursor.
+pub async fn replay_on_any_node(redis: &impl Meeting) {
     let p = prefix("replay-nodes");
-    let a = node_on(&redis, &p, "a").await;
-    let b = node_on(&redis, &p, "b").await;
+    let a = node_on(redis, &p, "a").await;
+    let b = node_on(redis, &p, "b").await;
     let (on_a, on_b) = (a.node.ws_addr.to_string(), b.node.ws_addr.to_string());
     let mut tab = reconnect(&on_a, 1, "tab-1").await;
     join_all(&mut tab, &TAB_PAGES).await;
@@ -234,7 +238,11 @@ async fn a_socket_replays_on_any_node_from_redis() {
 }
 
 /// A fresh socket on `table-1` replaying from `cursor`.
-async fn replay_fresh(ws_addr: &str, cursor: Value, supports_retry: bool) -> (Vec<Value>, Value) {
+pub async fn replay_fresh(
+    ws_addr: &str,
+    cursor: Value,
+    supports_retry: bool,
+) -> (Vec<Value>, Value) {
     let mut client = Client::authenticated(ws_addr, 1).await;
     join_all(&mut client, &[TABLE_1]).await;
     replay(&mut client, cursor, supports_retry).await
@@ -243,7 +251,7 @@ async fn replay_fresh(ws_addr: &str, cursor: Value, supports_retry: bool) -> (Ve
 /// Like [`replay_fresh`], but also takes the events that reach the socket live right
 /// after the result (on Redis, an event published before the socket joined may still be
 /// on its way to the node): the ids of every event it got, in order, and the result.
-async fn replay_fresh_all(ws_addr: &str, grpc: &mut Grpc, cursor: Value) -> (Vec<u64>, Value) {
+pub async fn replay_fresh_all(ws_addr: &str, grpc: &mut Grpc, cursor: Value) -> (Vec<u64>, Value) {
     let mut client = Client::authenticated(ws_addr, 1).await;
     join_all(&mut client, &[TABLE_1]).await;
     let (events, result) = replay(&mut client, cursor, true).await;
@@ -262,8 +270,10 @@ async fn replay_fresh_all(ws_addr: &str, grpc: &mut Grpc, cursor: Value) -> (Vec
     }
 }
 
-/// -1, -2, garbage, a future cursor, trimmed history and the replay limit.
-async fn cursors_and_limits(node: &TestNode) {
+/// -1, -2, garbage, a future cursor, trimmed history and the replay limit. `consecutive`:
+/// the store's ids follow one another (one sequence; a Redis Cluster's lanes make ids
+/// that increase but leave gaps).
+pub async fn cursors_and_limits(node: &TestNode, consecutive: bool) {
     let addr = node.node.ws_addr.to_string();
     let mut grpc = node.grpc().await;
     // Before any event, the baseline is where the sequence starts: the next id follows it.
@@ -272,7 +282,11 @@ async fn cursors_and_limits(node: &TestNode) {
     assert_eq!(first["force_refresh"], false, "{first}");
     let start = first["latest_event_id"].as_u64().expect("an id");
     let before = publish(&mut grpc, group_request("table-9", event("e", 0))).await;
-    assert_eq!(before, start + 1);
+    if consecutive {
+        assert_eq!(before, start + 1);
+    } else {
+        assert!(before > start, "{before} follows {start}");
+    }
     for cursor in [json!(-1), json!("x"), json!(-7), Value::Null] {
         let (_, result) = replay_fresh(&addr, cursor.clone(), true).await;
         assert_eq!(result["force_refresh"], false, "{cursor}: {result}");
@@ -323,31 +337,22 @@ async fn cursors_and_limits(node: &TestNode) {
     }
 }
 
-const LIMITS: [&str; 4] = ["--history-size", "3", "--replay-limit", "2"];
+pub const LIMITS: [&str; 4] = ["--history-size", "3", "--replay-limit", "2"];
 
 #[tokio::test]
 async fn cursors_trimming_and_the_limit_on_one_node() {
-    cursors_and_limits(&TestNode::start_with(&LIMITS).await).await;
+    cursors_and_limits(&TestNode::start_with(&LIMITS).await, true).await;
 }
 
 #[tokio::test]
 async fn cursors_trimming_and_the_limit_on_redis() {
     let redis = RedisServer::start();
-    let mut args = vec![
-        "--redis-url".to_string(),
-        redis.url(),
-        "--redis-prefix".into(),
-        prefix("replay-limits"),
-    ];
-    args.extend(LIMITS.map(String::from));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let node = TestNode::start_with(&args).await;
-    assert!(node.node.ready(PATIENCE).await);
-    cursors_and_limits(&node).await;
+    let node = node_on_with(&redis, &prefix("replay-limits"), "a", &LIMITS).await;
+    cursors_and_limits(&node, true).await;
 }
 
 /// With a two-second history: a recent cursor replays, an old one refreshes.
-async fn expiry(node: &TestNode) {
+pub async fn expiry(node: &TestNode) {
     let addr = node.node.ws_addr.to_string();
     let mut grpc = node.grpc().await;
     let start = publish(&mut grpc, group_request("table-1", event("e", 0))).await;
@@ -369,17 +374,7 @@ async fn expired_history_forces_a_refresh_on_one_node() {
 #[tokio::test]
 async fn expired_history_forces_a_refresh_on_redis() {
     let redis = RedisServer::start();
-    let p = prefix("replay-ttl");
-    let node = TestNode::start_with(&[
-        "--redis-url",
-        &redis.url(),
-        "--redis-prefix",
-        &p,
-        "--history-ttl",
-        "1",
-    ])
-    .await;
-    assert!(node.node.ready(PATIENCE).await);
+    let node = node_on_with(&redis, &prefix("replay-ttl"), "a", &["--history-ttl", "1"]).await;
     expiry(&node).await;
 }
 
@@ -432,7 +427,7 @@ async fn a_stalled_store_and_too_many_replays_ask_to_retry_or_refresh() {
 
 /// A publisher at a steady rate while a socket subscribes, gets some events live and
 /// replays: every id after the cursor reaches it once, live or replayed.
-async fn live_during_replay(node: &TestNode) {
+pub async fn live_during_replay(node: &TestNode) {
     let addr = node.node.ws_addr.to_string();
     let mut grpc = node.grpc().await;
     let cursor = publish(&mut grpc, group_request("table-1", event("e", 0))).await;

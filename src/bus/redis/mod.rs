@@ -22,15 +22,17 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use prost::Message as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod cluster;
 mod history;
 mod presence;
 
 use super::{Bus, BusUnavailable};
 use crate::control::{Answers, ControlHandler, Reply, Request};
 use crate::event::{Event, Target};
-use crate::history::{self as event_history, HistorySettings, Store as _, StreamKey};
+use crate::history::{self as event_history, HistorySettings, Store as _, StreamKey, lanes};
 use crate::hub::GroupInterest;
 use crate::hub::Hub;
 use crate::presence::Presence;
@@ -52,10 +54,19 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// connection: the node turns not ready and reconnects.
 const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
 
+/// Where the nodes meet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One Redis (`--redis-url`).
+    Url(String),
+    /// A Redis Cluster, by some of its nodes (`--redis-cluster-nodes`): see [`cluster`].
+    Cluster(Vec<String>),
+}
+
 /// What the Redis bus needs to know.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
+    pub target: RedisTarget,
     pub prefix: String,
     /// How long a cluster-wide request waits for the nodes' replies.
     pub control_timeout: Duration,
@@ -70,27 +81,53 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Channel and key names. The channels every message is told apart by are made once: the
 /// listener compares each message's channel with them before it delivers an event.
+///
+/// On a Redis Cluster, the keys and channels that must share a slot carry a hash tag: the
+/// node registry, control requests and presence share `{P}` (they are little traffic, and
+/// the presence and sweep scripts read a node's heartbeat with its members), and a group's
+/// channel is on its history lane's slot ([`cluster`]).
 #[derive(Clone)]
 struct Names {
     prefix: String,
+    /// `P`, or `{P}` on a cluster.
+    registry: String,
     node_id: String,
     control: String,
     presence: String,
     own_reply: String,
+    /// The lanes' hash tags on a cluster; empty on one Redis.
+    lanes: Arc<[String]>,
 }
 
 impl Names {
-    fn new(prefix: &str, node_id: &str) -> Names {
+    fn new(prefix: &str, node_id: &str, cluster: bool) -> Names {
+        let registry = if cluster {
+            format!("{{{prefix}}}")
+        } else {
+            prefix.to_string()
+        };
         Names {
             prefix: prefix.to_string(),
             node_id: node_id.to_string(),
-            control: format!("{prefix}:control"),
-            presence: format!("{prefix}:presence"),
+            control: format!("{registry}:control"),
+            presence: format!("{registry}:presence"),
             own_reply: format!("{prefix}:reply:{node_id}"),
+            registry,
+            lanes: if cluster {
+                cluster::lane_tags().into()
+            } else {
+                Arc::from([])
+            },
         }
     }
+    fn cluster(&self) -> bool {
+        !self.lanes.is_empty()
+    }
     fn group(&self, group: &str) -> String {
-        format!("{}:g:{group}", self.prefix)
+        match self.lanes.get(lanes::lane_of_group(group)) {
+            Some(tag) => format!("{}:g:{{{tag}}}:{group}", self.prefix),
+            None => format!("{}:g:{group}", self.prefix),
+        }
     }
     fn broadcast(&self) -> String {
         format!("{}:broadcast", self.prefix)
@@ -102,16 +139,25 @@ impl Names {
         format!("{}:reply:{node_id}", self.prefix)
     }
     fn heartbeat(&self, node_id: &str) -> String {
-        format!("{}:node:{node_id}", self.prefix)
+        format!("{}:node:{node_id}", self.registry)
     }
     fn nodes(&self) -> String {
-        format!("{}:nodes", self.prefix)
+        format!("{}:nodes", self.registry)
     }
     fn presence(&self) -> &str {
         &self.presence
     }
     fn presence_members(&self) -> String {
-        format!("{}:presence:members", self.prefix)
+        format!("{}:presence:members", self.registry)
+    }
+    /// The publish command for these channels: sharded on a cluster, so a message goes
+    /// to one shard and not to every node of the cluster.
+    fn publish_command(&self) -> &'static str {
+        if self.cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
     /// The channels every node listens on, whatever its members.
     fn fixed(&self) -> Vec<String> {
@@ -241,12 +287,61 @@ pub fn subscriptions(unsubscribe_delay: Duration) -> (Arc<Subscriptions>, Pendin
 /// The subscription commands for the pub/sub task.
 pub struct PendingCommands(mpsc::UnboundedReceiver<Command>);
 
+/// How a node reaches Redis.
+enum Link {
+    /// One Redis: a connection made on first use (Redis may be down at start), which
+    /// then reconnects by itself; the pub/sub connection is the listener's own.
+    Single {
+        client: redis::Client,
+        manager: Mutex<Option<ConnectionManager>>,
+    },
+    /// A Redis Cluster: one connection, made by the cluster listener, carries commands
+    /// and the sharded pub/sub messages ([`cluster`]).
+    Cluster(Mutex<Option<ClusterConnection>>),
+}
+
+/// A connection for commands, to one Redis or to a cluster.
+#[derive(Clone)]
+pub(super) enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// State shared by the bus handle and its tasks.
 struct Shared {
     names: Names,
-    client: redis::Client,
-    /// Made on first use (Redis may be down at start), then reconnects by itself.
-    publisher: Mutex<Option<ConnectionManager>>,
+    link: Link,
     ready: watch::Sender<bool>,
     /// Control requests this node asked, by id, waiting for replies.
     asking: Mutex<HashMap<String, mpsc::UnboundedSender<(String, Reply)>>>,
@@ -254,27 +349,37 @@ struct Shared {
 }
 
 impl Shared {
-    async fn publisher(&self) -> Result<ConnectionManager, BusUnavailable> {
-        if let Some(connection) = lock(&self.publisher).clone() {
-            return Ok(connection);
+    async fn publisher(&self) -> Result<Connection, BusUnavailable> {
+        let (client, manager) = match &self.link {
+            Link::Cluster(connection) => {
+                return lock(connection)
+                    .clone()
+                    .map(Connection::Cluster)
+                    .ok_or_else(|| {
+                        BusUnavailable("not connected to the Redis Cluster yet".into())
+                    });
+            }
+            Link::Single { client, manager } => (client, manager),
+        };
+        if let Some(connection) = lock(manager).clone() {
+            return Ok(Connection::Single(connection));
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(BACKOFF_MAX);
-        let connection = self
-            .client
+        let connection = client
             .get_connection_manager_with_config(config)
             .await
             .map_err(|e| BusUnavailable(format!("cannot connect to Redis: {e}")))?;
-        *lock(&self.publisher) = Some(connection.clone());
-        Ok(connection)
+        *lock(manager) = Some(connection.clone());
+        Ok(Connection::Single(connection))
     }
 
     async fn publish_bytes(&self, channel: String, bytes: Vec<u8>) -> Result<i64, BusUnavailable> {
         let mut connection = self.publisher().await?;
-        redis::cmd("PUBLISH")
+        redis::cmd(self.names.publish_command())
             .arg(channel)
             .arg(bytes)
             .query_async(&mut connection)
@@ -357,11 +462,19 @@ pub struct Receivers {
     pub presence: Option<Arc<Presence>>,
 }
 
+/// Where events are published and recorded.
+enum Store {
+    /// One Redis: one script gives ids from one sequence, stores and publishes.
+    Single(Arc<RedisHistory>),
+    /// A Redis Cluster: ids, storage and publishing by lane ([`cluster`]).
+    Lanes(Arc<cluster::Lanes>),
+}
+
 /// The bus of a node in a cluster.
 pub struct RedisBus {
     shared: Arc<Shared>,
-    /// The publish script, which also records events when `recording`.
-    history: Arc<RedisHistory>,
+    /// The publish scripts, which also record events when `recording`.
+    store: Store,
     recording: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -382,41 +495,78 @@ impl RedisBus {
             control,
             presence,
         } = receivers;
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| format!("--redis-url {:?}: {e}", settings.url))?;
+        let cluster = match &settings.target {
+            RedisTarget::Url(_) => false,
+            RedisTarget::Cluster(_) => {
+                if settings.prefix.contains(['{', '}']) {
+                    return Err(format!(
+                        "--redis-prefix {:?}: no braces on a Redis Cluster (they pick slots)",
+                        settings.prefix
+                    ));
+                }
+                true
+            }
+        };
+        let link = match &settings.target {
+            RedisTarget::Url(url) => Link::Single {
+                client: redis::Client::open(url.as_str())
+                    .map_err(|e| format!("--redis-url {url:?}: {e}"))?,
+                manager: Mutex::default(),
+            },
+            RedisTarget::Cluster(_) => Link::Cluster(Mutex::default()),
+        };
         let shared = Arc::new(Shared {
-            names: Names::new(&settings.prefix, node_id),
-            client,
-            publisher: Mutex::default(),
+            names: Names::new(&settings.prefix, node_id, cluster),
+            link,
             ready: watch::Sender::new(false),
             asking: Mutex::default(),
             control_timeout: settings.control_timeout,
         });
-        let defaults = HistorySettings::default();
         let recording = history.is_some();
-        let history = history.unwrap_or(&defaults);
-        let history = Arc::new(RedisHistory::new(shared.clone(), history.retention));
+        let retention = history.map(|h| h.retention).unwrap_or_default();
         let mut tasks = Vec::new();
         let presence = presence.map(|presence| {
             let (presence, presence_tasks) = RedisPresence::start(shared.clone(), presence);
             tasks.extend(presence_tasks);
             presence
         });
-        let listener = Listener {
-            presence,
+        let inbox = Inbox {
             shared: shared.clone(),
-            hub,
             control,
-            subscriptions,
-            history: recording.then(|| history.clone()),
-            delivered_through: AtomicU64::new(0),
-            was_connected: AtomicBool::new(false),
+            presence,
         };
-        tasks.push(tokio::spawn(listener.run(commands.0)));
+        let store = match &settings.target {
+            RedisTarget::Url(_) => {
+                let history = Arc::new(RedisHistory::new(shared.clone(), retention));
+                let listener = Listener {
+                    shared: shared.clone(),
+                    hub,
+                    inbox,
+                    subscriptions,
+                    history: recording.then(|| history.clone()),
+                    delivered_through: AtomicU64::new(0),
+                    was_connected: AtomicBool::new(false),
+                };
+                tasks.push(tokio::spawn(listener.run(commands.0)));
+                Store::Single(history)
+            }
+            RedisTarget::Cluster(nodes) => {
+                let lanes = Arc::new(cluster::Lanes::new(shared.clone(), retention, recording));
+                let listener = cluster::Listener::new(
+                    nodes.clone(),
+                    lanes.clone(),
+                    hub,
+                    inbox,
+                    subscriptions,
+                )?;
+                tasks.push(tokio::spawn(listener.run(commands.0)));
+                Store::Lanes(lanes)
+            }
+        };
         tasks.push(tokio::spawn(heartbeats(shared.clone())));
         Ok(RedisBus {
             shared,
-            history,
+            store,
             recording,
             tasks,
         })
@@ -443,8 +593,15 @@ impl Bus for RedisBus {
     fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, BusUnavailable>> {
         Box::pin(async move {
             self.unavailable_unless_ready()?;
+            let history = match &self.store {
+                Store::Single(history) => history,
+                Store::Lanes(lanes) => {
+                    let ids = lanes.publish(vec![event]).await.map_err(BusUnavailable)?;
+                    return Ok(ids.first().copied().unwrap_or_default());
+                }
+            };
             if self.recording && event.record {
-                let ids = self.history.publish(&[event], true).await;
+                let ids = history.publish(&[event], true).await;
                 return ids
                     .map(|ids| ids.first().copied().unwrap_or_default())
                     .map_err(BusUnavailable);
@@ -461,16 +618,22 @@ impl Bus for RedisBus {
     fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, BusUnavailable>> {
         Box::pin(async move {
             self.unavailable_unless_ready()?;
-            self.history
-                .publish(&events, self.recording)
-                .await
-                .map_err(BusUnavailable)
+            match &self.store {
+                Store::Single(history) => history.publish(&events, self.recording).await,
+                Store::Lanes(lanes) => lanes.publish(events).await,
+            }
+            .map_err(BusUnavailable)
         })
     }
 
     fn history(&self) -> Option<Arc<dyn event_history::Store>> {
-        self.recording
-            .then(|| self.history.clone() as Arc<dyn event_history::Store>)
+        if !self.recording {
+            return None;
+        }
+        Some(match &self.store {
+            Store::Single(history) => history.clone(),
+            Store::Lanes(lanes) => lanes.clone(),
+        })
     }
 
     fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Answers, BusUnavailable>> {
@@ -576,12 +739,10 @@ enum Broken {
 struct Listener {
     shared: Arc<Shared>,
     hub: Arc<Hub>,
-    control: Arc<ControlHandler>,
+    inbox: Inbox,
     subscriptions: Arc<Subscriptions>,
     /// The event history, to catch up after a lost connection; `None` when history is off.
     history: Option<Arc<RedisHistory>>,
-    /// Presence; `None` when off.
-    presence: Option<Arc<RedisPresence>>,
     /// The highest event id this node has delivered or caught up to. Events arrive in id
     /// order on the one pub/sub connection, so an event at or below it is one the node
     /// already delivered while catching up.
@@ -615,7 +776,10 @@ impl Listener {
     /// `Ok` only when the node is going away.
     async fn listen(&self, commands: &mut mpsc::UnboundedReceiver<Command>) -> Result<(), Broken> {
         let unreachable = |e: String| Broken::Unreachable(e);
-        let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, self.shared.client.get_async_pubsub())
+        let Link::Single { client, .. } = &self.shared.link else {
+            return Ok(());
+        };
+        let pubsub = tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub())
             .await
             .map_err(|_| unreachable("connect timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
@@ -623,7 +787,7 @@ impl Listener {
         let names = &self.shared.names;
         let wanted = self.subscriptions.wanted();
         let mut channels = names.fixed();
-        if self.presence.is_some() {
+        if self.inbox.presence.is_some() {
             channels.push(names.presence().to_string());
         }
         channels.extend(wanted.iter().map(|g| names.group(g)));
@@ -632,7 +796,7 @@ impl Listener {
             .map_err(|e| unreachable(e.to_string()))?;
         self.subscriptions.mark_connected(&wanted);
         self.catch_up(&wanted).await.map_err(unreachable)?;
-        if let Some(presence) = &self.presence {
+        if let Some(presence) = &self.inbox.presence {
             presence.load().await.map_err(unreachable)?;
         }
         self.was_connected.store(true, Ordering::Release);
@@ -685,7 +849,7 @@ impl Listener {
             return Ok(());
         }
         // Pages first, so no page the backend took away meanwhile gets what it missed.
-        self.revalidate().await;
+        self.inbox.revalidate().await;
         let keys = StreamKey::of_socket(groups.iter().cloned());
         let snapshot = history
             .read(keys.clone(), after)
@@ -708,17 +872,7 @@ impl Listener {
         for event in &events {
             self.hub.deliver(event);
         }
-        let mut closed = 0;
-        for (key, stream) in keys.iter().zip(&snapshot.streams) {
-            if stream.lost_through > after {
-                closed += match key {
-                    StreamKey::Group(group) => self.hub.close_group(group, CloseReason::Restart),
-                    StreamKey::Everyone | StreamKey::Users => {
-                        self.hub.close_connections(CloseReason::Restart)
-                    }
-                };
-            }
-        }
+        let closed = close_where_lost(&self.hub, &keys, &snapshot, after);
         self.delivered_through
             .fetch_max(snapshot.latest, Ordering::AcqRel);
         tracing::info!(
@@ -727,19 +881,6 @@ impl Listener {
             "Redis pub/sub reconnected; missed events delivered from the history"
         );
         Ok(())
-    }
-
-    /// A node cut off from Redis may have missed a revoke: it asks the authorizer again
-    /// about every page its sockets hold, as a `CheckPermission` would.
-    async fn revalidate(&self) {
-        let request = Request::CheckPermission(proto::CheckPermissionRequest::default());
-        if let Reply::CheckPermission(outcome) = self.control.answer(request).await {
-            tracing::info!(
-                checked = outcome.checked,
-                revoked = outcome.revoked.len(),
-                "pages re-checked after the Redis reconnect"
-            );
-        }
     }
 
     async fn apply(&self, sink: &mut PubSubSink, command: Command) -> Result<(), String> {
@@ -779,6 +920,70 @@ impl Listener {
     }
 
     fn dispatch(&self, channel: &str, payload: &[u8]) {
+        if self.inbox.take(channel, payload) {
+            return;
+        }
+        match Event::from_bus(payload) {
+            Some(event) if event.id == 0 => {
+                self.hub.deliver(&event);
+            }
+            Some(event) => {
+                if event.id > self.delivered_through.load(Ordering::Acquire) {
+                    self.hub.deliver(&event);
+                    self.delivered_through.store(event.id, Ordering::Release);
+                }
+            }
+            None => tracing::warn!(channel, "undecodable event"),
+        }
+    }
+}
+
+/// Closes, with 1012, the sockets of the streams that lost events after `after`, so their
+/// clients reconnect and replay or refresh; returns how many were closed.
+fn close_where_lost(
+    hub: &Hub,
+    keys: &[StreamKey],
+    snapshot: &event_history::Snapshot,
+    after: u64,
+) -> usize {
+    let mut closed = 0;
+    for (key, stream) in keys.iter().zip(&snapshot.streams) {
+        if stream.lost_through > after {
+            closed += match key {
+                StreamKey::Group(group) => hub.close_group(group, CloseReason::Restart),
+                StreamKey::Everyone | StreamKey::Users => {
+                    hub.close_connections(CloseReason::Restart)
+                }
+            };
+        }
+    }
+    closed
+}
+
+/// What a node receives besides events: cluster-wide requests, replies to its own, and
+/// presence changes.
+struct Inbox {
+    shared: Arc<Shared>,
+    control: Arc<ControlHandler>,
+    presence: Option<Arc<RedisPresence>>,
+}
+
+impl Inbox {
+    /// A node cut off from Redis may have missed a revoke: it asks the authorizer again
+    /// about every page its sockets hold, as a `CheckPermission` would.
+    async fn revalidate(&self) {
+        let request = Request::CheckPermission(proto::CheckPermissionRequest::default());
+        if let Reply::CheckPermission(outcome) = self.control.answer(request).await {
+            tracing::info!(
+                checked = outcome.checked,
+                revoked = outcome.revoked.len(),
+                "pages re-checked after the Redis reconnect"
+            );
+        }
+    }
+
+    /// Takes a message of the control, reply or presence channels; `false` for others.
+    fn take(&self, channel: &str, payload: &[u8]) -> bool {
         let names = &self.shared.names;
         if channel == names.control() {
             match proto::ControlRequest::decode(payload) {
@@ -804,19 +1009,9 @@ impl Listener {
                 Err(error) => tracing::warn!(%error, "undecodable control reply"),
             }
         } else {
-            match Event::from_bus(payload) {
-                Some(event) if event.id == 0 => {
-                    self.hub.deliver(&event);
-                }
-                Some(event) => {
-                    if event.id > self.delivered_through.load(Ordering::Acquire) {
-                        self.hub.deliver(&event);
-                        self.delivered_through.store(event.id, Ordering::Release);
-                    }
-                }
-                None => tracing::warn!(channel, "undecodable event"),
-            }
+            return false;
         }
+        true
     }
 
     /// Acts on a cluster-wide request for this node's sockets and replies to the asker.

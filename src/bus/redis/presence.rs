@@ -208,7 +208,11 @@ impl RedisPresence {
                     pipe.hset(&hash, Self::field(space, presence_id), to_json(&member)?);
                 }
             }
-            pipe.ignore().publish(channel, to_json(change)?).ignore();
+            pipe.ignore()
+                .cmd(names.publish_command())
+                .arg(channel)
+                .arg(to_json(change)?)
+                .ignore();
         }
         let mut connection = self.shared.publisher().await.map_err(|e| e.to_string())?;
         pipe.query_async::<()>(&mut connection)

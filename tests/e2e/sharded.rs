@@ -1,0 +1,329 @@
+//! Nodes on a real Redis Cluster (three primaries, a replica each): every delivery rule,
+//! groups spread over the shards, order, replay across shards and nodes, presence, and a
+//! primary killed or a slot moved while events flow.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::cluster::{
+    Meeting, control_on_every_node, delivery_rules, eventually, node_on, node_on_with, prefix,
+    thousand_in_order, three_nodes_on,
+};
+use crate::common::*;
+use crate::presence::documented_frames;
+use crate::redis_cluster::{RedisCluster, slot_of};
+use crate::replay::{
+    LIMITS, cursors_and_limits, expiry, live_during_replay, reconnect, replay, replay_on_any_node,
+};
+
+impl Meeting for RedisCluster {
+    fn flags(&self) -> [String; 2] {
+        ["--redis-cluster-nodes".into(), self.nodes_arg()]
+    }
+}
+
+/// Tables whose groups the tests below spread over the shards.
+const TABLES: std::ops::RangeInclusive<i64> = 1..=12;
+
+/// The group channels each primary serves (`PUBSUB SHARDCHANNELS`), by primary.
+async fn group_channels(cluster: &RedisCluster, prefix: &str) -> BTreeMap<u16, Vec<String>> {
+    let mut by_primary = BTreeMap::new();
+    for port in cluster.primaries().await {
+        let mut connection = cluster.client(port).await;
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .arg(format!("{prefix}:g:*"))
+            .query_async(&mut connection)
+            .await
+            .expect("PUBSUB SHARDCHANNELS");
+        by_primary.insert(port, channels);
+    }
+    by_primary
+}
+
+/// The channel of a group, as a primary lists it.
+fn channel_of(channels: &BTreeMap<u16, Vec<String>>, group: &str) -> String {
+    channels
+        .values()
+        .flatten()
+        .find(|channel| channel.ends_with(&format!("}}:{group}")))
+        .unwrap_or_else(|| panic!("a channel for {group} in {channels:?}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn every_delivery_rule_and_control_request_holds_across_nodes_on_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    let ([_a, b, c], mut grpc) = three_nodes_on(&cluster, "sharded-rules").await;
+    delivery_rules(&b, &c, &mut grpc).await;
+    control_on_every_node(&b, &c, &mut grpc).await;
+}
+
+#[tokio::test]
+async fn groups_spread_over_every_shard_with_one_subscription_per_node() {
+    let cluster = RedisCluster::start().await;
+    let p = prefix("sharded-spread");
+    let a = node_on(&cluster, &p, "a").await;
+    let b = node_on(&cluster, &p, "b").await;
+    let mut on_a = a.client(1).await;
+    let mut on_b = b.client(1).await;
+    let mut also_on_b = b.client(2).await;
+    for table in TABLES {
+        for client in [&mut on_a, &mut on_b, &mut also_on_b] {
+            client
+                .join(json!({"page": "table", "table_id": table}))
+                .await;
+        }
+    }
+    let by_primary = group_channels(&cluster, &p).await;
+    assert_eq!(by_primary.len(), 3);
+    for (port, channels) in &by_primary {
+        assert!(
+            !channels.is_empty(),
+            "primary {port} carries groups: {by_primary:?}"
+        );
+        for (channel, subscribers) in cluster.shard_numsub(*port, channels).await {
+            assert_eq!(
+                subscribers, 2,
+                "{channel}: one subscription per node, not per socket"
+            );
+        }
+    }
+    let all: HashSet<&String> = by_primary.values().flatten().collect();
+    assert_eq!(all.len(), TABLES.count(), "a channel per group: {all:?}");
+
+    // Node b's last socket leaves table-1: b unsubscribes, a stays.
+    let table_1 = channel_of(&by_primary, "table-1");
+    let owner = cluster.primary_of_slot(slot_of(&table_1)).await;
+    for client in [&mut on_b, &mut also_on_b] {
+        client
+            .send(json!({"remove_page": "table", "table_id": 1}))
+            .await;
+        assert_eq!(client.recv().await["type"], "page_discard");
+    }
+    eventually("node b unsubscribes table-1", async || {
+        cluster
+            .shard_numsub(owner, std::slice::from_ref(&table_1))
+            .await[0]
+            .1
+            == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_thousand_publishes_arrive_in_order_on_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    let p = prefix("sharded-order");
+    let a = node_on(&cluster, &p, "a").await;
+    let b = node_on(&cluster, &p, "b").await;
+    thousand_in_order(&a, &b).await;
+}
+
+#[tokio::test]
+async fn a_socket_replays_across_shards_on_the_other_node() {
+    let cluster = RedisCluster::start().await;
+    replay_on_any_node(&cluster).await;
+}
+
+#[tokio::test]
+async fn cursors_trimming_expiry_and_live_events_during_a_replay_on_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    let limits = node_on_with(&cluster, &prefix("sharded-limits"), "a", &LIMITS).await;
+    cursors_and_limits(&limits, false).await;
+    let ttl = &["--history-ttl", "1"];
+    let expiring = node_on_with(&cluster, &prefix("sharded-ttl"), "b", ttl).await;
+    expiry(&expiring).await;
+    let live = node_on(&cluster, &prefix("sharded-live"), "c").await;
+    live_during_replay(&live).await;
+}
+
+#[tokio::test]
+async fn presence_on_a_redis_cluster_shows_exactly_the_documented_frames() {
+    let cluster = RedisCluster::start().await;
+    documented_frames(&cluster).await;
+}
+
+/// What a watching socket got: per id, its table and number.
+type Seen = BTreeMap<u64, (i64, i64)>;
+
+/// Publishes through `grpc`, round the tables, until `stop`; returns the acknowledged
+/// events (id, table, n) and how many publishes failed.
+async fn publish_round(
+    mut grpc: Grpc,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<(u64, i64, i64)>, usize) {
+    let mut acknowledged = Vec::new();
+    let mut failed = 0;
+    let mut n = 0;
+    while !*stop.borrow() {
+        let table = TABLES.start() + n % TABLES.count() as i64;
+        let request = group_request(&format!("table-{table}"), event("e", n));
+        match grpc.publish(request).await {
+            Ok(reply) => acknowledged.push((reply.into_inner().event_id, table, n)),
+            Err(_) => {
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (acknowledged, failed)
+}
+
+/// Reads `client` until every acknowledged id arrived; checks each came once and each
+/// table's events in the order they were published.
+async fn receives_every_acknowledged_event(
+    client: &mut Client,
+    seen: &mut Seen,
+    acknowledged: &[(u64, i64, i64)],
+) {
+    let wanted: HashSet<u64> = acknowledged.iter().map(|(id, _, _)| *id).collect();
+    while !wanted.iter().all(|id| seen.contains_key(id)) {
+        let frame = tokio::time::timeout(Duration::from_secs(20), client.recv())
+            .await
+            .unwrap_or_else(|_| {
+                let missing: Vec<_> = wanted.iter().filter(|id| !seen.contains_key(id)).collect();
+                panic!("acknowledged events never arrived: {missing:?}")
+            });
+        take(seen, &frame);
+    }
+    let mut last_n: HashMap<i64, i64> = HashMap::new();
+    for (table, n) in seen.values() {
+        let last = last_n.insert(*table, *n);
+        assert!(last < Some(*n), "table-{table}: {n} after {last:?}");
+    }
+}
+
+fn take(seen: &mut Seen, frame: &Value) {
+    assert_eq!(frame["type"], "e", "{frame}");
+    let id = frame["_event_id"].as_u64().expect("an id");
+    let n = frame["n"].as_i64().expect("n");
+    let table = TABLES.start() + n % TABLES.count() as i64;
+    assert!(seen.insert(id, (table, n)).is_none(), "{id} arrived twice");
+}
+
+/// Nodes a and b on `cluster`, a watcher on b on every table, a publisher through a;
+/// `fault` runs while events flow. Then every acknowledged event reaches the watcher
+/// (still connected) once and in order, and a tab that left before the fault replays on
+/// node a, from its cursor, every acknowledged event after it, in id order, each once.
+async fn events_flow_through(
+    cluster: &mut RedisCluster,
+    test: &str,
+    fault: impl AsyncFnOnce(&mut RedisCluster, &BTreeMap<u16, Vec<String>>),
+) {
+    let p = prefix(test);
+    let a = node_on_with(cluster, &p, "a", &["--replay-limit", "100000"]).await;
+    let b = node_on(cluster, &p, "b").await;
+    let mut watcher = b.client(1).await;
+    let mut tab = reconnect(&a.node.ws_addr.to_string(), 2, "tab").await;
+    for table in TABLES {
+        let page = json!({"page": "table", "table_id": table});
+        watcher.join(page.clone()).await;
+        tab.join(page).await;
+    }
+    let channels = group_channels(cluster, &p).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(publish_round(a.grpc().await, stopped));
+    let mut seen = Seen::new();
+    let mut cursor = 0;
+    for _ in 0..50 {
+        cursor = tab.recv().await["_event_id"].as_u64().expect("an id");
+        take(&mut seen, &watcher.recv().await);
+    }
+    drop(tab);
+    fault(cluster, &channels).await;
+    assert!(
+        a.node.ready(Duration::from_secs(20)).await && b.node.ready(Duration::from_secs(20)).await,
+        "the nodes are in step with the cluster again"
+    );
+    let before = seen.len();
+    while seen.len() < before + 100 {
+        take(&mut seen, &watcher.recv().await);
+    }
+    stop.send_replace(true);
+    let (acknowledged, failed) = publisher.await.expect("the publisher");
+    receives_every_acknowledged_event(&mut watcher, &mut seen, &acknowledged).await;
+    eprintln!(
+        "{test}: {} acknowledged, {failed} refused, {} delivered",
+        acknowledged.len(),
+        seen.len()
+    );
+    assert!(
+        acknowledged.len() > 100,
+        "events flowed: {}",
+        acknowledged.len()
+    );
+
+    let mut tab = reconnect(&a.node.ws_addr.to_string(), 2, "tab").await;
+    for table in TABLES {
+        tab.join(json!({"page": "table", "table_id": table})).await;
+    }
+    let (events, result) = replay(&mut tab, json!(cursor), true).await;
+    assert_eq!(result["force_refresh"], false, "{result}");
+    let replayed: Vec<u64> = events
+        .iter()
+        .map(|e| e["_event_id"].as_u64().expect("id"))
+        .collect();
+    assert!(
+        replayed.windows(2).all(|w| w[0] < w[1]),
+        "replayed in id order, each once"
+    );
+    let replayed_set: HashSet<u64> = replayed.iter().copied().collect();
+    for (id, _, n) in &acknowledged {
+        assert!(
+            *id <= cursor || replayed_set.contains(id),
+            "acknowledged event {n} ({id}) after the cursor {cursor} is not replayed"
+        );
+    }
+    for id in &replayed {
+        assert!(
+            seen.contains_key(id),
+            "replayed {id}, which the watcher never got"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_killed_primary_is_replaced_by_its_replica_and_nothing_acknowledged_is_lost() {
+    let mut cluster = RedisCluster::start().await;
+    events_flow_through(
+        &mut cluster,
+        "sharded-failover",
+        async |cluster: &mut RedisCluster, channels: &BTreeMap<u16, Vec<String>>| {
+            let table_1 = channel_of(channels, "table-1");
+            let killed = cluster.kill_primary_of_slot(slot_of(&table_1)).await;
+            eprintln!("killed the primary on {killed}");
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_slot_moved_while_events_flow_loses_nothing() {
+    let mut cluster = RedisCluster::start().await;
+    events_flow_through(
+        &mut cluster,
+        "sharded-migration",
+        async |cluster: &mut RedisCluster, channels: &BTreeMap<u16, Vec<String>>| {
+            let table_1 = channel_of(channels, "table-1");
+            let slot = slot_of(&table_1);
+            let from = cluster.primary_of_slot(slot).await;
+            let to = *cluster
+                .primaries()
+                .await
+                .iter()
+                .find(|p| **p != from)
+                .expect("another primary");
+            cluster.migrate_slot(slot, to).await;
+            eventually("the slot is served by its new primary", async || {
+                cluster.primary_of_slot(slot).await == to
+            })
+            .await;
+        },
+    )
+    .await;
+}
