@@ -123,6 +123,47 @@ async fn a_thousand_publishes_arrive_in_order_on_a_redis_cluster() {
 }
 
 #[tokio::test]
+async fn a_socket_gets_ids_in_order_from_every_shard_while_two_nodes_publish() {
+    let cluster = RedisCluster::start().await;
+    let p = prefix("sharded-id-order");
+    let a = node_on(&cluster, &p, "a").await;
+    let b = node_on(&cluster, &p, "b").await;
+    let mut watchers = [a.client(1).await, b.client(1).await];
+    for table in TABLES {
+        for watcher in &mut watchers {
+            watcher
+                .join(json!({"page": "table", "table_id": table}))
+                .await;
+        }
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut publishers = Vec::new();
+    for k in 0..4 {
+        let node = if k % 2 == 0 { &a } else { &b };
+        let first = k * PUBLISHER_SPAN;
+        publishers.push(tokio::spawn(publish_round(
+            node.grpc().await,
+            first,
+            stopped.clone(),
+        )));
+    }
+    let mut seen = [Seen::new(), Seen::new()];
+    while seen[0].len() < 600 {
+        for (watcher, seen) in watchers.iter_mut().zip(&mut seen) {
+            take(seen, &watcher.recv().await);
+        }
+    }
+    stop.send_replace(true);
+    let mut acknowledged = Vec::new();
+    for publisher in publishers {
+        acknowledged.extend(publisher.await.expect("a publisher").0);
+    }
+    for (watcher, seen) in watchers.iter_mut().zip(&mut seen) {
+        receives_every_acknowledged_event(watcher, seen, &acknowledged).await;
+    }
+}
+
+#[tokio::test]
 async fn a_socket_replays_across_shards_on_the_other_node() {
     let cluster = RedisCluster::start().await;
     replay_on_any_node(&cluster).await;
@@ -149,15 +190,19 @@ async fn presence_on_a_redis_cluster_shows_exactly_the_documented_frames() {
 /// What a watching socket got: per id, its table and number.
 type Seen = BTreeMap<u64, (i64, i64)>;
 
-/// Publishes through `grpc`, round the tables, until `stop`; returns the acknowledged
-/// events (id, table, n) and how many publishes failed.
+/// Numbers of publisher k start at k times this (a multiple of the table count).
+const PUBLISHER_SPAN: i64 = 1_200_000;
+
+/// Publishes through `grpc`, round the tables, until `stop`, numbering from `first`;
+/// returns the acknowledged events (id, table, n) and how many publishes failed.
 async fn publish_round(
     mut grpc: Grpc,
+    first: i64,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> (Vec<(u64, i64, i64)>, usize) {
     let mut acknowledged = Vec::new();
     let mut failed = 0;
-    let mut n = 0;
+    let mut n = first;
     while !*stop.borrow() {
         let table = TABLES.start() + n % TABLES.count() as i64;
         let request = group_request(&format!("table-{table}"), event("e", n));
@@ -191,16 +236,20 @@ async fn receives_every_acknowledged_event(
             });
         take(seen, &frame);
     }
-    let mut last_n: HashMap<i64, i64> = HashMap::new();
+    let mut last_n: HashMap<(i64, i64), i64> = HashMap::new();
     for (table, n) in seen.values() {
-        let last = last_n.insert(*table, *n);
+        let last = last_n.insert((*table, n / PUBLISHER_SPAN), *n);
         assert!(last < Some(*n), "table-{table}: {n} after {last:?}");
     }
 }
 
+/// Takes a frame of the watcher: ids come in increasing order, whatever shard made them.
 fn take(seen: &mut Seen, frame: &Value) {
     assert_eq!(frame["type"], "e", "{frame}");
     let id = frame["_event_id"].as_u64().expect("an id");
+    if let Some((&last, _)) = seen.last_key_value() {
+        assert!(id > last, "{id} arrived after {last}");
+    }
     let n = frame["n"].as_i64().expect("n");
     let table = TABLES.start() + n % TABLES.count() as i64;
     assert!(seen.insert(id, (table, n)).is_none(), "{id} arrived twice");
@@ -227,7 +276,7 @@ async fn events_flow_through(
     }
     let channels = group_channels(cluster, &p).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let publisher = tokio::spawn(publish_round(a.grpc().await, stopped));
+    let publisher = tokio::spawn(publish_round(a.grpc().await, 0, stopped));
     let mut seen = Seen::new();
     let mut cursor = 0;
     for _ in 0..50 {
