@@ -19,17 +19,18 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## What the checks need: rustfmt and clippy, redis-server for the cluster tests (each
-## test starts its own on a free port), and python3 with venv for the Python package's
-## tests (scripts/test-python.sh makes their venv).
+## What the checks need: rustfmt and clippy, redis-server and redis-cli for the cluster
+## tests (each test starts its own servers on free ports, a Redis Cluster with
+## redis-cli), and python3 with venv for the Python package's tests
+## (scripts/test-python.sh makes their venv).
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server"; \
+	@{ command -v redis-server && command -v redis-cli; } >/dev/null || { \
+	  echo "installing redis-server and redis-cli"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server redis-tools >/dev/null; }
 	@python3 -c 'import venv, ensurepip' 2>/dev/null || { \
 	  echo "installing python3 with venv"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
