@@ -45,20 +45,12 @@ use crate::history::{Retention, Snapshot, Store, StreamKey, StreamRead, Unavaila
 /// (0: not recorded). Returns the ids (0 for events not recorded).
 const RECORD: &str = concat!(
     start_lua!(),
+    append_lua!(),
     r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1]) + 60000
 local step = math.min(1000, math.max(1, math.floor(tonumber(ARGV[1]) / 1000)))
-local function varint(n)
-  local out = {}
-  while n >= 128 do
-    out[#out + 1] = string.char(n % 128 + 128)
-    n = math.floor(n / 128)
-  end
-  out[#out + 1] = string.char(n)
-  return table.concat(out)
-end
 local ids = {}
 for i = 1, (#ARGV - 1) / 3 do
   local channel, bytes, keep = ARGV[3 * i - 1], ARGV[3 * i], tonumber(ARGV[3 * i + 1])
@@ -71,20 +63,8 @@ for i = 1, (#ARGV - 1) / 3 do
     end
     local id = redis.call('INCR', KEYS[1])
     local sid = string.format('%.0f', id)
-    local stream, lost = KEYS[2 * i + 2], KEYS[2 * i + 3]
     local message = bytes .. '\16' .. varint(id)
-    redis.call('XADD', stream, sid .. '-0', 'e', message)
-    local over = redis.call('XLEN', stream) - keep
-    if over > 0 then
-      local dropped = {}
-      for j, entry in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', over)) do
-        dropped[j] = entry[1]
-      end
-      redis.call('XDEL', stream, unpack(dropped))
-      redis.call('SET', lost, string.match(dropped[#dropped], '^%d+'))
-    end
-    redis.call('PEXPIRE', stream, ttl)
-    redis.call('PEXPIRE', lost, ttl)
+    append(KEYS[2 * i + 2], KEYS[2 * i + 3], sid, message, keep, ttl)
     local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
     if #last == 0 or tonumber(string.match(last[1][1], '^%d+')) <= now - step then
       redis.call('XADD', KEYS[3], 'MINID', '~', string.format('%.0f', now - ttl), '*', 'i', sid)

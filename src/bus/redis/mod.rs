@@ -25,6 +25,40 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::{mpsc, oneshot, watch};
 
+/// Lua that appends an event to a history stream (`XADD` at `<id>-0`), trims the stream
+/// to `keep` entries remembering the highest id it dropped in `lost`, and lets both expire
+/// `ttl` ms after the last append; and `varint`, to append an id to protobuf bytes. A
+/// macro, so the scripts of one Redis and of a cluster can `concat!` it.
+macro_rules! append_lua {
+    () => {
+        r#"
+local function varint(n)
+  local out = {}
+  while n >= 128 do
+    out[#out + 1] = string.char(n % 128 + 128)
+    n = math.floor(n / 128)
+  end
+  out[#out + 1] = string.char(n)
+  return table.concat(out)
+end
+local function append(stream, lost, sid, message, keep, ttl)
+  redis.call('XADD', stream, sid .. '-0', 'e', message)
+  local over = redis.call('XLEN', stream) - keep
+  if over > 0 then
+    local dropped = {}
+    for j, entry in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', over)) do
+      dropped[j] = entry[1]
+    end
+    redis.call('XDEL', stream, unpack(dropped))
+    redis.call('SET', lost, string.match(dropped[#dropped], '^%d+'))
+  end
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PEXPIRE', lost, ttl)
+end
+"#
+    };
+}
+
 mod cluster;
 mod history;
 mod presence;
@@ -257,6 +291,32 @@ impl Subscriptions {
             }
         }
         self.connected.store(true, Ordering::Release);
+    }
+
+    /// Whether a group has local members but no subscription yet.
+    fn needs_subscribing(&self, group: &Arc<str>) -> bool {
+        lock(&self.groups)
+            .get(group)
+            .is_some_and(|sub| sub.members > 0 && !sub.subscribed)
+    }
+
+    /// A group's subscription took effect: its subscribers go on.
+    fn subscribed(&self, group: &Arc<str>) {
+        if let Some(sub) = lock(&self.groups).get_mut(group) {
+            sub.subscribed = true;
+            sub.wake();
+        }
+    }
+
+    /// Forgets a group that has had no local member since its unsubscribe was asked for;
+    /// `true`: its channel is to be unsubscribed.
+    fn forget_unused(&self, group: &Arc<str>) -> bool {
+        let mut groups = lock(&self.groups);
+        let unused = groups.get(group).is_some_and(|sub| sub.members == 0);
+        if unused {
+            groups.remove(group);
+        }
+        unused
     }
 
     /// Redis is gone: nothing is subscribed any more, and nobody waits for it.
@@ -887,29 +947,15 @@ impl Listener {
         let names = &self.shared.names;
         match command {
             Command::Subscribe(group) => {
-                let needed = lock(&self.subscriptions.groups)
-                    .get(&group)
-                    .is_some_and(|sub| sub.members > 0 && !sub.subscribed);
-                if needed {
+                if self.subscriptions.needs_subscribing(&group) {
                     sink.subscribe(names.group(&group))
                         .await
                         .map_err(|e| e.to_string())?;
-                    if let Some(sub) = lock(&self.subscriptions.groups).get_mut(&group) {
-                        sub.subscribed = true;
-                        sub.wake();
-                    }
+                    self.subscriptions.subscribed(&group);
                 }
             }
             Command::Unsubscribe(group) => {
-                let unused = {
-                    let mut groups = lock(&self.subscriptions.groups);
-                    let unused = groups.get(&group).is_some_and(|sub| sub.members == 0);
-                    if unused {
-                        groups.remove(&group);
-                    }
-                    unused
-                };
-                if unused {
+                if self.subscriptions.forget_unused(&group) {
                     sink.unsubscribe(names.group(&group))
                         .await
                         .map_err(|e| e.to_string())?;

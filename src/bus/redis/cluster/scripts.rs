@@ -1,0 +1,291 @@
+//! What a cluster node says to Redis: slots and lane tags, the lanes' Lua scripts, and
+//! reading the cluster's answers.
+
+use std::collections::HashSet;
+
+use redis::Value;
+
+use crate::history::lanes::{EPOCH_MICROS, LANES, TICK_MICROS};
+
+/// Slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// CRC16 (XMODEM), the hash of Redis Cluster slots.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in bytes {
+        crc ^= u16::from(*byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The slot of a key or channel, by the hash tag rule.
+pub fn slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|b| *b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|b| *b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(key)) % SLOTS
+}
+
+/// Each lane's hash tag: the first `<lane>-<n>` whose slot lies in the lane's block.
+pub fn lane_tags() -> Vec<String> {
+    let block = u64::from(SLOTS) / LANES;
+    (0..LANES)
+        .map(|lane| {
+            (0u32..)
+                .map(|n| format!("{lane}-{n}"))
+                .find(|tag| u64::from(slot(tag.as_bytes())) / block == lane)
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Lua turning the Redis clock into a lane clock (`now`).
+fn clock_lua() -> String {
+    format!(
+        r"
+local time = redis.call('TIME')
+local micros = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now = math.floor((micros - {EPOCH_MICROS}) / {TICK_MICROS})
+"
+    )
+}
+
+/// Gives a lane's events their ids, keeps those recorded and publishes them all.
+///
+/// KEYS: seq, floor, rec (the last recorded id), then per event its stream and lost-marker
+/// keys.
+/// ARGV: the age limit in ms, the clock the node has seen, the lane, then per event:
+/// channel, bus bytes, events its stream keeps (0: not recorded, published with its
+/// position). Returns the ids (0 for events not recorded).
+pub(super) fn record_lua() -> String {
+    clock_lua()
+        + append_lua!()
+        + &format!(
+            r"
+local lanes, age, hint, lane = {LANES}, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ttl = age + 60000
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], now)
+  redis.call('SET', KEYS[2], now)
+end
+local last = tonumber(redis.call('GET', KEYS[1]))
+local ids = {{}}
+for i = 1, (#ARGV - 3) / 3 do
+  local channel, bytes, keep = ARGV[3 * i + 1], ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
+  last = math.max(now, last + 1, hint + 1)
+  local id = last * lanes + lane
+  local sid = string.format('%.0f', id)
+  if keep == 0 then
+    redis.call('SPUBLISH', channel, bytes .. '\24' .. varint(id))
+    ids[i] = 0
+  else
+    local message = bytes .. '\16' .. varint(id)
+    append(KEYS[2 * i + 2], KEYS[2 * i + 3], sid, message, keep, ttl)
+    redis.call('SET', KEYS[3], sid)
+    redis.call('SPUBLISH', channel, message)
+    ids[i] = id
+  end
+end
+redis.call('SET', KEYS[1], string.format('%.0f', last))
+return ids
+"
+        )
+}
+
+/// Starts a lane that has no clock yet (fresh, or lost with a primary whose replica did
+/// not have it): everything below now counts as lost. Moves it to at least the clock the
+/// node has seen, so no id it makes can fall below what the node already delivered.
+/// KEYS: seq, floor. ARGV: the clock the node has seen. Returns the lane's clock.
+pub(super) fn ensure_lua() -> String {
+    clock_lua()
+        + r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], now)
+  redis.call('SET', KEYS[2], now)
+end
+local last = tonumber(redis.call('GET', KEYS[1]))
+if tonumber(ARGV[1]) > last then
+  last = tonumber(ARGV[1])
+  redis.call('SET', KEYS[1], string.format('%.0f', last))
+end
+return string.format('%.0f', last)
+"
+}
+
+/// A tick, run on every primary: for each lane whose slot this primary serves and whose
+/// clock it holds, moves the clock to at least now - 1 and says `T<lane>:<t>,...` on the
+/// channel of the first such lane. Publishing it keeps it in order with the lanes' events:
+/// one connection brings a node everything a primary publishes. Returns `<t> <id>`: the
+/// highest clock it showed, and the highest id its lanes recorded or count as lost.
+/// ARGV: per lane, its slot, clock key, channel, floor key and last-recorded key.
+pub(super) fn tick_lua() -> String {
+    clock_lua()
+        + &format!(
+            r"
+local lanes = {LANES}
+local me = redis.call('CLUSTER', 'MYID')
+local mine = {{}}
+for _, range in ipairs(redis.call('CLUSTER', 'SLOTS')) do
+  if range[3][3] == me then
+    mine[#mine + 1] = {{range[1], range[2]}}
+  end
+end
+local shown, channel, highest, issued = {{}}, nil, 0, 0
+for i = 1, #ARGV, 5 do
+  local slot = tonumber(ARGV[i])
+  for _, range in ipairs(mine) do
+    if slot >= range[1] and slot <= range[2] then
+      local last = redis.call('GET', ARGV[i + 1])
+      if last then
+        last = math.max(tonumber(last), now - 1)
+        redis.call('SET', ARGV[i + 1], string.format('%.0f', last))
+        shown[#shown + 1] = ((i - 1) / 5) .. ':' .. string.format('%.0f', last)
+        highest = math.max(highest, last)
+        channel = channel or ARGV[i + 2]
+        local floor = tonumber(redis.call('GET', ARGV[i + 3]) or '0')
+        local recorded = tonumber(redis.call('GET', ARGV[i + 4]) or '0')
+        issued = math.max(issued, recorded, (floor + 1) * lanes - 1)
+      end
+      break
+    end
+  end
+end
+if channel then
+  redis.call('SPUBLISH', channel, 'T' .. table.concat(shown, ','))
+end
+return string.format('%.0f %.0f', highest, issued)
+"
+        )
+}
+
+/// Reads one lane's streams.
+///
+/// KEYS: floor, then per stream its stream and lost-marker keys.
+/// ARGV: the first id to read, the last ('+': all), the age limit in ms.
+/// Returns `{{floor id, aged}, {lost, bytes...}...}`. `aged` is the last position before
+/// the age limit: an id's clock is never below the Redis clock when it was made, so
+/// every id made before the limit is at or below it.
+pub(super) fn read_lua() -> String {
+    clock_lua()
+        + &format!(
+            r"
+local lanes = {LANES}
+local floor = redis.call('GET', KEYS[1])
+local floor_id = '0'
+if floor then
+  floor_id = string.format('%.0f', (tonumber(floor) + 1) * lanes - 1)
+end
+local limit = now - math.floor(tonumber(ARGV[3]) * 1000 / {TICK_MICROS})
+local aged = string.format('%.0f', math.max(0, limit * lanes - 1))
+local out = {{{{floor_id, aged}}}}
+for i = 2, #KEYS, 2 do
+  local read = {{redis.call('GET', KEYS[i + 1]) or '0'}}
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[i], ARGV[1], ARGV[2])) do
+    read[#read + 1] = entry[2][2]
+  end
+  out[#out + 1] = read
+end
+return out
+"
+        )
+}
+
+/// Per lane, whether the primary serving its slot has a replica that is not failed, from
+/// the text of `CLUSTER NODES`.
+pub(super) fn replicated_lanes(nodes: &str, tags: &[String]) -> [bool; LANES as usize] {
+    let lines: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|line| line.split_whitespace().collect())
+        .filter(|fields: &Vec<&str>| fields.len() >= 8 && !fields[2].contains("fail"))
+        .collect();
+    let with_replica: HashSet<&str> = lines
+        .iter()
+        .filter(|fields| fields[2].contains("slave"))
+        .map(|fields| fields[3])
+        .collect();
+    let mut replicated = [false; LANES as usize];
+    for fields in lines.iter().filter(|f| f[2].contains("master")) {
+        if !with_replica.contains(fields[0]) {
+            continue;
+        }
+        for range in &fields[8..] {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            let (Ok(first), Ok(last)) = (first.parse::<u16>(), last.parse::<u16>()) else {
+                continue; // a slot being imported or migrated: `[...]`
+            };
+            for (lane, tag) in tags.iter().enumerate() {
+                if (first..=last).contains(&slot(tag.as_bytes())) {
+                    replicated[lane] = true;
+                }
+            }
+        }
+    }
+    replicated
+}
+
+/// The text answers of every primary to one command.
+pub(super) fn answers_of(answers: &Value) -> Vec<String> {
+    match answers {
+        Value::BulkString(bytes) => vec![String::from_utf8_lossy(bytes).into_owned()],
+        Value::SimpleString(text) => vec![text.clone()],
+        Value::Array(values) | Value::Set(values) => values.iter().flat_map(answers_of).collect(),
+        Value::Map(pairs) => pairs.iter().flat_map(|(_, v)| answers_of(v)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_redis() {
+        // Values from CLUSTER KEYSLOT.
+        assert_eq!(slot(b"abc"), 7638);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_eq!(slot(b"123456789"), 0x31C3 % SLOTS);
+    }
+
+    #[test]
+    fn lanes_are_confirmed_where_their_primary_has_a_live_replica() {
+        let tags = lane_tags();
+        let nodes = "\
+a 127.0.0.1:1@11 myself,master - 0 0 1 connected 0-5460
+b 127.0.0.1:2@12 master - 0 0 2 connected 5461-10922
+c 127.0.0.1:3@13 master - 0 0 3 connected 10923-16383
+d 127.0.0.1:4@14 slave a 0 0 1 connected
+e 127.0.0.1:5@15 slave,fail b 0 0 2 connected
+f 127.0.0.1:6@16 slave c 0 0 3 connected
+";
+        let replicated = replicated_lanes(nodes, &tags);
+        for (lane, tag) in tags.iter().enumerate() {
+            let on_b = (5461..=10922).contains(&slot(tag.as_bytes()));
+            assert_eq!(replicated[lane], !on_b, "lane {lane}");
+        }
+    }
+
+    #[test]
+    fn each_lane_has_a_slot_in_its_own_block() {
+        let tags = lane_tags();
+        assert_eq!(tags.len(), LANES as usize);
+        let block = u64::from(SLOTS) / LANES;
+        for (lane, tag) in tags.iter().enumerate() {
+            assert_eq!(
+                u64::from(slot(tag.as_bytes())) / block,
+                lane as u64,
+                "{tag}"
+            );
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The history and order of a node on a Redis Cluster: publishing by lane, the node's
+//! [`Reorder`], the ticks that move quiet lanes, and replays read through what the node
+//! delivered.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, join_all};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
+use redis::{Script, Value};
+use tokio::sync::{Notify, watch};
+
+use super::scripts::{
+    answers_of, ensure_lua, read_lua, record_lua, replicated_lanes, slot, tick_lua,
+};
+use crate::bus::redis::{COMMAND_TIMEOUT, Connection, Shared, lock};
+use crate::event::{Event, Target};
+use crate::history::lanes::{LANES, Reorder, lane_of_event, lane_of_stream, split};
+use crate::history::{Retention, Snapshot, Store, StreamKey, StreamRead, Unavailable};
+use crate::hub::Hub;
+
+/// How long a publish waits for a replica to confirm it.
+const REPLICA_WAIT: Duration = Duration::from_secs(1);
+/// How long a replay waits for this node to deliver every id made before it.
+const CURSOR_WAIT: Duration = Duration::from_millis(1500);
+
+/// The cluster's history and order: publishing by lane, the node's [`Reorder`], replays.
+pub(crate) struct Lanes {
+    pub(super) shared: Arc<Shared>,
+    pub(super) retention: Retention,
+    pub(super) recording: bool,
+    pub(super) tags: Arc<[String]>,
+    pub(super) order: Mutex<Reorder>,
+    /// What the node delivered through, announced for replays that wait for a cursor.
+    pub(super) released: watch::Sender<u64>,
+    /// The highest lane clock this node saw or was given: what its publishes pass on.
+    pub(super) hint: AtomicU64,
+    /// Replays and subscriptions waiting for the delivered position to move.
+    pub(super) waiting: AtomicUsize,
+    pub(super) wake_listener: Notify,
+    /// Per lane, whether its primary has a replica to confirm writes: a publish is
+    /// acknowledged once a replica holds it, so a failover cannot lose it silently.
+    pub(super) replicated: Mutex<[bool; LANES as usize]>,
+    pub(super) record: Script,
+    pub(super) ensure: Script,
+    pub(super) read: Script,
+    pub(super) tick: String,
+}
+
+impl Lanes {
+    pub(crate) fn new(shared: Arc<Shared>, retention: Retention, recording: bool) -> Lanes {
+        Lanes {
+            tags: shared.names.lanes.clone(),
+            shared,
+            retention,
+            recording,
+            order: Mutex::new(Reorder::default()),
+            released: watch::Sender::new(0),
+            hint: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            wake_listener: Notify::new(),
+            replicated: Mutex::new([false; LANES as usize]),
+            record: Script::new(&record_lua()),
+            ensure: Script::new(&ensure_lua()),
+            read: Script::new(&read_lua()),
+            tick: tick_lua(),
+        }
+    }
+
+    pub(super) fn key(&self, lane: usize, name: &str) -> String {
+        format!(
+            "{}:h:{{{}}}:{name}",
+            self.shared.names.prefix, self.tags[lane]
+        )
+    }
+
+    pub(super) fn lane_channel(&self, lane: usize) -> String {
+        format!("{}:l:{{{}}}", self.shared.names.prefix, self.tags[lane])
+    }
+
+    pub(super) fn channel_of(&self, event: &Event, lane: usize) -> String {
+        match &event.target {
+            Target::Group { group, .. } => self.shared.names.group(group),
+            _ => self.lane_channel(lane),
+        }
+    }
+
+    /// Every lane's channel: every node listens to them all.
+    pub(super) fn lane_channels(&self) -> impl Iterator<Item = String> + '_ {
+        (0..LANES as usize).map(|lane| self.lane_channel(lane))
+    }
+
+    pub(super) fn saw(&self, t: u64) {
+        self.hint.fetch_max(t, Ordering::AcqRel);
+    }
+
+    /// Publishes events, each lane's in order in one script (all lanes at once), and
+    /// returns their ids.
+    pub(crate) async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, String> {
+        let connection = self.shared.publisher().await.map_err(|e| e.0)?;
+        let mut by_lane: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (index, event) in events.iter().enumerate() {
+            by_lane.entry(lane_of_event(event)).or_default().push(index);
+        }
+        let events = &events;
+        let work = by_lane.into_iter().map(|(lane, indices)| {
+            let mut connection = connection.clone();
+            async move {
+                let lane_events: Vec<&Event> = indices.iter().map(|i| &events[*i]).collect();
+                let ids = self.publish_lane(&mut connection, lane, &lane_events).await;
+                (indices, ids)
+            }
+        });
+        let mut ids = vec![0; events.len()];
+        for (indices, lane_ids) in join_all(work).await {
+            for (index, id) in indices.into_iter().zip(lane_ids?) {
+                ids[index] = id;
+            }
+        }
+        Ok(ids)
+    }
+
+    pub(super) async fn publish_lane(
+        &self,
+        connection: &mut Connection,
+        lane: usize,
+        events: &[&Event],
+    ) -> Result<Vec<u64>, String> {
+        if !self.recording {
+            // No ids: a group's order is its channel's, nothing to order across lanes.
+            let mut pipe = redis::pipe();
+            for event in events {
+                pipe.cmd("SPUBLISH")
+                    .arg(self.channel_of(event, lane))
+                    .arg(prost::Message::encode_to_vec(&event.to_bus()))
+                    .ignore();
+            }
+            pipe.query_async::<()>(connection)
+                .await
+                .map_err(|e| format!("Redis SPUBLISH failed: {e}"))?;
+            return Ok(vec![0; events.len()]);
+        }
+        let mut invocation = self.record.prepare_invoke();
+        invocation
+            .key(self.key(lane, "seq"))
+            .key(self.key(lane, "floor"))
+            .key(self.key(lane, "rec"))
+            .arg(self.retention.max_age.as_millis() as u64)
+            .arg(self.hint.load(Ordering::Acquire))
+            .arg(lane);
+        for event in events {
+            let stream = StreamKey::of(event);
+            let keep = if event.record {
+                self.retention.events_in(&stream)
+            } else {
+                0
+            };
+            invocation
+                .key(self.key(lane, &format!("s:{}", stream.name())))
+                .key(self.key(lane, &format!("l:{}", stream.name())))
+                .arg(self.channel_of(event, lane))
+                .arg(prost::Message::encode_to_vec(&event.to_bus()))
+                .arg(keep);
+        }
+        let ids: Vec<u64> = invocation
+            .invoke_async(connection)
+            .await
+            .map_err(|e| format!("Redis publish script failed: {e}"))?;
+        if let Some(t) = ids.iter().map(|id| split(*id).0).max() {
+            self.saw(t);
+        }
+        if lock(&self.replicated)[lane] {
+            self.confirm(connection, lane).await?;
+        }
+        Ok(ids)
+    }
+
+    /// Waits until a replica of the lane's primary holds what this node wrote there.
+    pub(super) async fn confirm(
+        &self,
+        connection: &mut Connection,
+        lane: usize,
+    ) -> Result<(), String> {
+        let Connection::Cluster(connection) = connection else {
+            return Ok(());
+        };
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
+        let slot = slot(self.key(lane, "seq").as_bytes());
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot,
+            SlotAddr::Master,
+        )));
+        match connection.route_command(wait, routing).await {
+            Ok(Value::Int(replicas)) if replicas >= 1 => Ok(()),
+            Ok(_) => Err(format!(
+                "published, but no replica confirmed it within {REPLICA_WAIT:?}: a failover could lose it"
+            )),
+            Err(error) => Err(format!(
+                "published, but not confirmed by a replica: {error}"
+            )),
+        }
+    }
+
+    /// Learns which primaries have a live replica (`CLUSTER NODES`), for [`Lanes::confirm`].
+    pub(super) async fn learn_replicas(
+        &self,
+        connection: &mut ClusterConnection,
+    ) -> Result<(), String> {
+        let nodes = connection
+            .route_command(
+                redis::cmd("CLUSTER").arg("NODES").to_owned(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+            .map_err(|e| format!("CLUSTER NODES: {e}"))?;
+        let text = match nodes {
+            Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Value::VerbatimString { text, .. } => text,
+            other => return Err(format!("CLUSTER NODES answered {other:?}")),
+        };
+        let replicated = replicated_lanes(&text, &self.tags);
+        *lock(&self.replicated) = replicated;
+        Ok(())
+    }
+
+    /// Makes sure every lane has a clock, at least the one this node has seen.
+    pub(super) async fn ensure_all(&self, connection: &Connection) -> Result<(), String> {
+        let hint = self.hint.load(Ordering::Acquire);
+        let work = (0..LANES as usize).map(|lane| {
+            let mut connection = connection.clone();
+            async move {
+                self.ensure
+                    .key(self.key(lane, "seq"))
+                    .key(self.key(lane, "floor"))
+                    .arg(hint)
+                    .invoke_async::<String>(&mut connection)
+                    .await
+                    .map_err(|e| format!("lane {lane} not started: {e}"))
+            }
+        });
+        for started in join_all(work).await {
+            started?;
+        }
+        Ok(())
+    }
+
+    /// One tick on every primary; what it shows arrives on the lanes' channels. Returns
+    /// the highest lane clock shown (every id made before is at or below its position) and
+    /// the highest id recorded or counted as lost.
+    pub(super) async fn tick(
+        &self,
+        connection: &mut ClusterConnection,
+    ) -> Result<(u64, u64), String> {
+        let mut command = redis::cmd("EVAL");
+        command.arg(&self.tick).arg(0);
+        for lane in 0..LANES as usize {
+            let seq = self.key(lane, "seq");
+            command
+                .arg(slot(seq.as_bytes()))
+                .arg(seq)
+                .arg(self.lane_channel(lane))
+                .arg(self.key(lane, "floor"))
+                .arg(self.key(lane, "rec"));
+        }
+        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        match tokio::time::timeout(COMMAND_TIMEOUT, connection.route_command(command, routing))
+            .await
+        {
+            Ok(Ok(Value::ServerError(error))) => Err(format!("tick failed: {error:?}")),
+            Ok(Ok(answers)) => {
+                let mut highest = (0, 0);
+                for answer in answers_of(&answers) {
+                    let mut numbers = answer.split(' ').map(|n| n.parse::<u64>().unwrap_or(0));
+                    let (t, id) = (numbers.next(), numbers.next());
+                    highest = (
+                        highest.0.max(t.unwrap_or(0)),
+                        highest.1.max(id.unwrap_or(0)),
+                    );
+                }
+                Ok(highest)
+            }
+            Ok(Err(error)) => Err(format!("tick failed: {error}")),
+            Err(_) => Err("tick timed out".into()),
+        }
+    }
+
+    /// Where this node must have delivered through for a replay or a first connect to
+    /// meet live events exactly (every id made so far, in any lane), and the highest id
+    /// recorded or counted as lost.
+    pub(super) async fn now(&self) -> Result<(u64, u64), Unavailable> {
+        let connection = self
+            .shared
+            .publisher()
+            .await
+            .map_err(|e| Unavailable(e.0))?;
+        let Connection::Cluster(mut connection) = connection else {
+            return Err(Unavailable("not a Redis Cluster".into()));
+        };
+        let (t, issued) = self.tick(&mut connection).await.map_err(Unavailable)?;
+        Ok(((t + 1) * LANES - 1, issued))
+    }
+
+    /// A message on a lane's channel that is a tick: `T<lane>:<t>,...`.
+    pub(super) fn take_tick(&self, payload: &[u8]) -> bool {
+        let Some(shown) = payload.strip_prefix(b"T") else {
+            return false;
+        };
+        let mut order = lock(&self.order);
+        for pair in String::from_utf8_lossy(shown).split(',') {
+            let parsed = pair
+                .split_once(':')
+                .and_then(|(lane, t)| Some((lane.parse().ok()?, t.parse().ok()?)));
+            match parsed {
+                Some((lane, t)) => {
+                    order.shown(lane, t);
+                    self.saw(t);
+                }
+                None => tracing::warn!(pair, "malformed lane tick"),
+            }
+        }
+        true
+    }
+
+    /// Holds an event that arrived at `position` (0: none, delivered at once).
+    pub(super) fn hold(&self, hub: &Hub, event: Event, position: u64) {
+        if position == 0 {
+            hub.deliver(&event);
+            return;
+        }
+        self.saw(split(position).0);
+        lock(&self.order).hold(position, Arc::new(event));
+    }
+
+    /// Delivers what may go now, in id order.
+    pub(super) fn release(&self, hub: &Hub) {
+        let (ready, through) = {
+            let mut order = lock(&self.order);
+            (order.release(), order.released_through())
+        };
+        for event in &ready {
+            hub.deliver(event);
+        }
+        self.released.send_if_modified(|released| {
+            let moved = *released != through;
+            *released = through;
+            moved
+        });
+    }
+
+    /// Whether a tick should run: events wait on quiet lanes, or someone waits for the
+    /// delivered position to move.
+    pub(super) fn tick_wanted(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0 || lock(&self.order).wanted().is_some()
+    }
+
+    /// Waits (ticking) until the node delivered through `position`, for at most `wait`;
+    /// returns where it stands.
+    pub(super) async fn released_through(&self, position: u64, wait: Duration) -> u64 {
+        let mut released = self.released.subscribe();
+        if *released.borrow() >= position {
+            return *released.borrow();
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        self.wake_listener.notify_one();
+        let _ = tokio::time::timeout(wait, released.wait_for(|r| *r >= position)).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        *self.released.borrow()
+    }
+
+    /// Reads streams after `after`, through `upto` (`None`: everything).
+    pub(super) async fn read_streams(
+        &self,
+        keys: &[StreamKey],
+        after: u64,
+        upto: Option<u64>,
+    ) -> Result<Vec<StreamRead>, Unavailable> {
+        let connection = self
+            .shared
+            .publisher()
+            .await
+            .map_err(|e| Unavailable(e.0))?;
+        let mut by_lane: BTreeMap<usize, Vec<(usize, &StreamKey)>> = BTreeMap::new();
+        for (index, key) in keys.iter().enumerate() {
+            if *key == StreamKey::Users {
+                for lane in 0..LANES as usize {
+                    by_lane.entry(lane).or_default().push((index, key));
+                }
+            } else {
+                by_lane
+                    .entry(lane_of_stream(key))
+                    .or_default()
+                    .push((index, key));
+            }
+        }
+        let last = upto.map_or("+".to_string(), |upto| upto.to_string());
+        let work = by_lane.into_iter().map(|(lane, streams)| {
+            let mut connection = connection.clone();
+            let last = &last;
+            async move {
+                let mut invocation = self.read.prepare_invoke();
+                invocation
+                    .key(self.key(lane, "floor"))
+                    .arg(after.saturating_add(1))
+                    .arg(last)
+                    .arg(self.retention.max_age.as_millis() as u64);
+                for (_, key) in &streams {
+                    invocation
+                        .key(self.key(lane, &format!("s:{}", key.name())))
+                        .key(self.key(lane, &format!("l:{}", key.name())));
+                }
+                let reply: Result<Vec<Vec<Vec<u8>>>, _> =
+                    invocation.invoke_async(&mut connection).await;
+                (streams, reply)
+            }
+        });
+        let mut reads = vec![StreamRead::default(); keys.len()];
+        for (streams, reply) in join_all(work).await {
+            let reply = reply.map_err(|e| Unavailable(format!("Redis read script failed: {e}")))?;
+            let mut parts = reply.into_iter();
+            let head = parts.next().unwrap_or_default();
+            let floor = head.first().map_or(Ok(0), |b| number(b))?;
+            let aged = head.get(1).map_or(Ok(0), |b| number(b))?;
+            for ((index, _), stream) in streams.into_iter().zip(parts) {
+                let mut entries = stream.into_iter();
+                let lost = entries.next().map_or(Ok(0), |b| number(&b))?;
+                let read = &mut reads[index];
+                read.lost_through = read.lost_through.max(lost).max(floor).max(aged);
+                for bytes in entries {
+                    let event = Event::from_bus(&bytes)
+                        .ok_or_else(|| Unavailable("undecodable history entry".into()))?;
+                    read.events.push(Arc::new(event));
+                }
+            }
+        }
+        for read in &mut reads {
+            read.events.sort_unstable_by_key(|event| event.id);
+        }
+        Ok(reads)
+    }
+}
+
+impl Store for Lanes {
+    /// Reads through what this node delivered, once it delivered every id made before
+    /// the read (a tick shows how far that is), so that what a replay sends and what
+    /// comes live meet exactly, whatever cursor another node gave.
+    fn read(
+        &self,
+        keys: Vec<StreamKey>,
+        after: u64,
+    ) -> BoxFuture<'_, Result<Snapshot, Unavailable>> {
+        Box::pin(async move {
+            let (now, issued) = self.now().await?;
+            if after >= issued {
+                // Nothing to read: a cursor at the newest id, or above any (the plan
+                // tells the client to refresh).
+                let streams = vec![StreamRead::default(); keys.len()];
+                return Ok(Snapshot {
+                    latest: issued,
+                    streams,
+                });
+            }
+            let released = self.released_through(now, CURSOR_WAIT).await;
+            if released < now {
+                return Err(Unavailable(
+                    "this node has not yet delivered every event made before the replay".into(),
+                ));
+            }
+            let streams = self.read_streams(&keys, after, Some(released)).await?;
+            Ok(Snapshot {
+                latest: issued,
+                streams,
+            })
+        })
+    }
+
+    fn latest(&self) -> BoxFuture<'_, Result<u64, Unavailable>> {
+        Box::pin(async move {
+            let (now, issued) = self.now().await?;
+            self.released_through(now, CURSOR_WAIT).await;
+            Ok(issued)
+        })
+    }
+}
+
+fn number(bytes: &[u8]) -> Result<u64, Unavailable> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Unavailable(format!("not an id: {:?}", String::from_utf8_lossy(bytes))))
+}
