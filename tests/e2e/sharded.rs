@@ -255,6 +255,25 @@ fn take(seen: &mut Seen, frame: &Value) {
     assert!(seen.insert(id, (table, n)).is_none(), "{id} arrived twice");
 }
 
+/// The longest wait between two frames of a socket.
+#[derive(Default)]
+struct Gaps {
+    last: Option<std::time::Instant>,
+    longest: Duration,
+}
+
+impl Gaps {
+    async fn recv(&mut self, client: &mut Client) -> Value {
+        let frame = client.recv().await;
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last {
+            self.longest = self.longest.max(now - last);
+        }
+        self.last = Some(now);
+        frame
+    }
+}
+
 /// Nodes a and b on `cluster`, a watcher on b on every table, a publisher through a;
 /// `fault` runs while events flow. Then every acknowledged event reaches the watcher
 /// (still connected) once and in order, and a tab that left before the fault replays on
@@ -278,28 +297,33 @@ async fn events_flow_through(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let publisher = tokio::spawn(publish_round(a.grpc().await, 0, stopped));
     let mut seen = Seen::new();
+    let mut gaps = Gaps::default();
     let mut cursor = 0;
     for _ in 0..50 {
         cursor = tab.recv().await["_event_id"].as_u64().expect("an id");
-        take(&mut seen, &watcher.recv().await);
+        take(&mut seen, &gaps.recv(&mut watcher).await);
     }
     drop(tab);
+    let started = std::time::Instant::now();
     fault(cluster, &channels).await;
+    let faulted = started.elapsed();
     assert!(
         a.node.ready(Duration::from_secs(20)).await && b.node.ready(Duration::from_secs(20)).await,
         "the nodes are in step with the cluster again"
     );
+    let ready = started.elapsed();
     let before = seen.len();
     while seen.len() < before + 100 {
-        take(&mut seen, &watcher.recv().await);
+        take(&mut seen, &gaps.recv(&mut watcher).await);
     }
     stop.send_replace(true);
     let (acknowledged, failed) = publisher.await.expect("the publisher");
     receives_every_acknowledged_event(&mut watcher, &mut seen, &acknowledged).await;
     eprintln!(
-        "{test}: {} acknowledged, {failed} refused, {} delivered",
+        "{test}: {} acknowledged, {failed} refused, {} delivered; fault over after {faulted:?}, nodes ready after {ready:?}, longest pause between deliveries {:?}",
         acknowledged.len(),
-        seen.len()
+        seen.len(),
+        gaps.longest
     );
     assert!(
         acknowledged.len() > 100,
