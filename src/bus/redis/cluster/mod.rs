@@ -56,6 +56,9 @@ use crate::protocol::CloseReason;
 
 /// Tick rounds start this far apart at least.
 const TICK_EVERY: Duration = Duration::from_millis(1);
+/// The longest pause between attempts to get in step again: short, since delivery waits
+/// for it on every node while a shard's replica takes over.
+const SYNC_BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// How long events may wait without anything delivered before the node subscribes again.
 const STALLED: Duration = Duration::from_secs(3);
 
@@ -98,6 +101,11 @@ impl Listener {
             .push_sender(sender)
             .connection_timeout(COMMAND_TIMEOUT)
             .response_timeout(COMMAND_TIMEOUT)
+            // The client's own retries wait over a second each by default: a command
+            // caught in a failover would outlast the replica taking over.
+            .retries(4)
+            .min_retry_wait(20)
+            .max_retry_wait(250)
             .build()
             .map_err(|e| format!("--redis-cluster-nodes {:?}: {e}", nodes.join(",")))?;
         Ok(Listener {
@@ -159,7 +167,7 @@ impl Listener {
                     Err(error) => {
                         tracing::warn!(%error, "Redis Cluster not in step yet; retrying");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        backoff = (backoff * 2).min(SYNC_BACKOFF_MAX);
                         continue;
                     }
                 }
