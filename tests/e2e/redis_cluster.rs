@@ -480,6 +480,56 @@ impl RedisCluster {
         .await;
     }
 
+    /// The live replicas of the primary on `port`, as that primary lists them.
+    pub async fn replicas_of(&self, port: u16) -> Vec<u16> {
+        let mut nodes = redis::cmd("CLUSTER");
+        nodes.arg("NODES");
+        let nodes = &nodes;
+        let text: String = until(&format!("CLUSTER NODES from {port}"), || {
+            self.query(port, nodes)
+        })
+        .await;
+        let id = self.id_of(port);
+        text.lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| {
+                f.len() > 3 && f[2].contains("slave") && !f[2].contains("fail") && f[3] == id
+            })
+            .filter_map(|f| {
+                f[1].split(['@', ','])
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// Stops the node on `port` without closing its sockets (SIGSTOP), as a frozen host would.
+    pub fn freeze(&self, port: u16) {
+        self.signal(port, "-STOP");
+    }
+
+    /// Lets a frozen node go on (SIGCONT).
+    pub fn thaw(&self, port: u16) {
+        self.signal(port, "-CONT");
+    }
+
+    fn signal(&self, port: u16, signal: &str) {
+        let server = self
+            .servers
+            .iter()
+            .find(|s| s.port == port)
+            .expect("a server");
+        let pid = server.child_pid().to_string();
+        let status = Command::new("bash")
+            .args(["-c", &format!("kill {signal} {pid}")])
+            .status()
+            .expect("bash runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     fn id_of(&self, port: u16) -> &str {
         &self
             .servers

@@ -361,6 +361,47 @@ async fn events_flow_through(
 }
 
 #[tokio::test]
+async fn a_publish_no_replica_confirms_fails_instead_of_being_acknowledged() {
+    let cluster = RedisCluster::start().await;
+    let p = prefix("sharded-unconfirmed");
+    let a = node_on(&cluster, &p, "a").await;
+    let mut watcher = a.client(1).await;
+    for table in TABLES {
+        watcher
+            .join(json!({"page": "table", "table_id": table}))
+            .await;
+    }
+    let channels = group_channels(&cluster, &p).await;
+    let primary = cluster
+        .primary_of_slot(slot_of(&channel_of(&channels, "table-1")))
+        .await;
+    let replicas = cluster.replicas_of(primary).await;
+    assert_eq!(replicas.len(), 1, "one replica of {primary}");
+    let mut grpc = a.grpc().await;
+    publish(&mut grpc, group_request("table-1", event("e", 0))).await;
+
+    // The replica is frozen: the primary keeps the event, but a failover now could lose
+    // it, so the publish is not acknowledged.
+    cluster.freeze(replicas[0]);
+    let refused = grpc
+        .publish(group_request("table-1", event("e", 12)))
+        .await
+        .expect_err("no replica confirmed the event");
+    cluster.thaw(replicas[0]);
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("replica"), "{refused:?}");
+    // Groups on other shards were not held up, and the shard works again once thawed.
+    publish(&mut grpc, group_request("table-1", event("e", 24))).await;
+    for n in [0, 12, 24] {
+        assert_eq!(
+            watcher.recv().await["n"],
+            n,
+            "the unconfirmed event may still arrive"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_killed_primary_is_replaced_by_its_replica_and_nothing_acknowledged_is_lost() {
     let mut cluster = RedisCluster::start().await;
     events_flow_through(
