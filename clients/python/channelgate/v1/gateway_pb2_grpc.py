@@ -53,6 +53,9 @@ class GatewayServicer(object):
         silently. An UNAVAILABLE after Redis took too long to answer (2 s) does not say the
         event was dropped: a Redis that was only slow or frozen still runs it when it
         resumes, so a retry may deliver it twice (each with its own `_event_id`).
+        On a Redis Cluster it returns once a replica of the shard also holds the event, so a
+        failover cannot lose it; when no replica confirms within a second it fails with
+        UNAVAILABLE, and the event may still be delivered.
         Bad input fails with INVALID_ARGUMENT and a message naming the field.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -62,7 +65,9 @@ class GatewayServicer(object):
     def PublishBatch(self, request, context):
         """Publish several events in order in one round trip. The batch is validated as a
         whole first: one invalid event fails the call and nothing is sent. On Redis the
-        batch is published in one atomic step: all of it, or (UNAVAILABLE) none. At most
+        batch is published in one atomic step: all of it, or (UNAVAILABLE) none. On a Redis
+        Cluster that holds for each lane's events (a group's, a user's): lanes on different
+        shards are separate steps, so an UNAVAILABLE may follow a partial publish. At most
         --max-batch-events events and --max-batch-bytes of payloads (INVALID_ARGUMENT beyond).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
