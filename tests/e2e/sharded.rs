@@ -62,6 +62,39 @@ async fn every_delivery_rule_and_control_request_holds_across_nodes_on_a_redis_c
 }
 
 #[tokio::test]
+async fn with_history_off_events_flow_and_a_failover_closes_sockets_to_refresh() {
+    let mut cluster = RedisCluster::start().await;
+    let p = prefix("sharded-no-history");
+    let off = ["--history", "off"];
+    let a = node_on_with(&cluster, &p, "a", &off).await;
+    let b = node_on_with(&cluster, &p, "b", &off).await;
+    let c = node_on_with(&cluster, &p, "c", &off).await;
+    let mut grpc = a.grpc().await;
+    delivery_rules(&b, &c, &mut grpc).await;
+
+    let mut watcher = b.client(1).await;
+    watcher.join(json!({"page": "table", "table_id": 1})).await;
+    let channels = group_channels(&cluster, &p).await;
+    cluster
+        .kill_primary_of_slot(slot_of(&channel_of(&channels, "table-1")))
+        .await;
+    // Nothing can show what the socket missed: it is told to reconnect (1012).
+    let close = watcher.recv_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1012);
+    assert!(b.node.ready(Duration::from_secs(20)).await);
+    let mut watcher = b.client(1).await;
+    watcher.join(json!({"page": "table", "table_id": 1})).await;
+    eventually("publishing works again", async || {
+        grpc.clone()
+            .publish(group_request("table-1", event("e", 1)))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert_eq!(watcher.recv().await["n"], 1);
+}
+
+#[tokio::test]
 async fn groups_spread_over_every_shard_with_one_subscription_per_node() {
     let cluster = RedisCluster::start().await;
     let p = prefix("sharded-spread");
