@@ -314,6 +314,10 @@ impl Listener {
         // answers MOVED, which makes the client learn where slots are before it routes
         // the subscriptions (it does not follow MOVED for those).
         let commands = Connection::Cluster(connection.clone());
+        // A primary that took over may not know the tick script yet.
+        lanes
+            .tick_loaded
+            .store(false, std::sync::atomic::Ordering::Release);
         lanes.ensure_all(&commands).await?;
         self.shared().heartbeat().await.map_err(|e| e.0)?;
         let wanted = self.subscriptions.wanted();

@@ -127,12 +127,18 @@ return string.format('%.0f', last)
 /// channel of the first such lane. Publishing it keeps it in order with the lanes' events:
 /// one connection brings a node everything a primary publishes. Returns `<t> <id>`: the
 /// highest clock it showed, and the highest id its lanes recorded or count as lost.
-/// ARGV: per lane, its slot, clock key, channel, floor key and last-recorded key.
-pub(super) fn tick_lua() -> String {
+/// The lanes' tags and slots are written into the script, so a tick sends one argument:
+/// the prefix (ARGV[1]).
+pub(super) fn tick_lua(tags: &[String]) -> String {
+    let lanes: Vec<String> = tags
+        .iter()
+        .map(|tag| format!("{{'{tag}', {}}}", slot(tag.as_bytes())))
+        .collect();
     clock_lua()
         + &format!(
             r"
-local lanes = {LANES}
+local lanes, prefix = {LANES}, ARGV[1]
+local tags = {{{}}}
 local me = redis.call('CLUSTER', 'MYID')
 local mine = {{}}
 for _, range in ipairs(redis.call('CLUSTER', 'SLOTS')) do
@@ -141,19 +147,19 @@ for _, range in ipairs(redis.call('CLUSTER', 'SLOTS')) do
   end
 end
 local shown, channel, highest, issued = {{}}, nil, 0, 0
-for i = 1, #ARGV, 5 do
-  local slot = tonumber(ARGV[i])
+for lane, tag in ipairs(tags) do
   for _, range in ipairs(mine) do
-    if slot >= range[1] and slot <= range[2] then
-      local last = redis.call('GET', ARGV[i + 1])
+    if tag[2] >= range[1] and tag[2] <= range[2] then
+      local keys = prefix .. ':h:{{' .. tag[1] .. '}}:'
+      local last = redis.call('GET', keys .. 'seq')
       if last then
         last = math.max(tonumber(last), now - 1)
-        redis.call('SET', ARGV[i + 1], string.format('%.0f', last))
-        shown[#shown + 1] = ((i - 1) / 5) .. ':' .. string.format('%.0f', last)
+        redis.call('SET', keys .. 'seq', string.format('%.0f', last))
+        shown[#shown + 1] = (lane - 1) .. ':' .. string.format('%.0f', last)
         highest = math.max(highest, last)
-        channel = channel or ARGV[i + 2]
-        local floor = tonumber(redis.call('GET', ARGV[i + 3]) or '0')
-        local recorded = tonumber(redis.call('GET', ARGV[i + 4]) or '0')
+        channel = channel or (prefix .. ':l:{{' .. tag[1] .. '}}')
+        local floor = tonumber(redis.call('GET', keys .. 'floor') or '0')
+        local recorded = tonumber(redis.call('GET', keys .. 'rec') or '0')
         issued = math.max(issued, recorded, (floor + 1) * lanes - 1)
       end
       break
@@ -164,7 +170,8 @@ if channel then
   redis.call('SPUBLISH', channel, 'T' .. table.concat(shown, ','))
 end
 return string.format('%.0f %.0f', highest, issued)
-"
+",
+            lanes.join(", ")
         )
 }
 
@@ -231,6 +238,16 @@ pub(super) fn replicated_lanes(nodes: &str, tags: &[String]) -> [bool; LANES as 
         }
     }
     replicated
+}
+
+/// Whether any primary's answer is an error.
+pub(super) fn has_error(answers: &Value) -> bool {
+    match answers {
+        Value::ServerError(_) => true,
+        Value::Array(values) | Value::Set(values) => values.iter().any(has_error),
+        Value::Map(pairs) => pairs.iter().any(|(_, v)| has_error(v)),
+        _ => false,
+    }
 }
 
 /// The text answers of every primary to one command.

@@ -3,7 +3,7 @@
 //! delivered.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use redis::{Script, Value};
 use tokio::sync::{Notify, watch};
 
 use super::scripts::{
-    answers_of, ensure_lua, read_lua, record_lua, replicated_lanes, slot, tick_lua,
+    answers_of, ensure_lua, has_error, read_lua, record_lua, replicated_lanes, slot, tick_lua,
 };
 use crate::bus::redis::{COMMAND_TIMEOUT, Connection, Shared, lock};
 use crate::event::{Event, Target};
@@ -49,11 +49,16 @@ pub(crate) struct Lanes {
     pub(super) record: Script,
     pub(super) ensure: Script,
     pub(super) read: Script,
-    pub(super) tick: String,
+    /// The tick script, and its hash.
+    pub(super) tick: (String, String),
+    /// Whether every primary has the tick script: ticks go by hash then (a failed tick
+    /// sends it whole again, as after a failover to a replica that never ran it).
+    pub(super) tick_loaded: AtomicBool,
 }
 
 impl Lanes {
     pub(crate) fn new(shared: Arc<Shared>, retention: Retention, recording: bool) -> Lanes {
+        let shared_tags = shared.names.lanes.clone();
         Lanes {
             tags: shared.names.lanes.clone(),
             shared,
@@ -68,7 +73,12 @@ impl Lanes {
             record: Script::new(&record_lua()),
             ensure: Script::new(&ensure_lua()),
             read: Script::new(&read_lua()),
-            tick: tick_lua(),
+            tick: {
+                let code = tick_lua(&shared_tags);
+                let hash = Script::new(&code).get_hash().to_string();
+                (code, hash)
+            },
+            tick_loaded: AtomicBool::new(false),
         }
     }
 
@@ -257,22 +267,19 @@ impl Lanes {
         &self,
         connection: &mut ClusterConnection,
     ) -> Result<(u64, u64), String> {
-        let mut command = redis::cmd("EVAL");
-        command.arg(&self.tick).arg(0);
-        for lane in 0..LANES as usize {
-            let seq = self.key(lane, "seq");
-            command
-                .arg(slot(seq.as_bytes()))
-                .arg(seq)
-                .arg(self.lane_channel(lane))
-                .arg(self.key(lane, "floor"))
-                .arg(self.key(lane, "rec"));
-        }
+        let mut command = if self.tick_loaded.load(Ordering::Acquire) {
+            redis::cmd("EVALSHA").arg(&self.tick.1).to_owned()
+        } else {
+            redis::cmd("EVAL").arg(&self.tick.0).to_owned()
+        };
+        command.arg(0).arg(&self.shared.names.prefix);
         let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-        match tokio::time::timeout(COMMAND_TIMEOUT, connection.route_command(command, routing))
-            .await
-        {
-            Ok(Ok(Value::ServerError(error))) => Err(format!("tick failed: {error:?}")),
+        let answer =
+            tokio::time::timeout(COMMAND_TIMEOUT, connection.route_command(command, routing)).await;
+        let worked = matches!(&answer, Ok(Ok(value)) if !has_error(value));
+        self.tick_loaded.store(worked, Ordering::Release);
+        match answer {
+            Ok(Ok(answers)) if has_error(&answers) => Err(format!("tick failed: {answers:?}")),
             Ok(Ok(answers)) => {
                 let mut highest = (0, 0);
                 for answer in answers_of(&answers) {
