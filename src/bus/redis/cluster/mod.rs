@@ -227,8 +227,11 @@ impl Listener {
                 _ = lanes.wake_listener.notified() => {}
             }
             if out_of_step {
+                // Until in step again: not ready, nothing delivered, and a page subscribed
+                // meanwhile does not wait (getting in step subscribes its group).
                 self.shared().set_ready(false);
                 lock(&lanes.order).freeze();
+                self.subscriptions.mark_disconnected();
             }
         }
     }
