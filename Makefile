@@ -47,9 +47,11 @@ cluster: deps
 ## Side-by-side benchmarks (channelgate, a raw broadcaster, sockudo, Django Channels): S1
 ## and S3 at fixed rates with deliveries per server CPU-second, one tokio worker each (and S1 on two),
 ## in rounds taking turns; S2, S4, S5, S6 (publish ingest, one node and two through Redis);
-## and what event history costs (H1, R1, R2); writes BENCHMARKS.md. About half an hour;
-## sets up its Python venv under bench/ and builds sockudo (up to 40 minutes) on first use. ONLY=classic, fanout, ingest or
-## history runs a part, into target/bench/BENCHMARKS-$$ONLY.md; ONLY=presence runs
+## what event history costs (H1, R1, R2); and S5 on a Redis Cluster against one Redis;
+## writes BENCHMARKS.md. About half an hour;
+## sets up its Python venv under bench/ and builds sockudo (up to 40 minutes) on first use. ONLY=classic, fanout, ingest,
+## history or cluster (S5 on one Redis against S5 on a Redis Cluster) runs a part, into
+## target/bench/BENCHMARKS-$$ONLY.md; ONLY=presence runs
 ## bench/presence.sh (presence in one space of 1,000, off / on / two nodes; about two
 ## minutes) into target/bench/presence.md; bench/run.sh lists the other knobs.
 ## `bash bench/callgrind.sh` counts instructions per delivery instead (no noise).

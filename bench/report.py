@@ -338,6 +338,138 @@ def cluster_section(rows, s1, out):
     out.append("")
 
 
+REDIS_BUSES = {
+    "S5-redis": ("redis", "one redis-server"),
+    "S5-cluster": ("cluster", "Redis Cluster, 3 primaries + 3 replicas"),
+}
+
+
+def redis_servers(cpu):
+    """A run's redis-servers in shard order: each primary (by port), then its replicas."""
+    servers = cpu.get("servers") or []
+    primaries = sorted((s for s in servers if s["role"] == "primary"), key=lambda s: s["port"])
+    ordered, shard = [], {}
+    for i, p in enumerate(primaries, 1):
+        shard[p["port"]] = i
+        ordered.append((f"shard {i} primary" if len(servers) > 1 else "the redis-server", p))
+        for r in sorted((s for s in servers if s["role"] == f"replica of {p['port']}"), key=lambda s: s["port"]):
+            ordered.append((f"shard {i} replica", r))
+    for s in servers:
+        if all(s is not o for _, o in ordered):
+            ordered.append((s["role"], s))
+    return ordered
+
+
+def redis_cluster_section(rows, out):
+    """S5 on one redis-server against S5 on a Redis Cluster, and how Redis CPU spreads."""
+    found = {name: [r for r in rows if r.get("scenario") == scenario] for scenario, (name, _) in REDIS_BUSES.items()}
+    if not any(found.values()):
+        return
+    labels = dict(REDIS_BUSES.values())
+    cpu = {(r["bus"], r["round"]): r for r in rows if r.get("scenario") == "S5-redis-cpu"}
+    out.append("## S5 on a Redis Cluster, against one Redis\n")
+    out.append(
+        "S5 (10,000 sockets in 100 groups of 100, alternating between two channelgate nodes of one "
+        "tokio worker each, every event published through the first) on one redis-server "
+        "(`--redis-url`) and on a local Redis Cluster of three primaries with one replica each "
+        "(`--redis-cluster-nodes`, `scripts/redis-cluster.sh`: the groups spread over the shards "
+        "with sharded pub/sub, history per lane). Everything server-side on core 0 as in S5 (both "
+        "nodes and every redis-server, the cluster's six too, replicas included), the load "
+        "generator on core 1: on two cores, pinning the six elsewhere would put them on the "
+        "generator's core. The two take turns, the order swapped every round, each started "
+        "afresh. Deliveries per server CPU-second count every server process: both nodes and "
+        "every redis-server. The same fixed rates as S1, then the highest sustained rate (no "
+        "loss, p99 within 100 ms)."
+    )
+    out.append("")
+    rates = rates_of([r for runs in found.values() for r in runs])
+    out.append(
+        "| Redis | round | deliveries per server CPU-second | of that CPU, in the kernel | highest sustained deliveries/s | "
+        + " | ".join(f"p99 at {fmt(r)} (ms)" for r in rates)
+        + " | server RSS |"
+    )
+    out.append("|---|---|---|---|---|" + "---|" * len(rates) + "---|")
+    for name, runs in found.items():
+        for i, r in enumerate(runs):
+            sustained = fmt(r.get("deliveries_per_sec"))
+            if r.get("unsustained_rate"):
+                sustained = f"none (not {fmt(r['unsustained_rate'])})"
+            out.append(
+                f"| {labels[name]} | {r.get('round') or i + 1} | {fmt(r.get('deliveries_per_cpu_sec'))} | "
+                f"{share(r.get('kernel_share'))} | {sustained} | "
+                + " | ".join(ms((at_rate(r, rate) or {}).get("p99_ms")) for rate in rates)
+                + f" | {r.get('rss_kib', 0) / 1024:.0f} MiB |"
+            )
+    out.append("")
+    for name, runs in found.items():
+        if runs:
+            out.append(
+                f"{labels[name]}: {fmt(median(runs, 'deliveries_per_cpu_sec'))} deliveries per server CPU-second "
+                f"(median; {spread([r.get('deliveries_per_cpu_sec') for r in runs])}), highest sustained "
+                f"{fmt(median(runs, 'deliveries_per_sec'))} deliveries/s ({spread([r.get('deliveries_per_sec') for r in runs])})."
+            )
+            out.append("")
+    if found["redis"] and found["cluster"]:
+        out.append(
+            "Cluster / one Redis (medians): "
+            f"{ratio(median(found['cluster'], 'deliveries_per_cpu_sec'), median(found['redis'], 'deliveries_per_cpu_sec'))} deliveries per server CPU-second, "
+            f"{ratio(median(found['cluster'], 'deliveries_per_sec'), median(found['redis'], 'deliveries_per_sec'))} highest sustained rate."
+        )
+        out.append("")
+    notes = []
+    for name, runs in found.items():
+        for i, r in enumerate(runs):
+            what = f"{labels[name]}, round {r.get('round') or i + 1}"
+            if r.get("lost_in_failed_step"):
+                notes.append(f"{what}: {fmt(r['lost_in_failed_step'])} undelivered in the search step that failed")
+            for f in r.get("fixed") or []:
+                if f["received"] != f["expected"]:
+                    notes.append(f"{what}: {fmt(f['received'])} of {fmt(f['expected'])} at {fmt(f['rate'])}")
+            if r.get("slow_consumer_closes"):
+                notes.append(f"{what}: {r['slow_consumer_closes']} sockets closed as slow consumers")
+    if notes:
+        out.append("Not everything arrived: " + "; ".join(notes) + ".")
+        out.append("")
+    if not cpu:
+        return
+    out.append("### Redis CPU per redis-server\n")
+    out.append(
+        "Each redis-server's CPU seconds (utime + stime from /proc/PID/stat, in clock ticks over "
+        "`getconf CLK_TCK`) from just before the load generator started to just after it ended: the "
+        "10,000 subscribes, the fixed rates and the search, whose steps differ from run to run, so "
+        "compare shares within a run more than seconds across runs. Roles from `redis-cli role` "
+        "before the run (a change by its end is noted); primaries carry the pub/sub traffic and the "
+        "history writes, replicas the replication stream. The nodes' CPU over the same time is "
+        "beside it, with the lines at WARN or ERROR the nodes logged over the run (after their "
+        "start-up warnings of `--dev`)."
+    )
+    out.append("")
+    out.append("| Redis | round | redis-server | port | CPU s | share of the run's Redis CPU |")
+    out.append("|---|---|---|---|---|---|")
+    summary = []
+    for (bus, round_), c in sorted(cpu.items(), key=lambda kv: (kv[0][0] != "redis", kv[0][1])):
+        servers = redis_servers(c)
+        total = sum(s["cpu_secs"] or 0 for _, s in servers)
+        for what, s in servers:
+            role = what if s["role"] == s["role_after"] else f"{what} ({s['role_after']} by the end)"
+            secs = "gone" if s["cpu_secs"] is None else f"{s['cpu_secs']:.2f}"
+            part = f"{(s['cpu_secs'] or 0) / total * 100:.0f}%" if total else "n/a"
+            out.append(f"| {labels[bus]} | {round_} | {role} | {s['port']} | {secs} | {part} |")
+        primaries = sum(s["cpu_secs"] or 0 for _, s in servers if s["role"] == "primary")
+        nodes = c.get("node_cpu_secs") or []
+        line = (
+            f"{labels[bus]}, round {round_}: every redis-server {total:.2f} s"
+            + (f" (primaries {primaries:.2f} s, replicas {total - primaries:.2f} s)" if len(servers) > 1 else "")
+            + ", the nodes " + " and ".join("gone" if n is None else f"{n:.2f} s" for n in nodes)
+            + f"; node log lines at WARN or ERROR: {c.get('node_log_warnings', 0)}."
+        )
+        summary.append(line)
+    out.append("")
+    for line in summary:
+        out.append(line)
+        out.append("")
+
+
 INGEST_SETUPS = {
     1: "one node",
     2: "two nodes through Redis",
@@ -678,6 +810,7 @@ def main():
         "One event reaches 5,000 sockets one write at a time, so a step holds with a p99 up to one second.",))
     storm_section(rows, out)
     cluster_section(rows, by_system(rows, "S1", 1), out)
+    redis_cluster_section(rows, out)
     ingest_section(rows, out)
     history_cost(rows, out)
     replay_speed(rows, out)

@@ -15,7 +15,7 @@
 # less than a rate does. Then each searches for the highest sustained rate (no loss, p99
 # within 100 ms, S3 one second). The Rust systems take turns, the order swapped every
 # round. About half an hour on 2 cores (sockudo adds ten minutes, and up to 40 minutes
-# more for its first build).
+# more for its first build; S5 on one Redis against a Redis Cluster, three minutes).
 #
 # Knobs (environment), defaults in brackets:
 #   SYSTEMS    systems side by side ["channelgate raw sockudo django"]; Django runs once.
@@ -40,9 +40,17 @@
 #              deliveries/s for [4] s, [10000] sockets in groups of 100), R1, one socket
 #              replaying [10000] events, and R2, a replay storm of [1000] sockets after a
 #              node is killed
+#   CLUSTER_ROUNDS  S5 on one redis-server against S5 on a Redis Cluster (three primaries
+#              with a replica each, scripts/redis-cluster.sh; the same two nodes of one
+#              worker, everything server-side on core 0, each redis-server's CPU read from
+#              /proc before and after each run): rounds, the two taking turns [2; with
+#              ONLY=cluster, ROUNDS when that is set]. Node and Redis logs are kept under
+#              target/bench/s5-cluster/
 #   ONLY       a part: classic (S1..S5), fanout (S1 and S3 only, both tables), ingest (S6),
-#              history (H1, R1, R2), or presence (bench/presence.sh: P1, presence in one
-#              space of 1,000, into bench/results/presence.jsonl and target/bench/presence.md)
+#              history (H1, R1, R2), cluster (S5 on one Redis against S5 on a Redis
+#              Cluster, as CLUSTER_ROUNDS says), or presence (bench/presence.sh: P1,
+#              presence in one space of 1,000, into bench/results/presence.jsonl and
+#              target/bench/presence.md)
 #   RESULTS REPORT  where the JSON lines and the report go [bench/results/latest.jsonl and
 #              BENCHMARKS.md; with ONLY set, bench/results/$ONLY.jsonl and
 #              target/bench/BENCHMARKS-$ONLY.md]
@@ -74,17 +82,20 @@ h1_secs=${H1_SECS:-4}
 h1_conns=${H1_CONNS:-10000}
 r1_events=${R1_EVENTS:-10000}
 r2_sockets=${R2_SOCKETS:-1000}
+cluster_rounds=${CLUSTER_ROUNDS:-2}
+if [[ $only == cluster ]]; then cluster_rounds=${CLUSTER_ROUNDS:-${ROUNDS:-2}}; fi
 case $only in
   "") results=${RESULTS:-bench/results/latest.jsonl}; report=${REPORT:-BENCHMARKS.md} ;;
-  history|classic|fanout|ingest)
+  history|classic|fanout|ingest|cluster)
     results=${RESULTS:-bench/results/$only.jsonl}; report=${REPORT:-target/bench/BENCHMARKS-$only.md} ;;
-  *) echo "ONLY is classic, fanout, ingest, history or presence, not $only" >&2; exit 2 ;;
+  *) echo "ONLY is classic, fanout, ingest, history, cluster or presence, not $only" >&2; exit 2 ;;
 esac
 has() { [[ " $systems " == *" $1 "* ]]; }
 classic() { [[ -z $only || $only == classic ]]; }
 fanout_runs() { [[ -z $only || $only == classic || $only == fanout ]]; }
 ingest_runs() { [[ (-z $only || $only == ingest) ]] && has channelgate; }
 history_runs() { [[ (-z $only || $only == history) ]] && has channelgate; }
+redis_cluster_runs() { [[ (-z $only || $only == cluster) ]] && has channelgate; }
 mkdir -p bench/results target/bench
 : >"$results"
 ulimit -n 20000
@@ -103,7 +114,18 @@ fi
 
 secret=bench-secret
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=(); }
+# A Redis Cluster's servers are scripts/redis-cluster.sh's, stopped by it (it reads their
+# pids from its directory).
+redis_cluster_dir=
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  if [[ -n $redis_cluster_dir ]]; then
+    bash scripts/redis-cluster.sh stop "$redis_cluster_dir" || true
+    redis_cluster_dir=
+  fi
+  wait 2>/dev/null || true
+  pids=()
+}
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -275,6 +297,148 @@ if classic && has channelgate; then
     fanout-search --scenario S5 --conns 10000 --groups 100 --rates "$rates" --rate-secs "$rate_secs" \
     --start-rate 40000 --step-secs "$step_secs" --workers 1 || true
   cleanup
+fi
+
+if redis_cluster_runs; then
+  # S5 on one redis-server against S5 on a Redis Cluster: the same two nodes of one worker,
+  # the same sockets and rates, everything server-side (both nodes and every redis-server,
+  # the cluster's replicas too) on core 0 as in S5, the load generator on core 1. Every
+  # server process's CPU counts for deliveries per CPU-second; each redis-server's own CPU
+  # is read from /proc before and after each run, and its role with redis-cli.
+  clk_tck=$(getconf CLK_TCK)
+
+  # A first port of six in a row that are free with their cluster bus ports (+10000),
+  # below the ephemeral range so that no client socket holds one.
+  free_cluster_base() {
+    python3 - <<'PY'
+import random, socket
+for _ in range(200):
+    base = random.randrange(10000, 22000)
+    ports = [p for q in range(base, base + 6) for p in (q, q + 10000)]
+    held = []
+    try:
+        for p in ports:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        for s in held:
+            s.close()
+    print(base)
+    break
+else:
+    raise SystemExit("no six free ports in a row for a Redis Cluster")
+PY
+  }
+
+  # CPU ticks (utime + stime, fields 14 and 15 of /proc/PID/stat; the command name may
+  # hold spaces, so counted from its closing bracket), or "null" once the process is gone.
+  cpu_ticks() {
+    local stat fields
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo null; return; }
+    read -ra fields <<<"${stat##*) }"
+    echo $((fields[11] + fields[12]))
+  }
+
+  # "primary", or "replica of PORT", from `redis-cli role`.
+  redis_role() {
+    local role=()
+    mapfile -t role < <(redis-cli -p "$1" role 2>/dev/null || true)
+    case ${role[0]:-} in
+      master) echo primary ;;
+      slave) echo "replica of ${role[2]:-?}" ;;
+      *) echo "unknown" ;;
+    esac
+  }
+
+  # One redis-server (BUS redis) or a Redis Cluster (BUS cluster) and two channelgate nodes
+  # on it, one worker each, all on core 0; sets ws_ports, grpc_ports, node_pids,
+  # redis_pids, redis_ports and run_dir (the run's logs).
+  start_s5_bus() { # bus round
+    local bus=$1 round=$2 n bus_flags nodes base
+    run_dir=target/bench/s5-cluster/$bus-round-$round
+    rm -rf "$run_dir"; mkdir -p "$run_dir"
+    ws_ports=("$(free_port)" "$(free_port)")
+    grpc_ports=("$(free_port)" "$(free_port)")
+    if [[ $bus == redis ]]; then
+      redis_ports=("$(free_port)")
+      taskset -c 0 redis-server --port "${redis_ports[0]}" --bind 127.0.0.1 --save "" --appendonly no \
+        >"$run_dir/redis.log" 2>&1 &
+      redis_pids=($!); pids+=($!)
+      wait_port "${redis_ports[0]}"
+      bus_flags=(--redis-url "redis://127.0.0.1:${redis_ports[0]}/")
+    else
+      base=$(free_cluster_base)
+      redis_cluster_dir=$run_dir/redis-cluster
+      # The servers inherit the affinity of the script that starts them.
+      nodes=$(taskset -c 0 bash scripts/redis-cluster.sh start "$redis_cluster_dir" "$base")
+      mapfile -t redis_pids <"$redis_cluster_dir/pids"
+      mapfile -t redis_ports < <(seq "$base" $((base + 5)))
+      bus_flags=(--redis-cluster-nodes "$nodes")
+    fi
+    node_pids=()
+    for n in 0 1; do
+      taskset -c 0 ./target/release/channelgate --dev --jwt-secret "$secret" --node-id "node-$n" \
+        --workers 1 "${bus_flags[@]}" \
+        --ws-addr "127.0.0.1:${ws_ports[n]}" --grpc-addr "127.0.0.1:${grpc_ports[n]}" \
+        >"$run_dir/node-$n.log" 2>&1 &
+      node_pids+=($!); pids+=($!)
+    done
+    for n in 0 1; do wait_port "${ws_ports[n]}"; wait_port "${grpc_ports[n]}"; done
+  }
+
+  s5_bus() { # bus round
+    local bus=$1 round=$2 i pid pid_flags=() before=() after=() roles=() roles_after=()
+    local node_before=() node_after=() log_lines=() warnings=0 n
+    if [[ $bus == redis ]]; then
+      echo "== channelgate: S5 on one redis-server, round $round"
+    else
+      echo "== channelgate: S5 on a Redis Cluster (3 primaries, 3 replicas), round $round"
+    fi
+    start_s5_bus "$bus" "$round"
+    for pid in "${node_pids[@]}" "${redis_pids[@]}"; do pid_flags+=(--server-pid "$pid"); done
+    for i in "${!redis_ports[@]}"; do roles+=("$(redis_role "${redis_ports[i]}")"); done
+    for pid in "${redis_pids[@]}"; do before+=("$(cpu_ticks "$pid")"); done
+    for pid in "${node_pids[@]}"; do node_before+=("$(cpu_ticks "$pid")"); done
+    # What the nodes log from here on (their start-up warnings of --dev are above it).
+    for n in 0 1; do log_lines+=("$(wc -l <"$run_dir/node-$n.log")"); done
+    loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" --grpc-addr "127.0.0.1:${grpc_ports[0]}" \
+      "${pid_flags[@]}" fanout-search --scenario "S5-$bus" --conns 10000 --groups 100 --rates "$rates" \
+      --rate-secs "$rate_secs" --start-rate 40000 --step-secs "$step_secs" --workers 1 --round "$round" || true
+    for pid in "${redis_pids[@]}"; do after+=("$(cpu_ticks "$pid")"); done
+    for pid in "${node_pids[@]}"; do node_after+=("$(cpu_ticks "$pid")"); done
+    for i in "${!redis_ports[@]}"; do roles_after+=("$(redis_role "${redis_ports[i]}")"); done
+    for n in 0 1; do
+      warnings=$((warnings + $(tail -n +$((log_lines[n] + 1)) "$run_dir/node-$n.log" | grep -cE '\b(WARN|ERROR)\b' || true)))
+    done
+    # One line of each redis-server's CPU over the run: port, pid, role before and after,
+    # ticks before and after, tab-separated, made JSON for the report.
+    for i in "${!redis_ports[@]}"; do
+      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "${redis_ports[i]}" "${redis_pids[i]}" "${roles[i]}" \
+        "${roles_after[i]}" "${before[i]}" "${after[i]}"
+    done | python3 -c '
+import json, sys
+bus, round_, tck, nodes, warnings = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+def secs(b, a):
+    return None if "null" in (b, a) else round((int(a) - int(b)) / tck, 2)
+servers = []
+for line in sys.stdin:
+    port, pid, role, role_after, b, a = line.rstrip("\n").split("\t")
+    servers.append({"port": int(port), "pid": int(pid), "role": role, "role_after": role_after, "cpu_secs": secs(b, a)})
+node_secs = [secs(*pair.split(":")) for pair in nodes.split()]
+print(json.dumps({"scenario": "S5-redis-cpu", "bus": bus, "round": round_, "clk_tck": tck,
+    "servers": servers, "node_cpu_secs": node_secs, "node_log_warnings": warnings}))
+' "$bus" "$round" "$clk_tck" "$(for i in 0 1; do printf '%s:%s ' "${node_before[i]}" "${node_after[i]}"; done)" \
+      "$warnings" | tee -a "$results"
+    cleanup
+  }
+
+  for round in $(seq "$cluster_rounds"); do
+    order="redis cluster"; if (( round % 2 == 0 )); then order="cluster redis"; fi
+    for bus in $order; do s5_bus "$bus" "$round"; done
+  done
 fi
 
 if ingest_runs; then
