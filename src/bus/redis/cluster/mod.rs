@@ -9,14 +9,16 @@
 //! - `{P}:control`, `P:reply:<node>`, `{P}:node:<id>`, `{P}:nodes`, `{P}:presence`,
 //!   `{P}:presence:members`: control, the node registry and presence, as on one Redis, the
 //!   `{P}` ones on one slot (little traffic; the presence scripts read them together);
-//! - `P:h:{Ln}:seq` (the lane's clock), `floor` (what a fresh lane starts above),
-//!   `s:<stream>` and `l:<stream>` (a stream, and the highest id it dropped), as on one
-//!   Redis but per lane; ids carry their time, so the age limit needs no index of its own.
+//! - `P:h:{Ln}:seq` (the lane's clock), `floor` (what a fresh lane starts above), `rec`
+//!   (its last recorded id), `s:<stream>` and `l:<stream>` (a stream, and the highest id it
+//!   dropped), as on one Redis but per lane; ids carry their time, so the age limit needs
+//!   no index of its own.
 //!
 //! How ids are made and why a replay is exact: [`crate::history::lanes`]. A node holds
-//! what arrives in a [`Reorder`] and delivers in id order; when events wait on lanes that
-//! have been quiet, it ticks: one script on every primary shows the clock of the lanes it
-//! serves, on their channels.
+//! what arrives in a [`crate::history::lanes::Reorder`] and delivers in id order; when
+//! events wait on lanes that have been quiet, it ticks: one script on each primary shows
+//! the clocks of the lanes it serves, on their channels (the node learns which primary
+//! serves which lanes from `CLUSTER NODES`, every second and whenever a tick fails).
 //!
 //! Following the cluster: the Redis client follows `MOVED` and failovers for commands,
 //! but it does not subscribe sharded channels again when their shard changes: a replaced
@@ -204,24 +206,28 @@ impl Listener {
                     } else if let Err(error) = ping_primaries(connection).await {
                         tracing::warn!(%error, "Redis Cluster primaries do not answer");
                         out_of_step = true;
-                    } else if let Err(error) = lanes.learn_replicas(connection).await {
-                        tracing::debug!(%error, "Redis Cluster replicas not learnt");
+                    } else if let Err(error) = lanes.learn_topology(connection).await {
+                        tracing::debug!(%error, "Redis Cluster topology not learnt");
                     }
                 }
                 done = ticks_done.recv() => {
                     ticking = false;
                     if let Some(Err(error)) = done {
+                        // Lanes may have moved: learn where they are before the next tick.
                         tracing::debug!(%error, "lane tick failed");
+                        if let Err(error) = lanes.learn_topology(connection).await {
+                            tracing::debug!(%error, "Redis Cluster topology not learnt");
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(tick_at), if want_tick => {
                     ticking = true;
                     last_tick = Instant::now();
                     let lanes = lanes.clone();
-                    let mut connection = connection.clone();
+                    let connection = connection.clone();
                     let tick_done = tick_done.clone();
                     tokio::spawn(async move {
-                        let _ = tick_done.send(lanes.tick(&mut connection).await.map(|_| ()));
+                        let _ = tick_done.send(lanes.tick(&connection, false).await.map(|_| ()));
                     });
                 }
                 _ = lanes.wake_listener.notified() => {}
@@ -327,7 +333,7 @@ impl Listener {
         let mut channels = self.fixed_channels();
         channels.extend(wanted.iter().map(|g| self.shared().names.group(g)));
         subscribe(connection, &channels).await?;
-        lanes.learn_replicas(connection).await?;
+        lanes.learn_topology(connection).await?;
         self.subscribed = channels.into_iter().collect();
         self.subscriptions.mark_connected(&wanted);
         if lanes.recording {
@@ -336,7 +342,7 @@ impl Listener {
                 self.catch_up(&wanted).await?;
             }
             lock(&lanes.order).thaw();
-            lanes.tick(connection).await?;
+            lanes.tick(connection, false).await?;
         } else if self.started {
             let closed = self.hub.close_connections(CloseReason::Restart);
             tracing::warn!(

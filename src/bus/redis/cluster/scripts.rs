@@ -3,8 +3,6 @@
 
 use std::collections::HashSet;
 
-use redis::Value;
-
 use crate::history::lanes::{EPOCH_MICROS, LANES, TICK_MICROS};
 
 /// Slots of a Redis Cluster.
@@ -122,47 +120,37 @@ return string.format('%.0f', last)
 "
 }
 
-/// A tick, run on every primary: for each lane whose slot this primary serves and whose
-/// clock it holds, moves the clock to at least now - 1 and says `T<lane>:<t>,...` on the
-/// channel of the first such lane. Publishing it keeps it in order with the lanes' events:
-/// one connection brings a node everything a primary publishes. Returns `<t> <id>`: the
-/// highest clock it showed, and the highest id its lanes recorded or count as lost.
-/// The lanes' tags and slots are written into the script, so a tick sends one argument:
-/// the prefix (ARGV[1]).
+/// A tick, run on one primary for the lanes it serves: moves each lane's clock to at
+/// least now - 1 and says `T<lane>:<t>,...` on the first lane's channel. Publishing it
+/// keeps it in order with the lanes' events: one connection brings a node everything a
+/// primary publishes. Returns `<t> <id>`: the highest clock it showed, and (when asked)
+/// the highest id those lanes recorded or count as lost. A lane whose slot this primary
+/// does not serve fails the script (Redis refuses keys of other nodes), so a tick never
+/// speaks for a lane elsewhere; a lane whose clock is gone (its keys moving away) is left
+/// out.
+/// ARGV: the prefix, 1 to report the highest id (else 0), then the lanes.
 pub(super) fn tick_lua(tags: &[String]) -> String {
-    let lanes: Vec<String> = tags
-        .iter()
-        .map(|tag| format!("{{'{tag}', {}}}", slot(tag.as_bytes())))
-        .collect();
+    let tags: Vec<String> = tags.iter().map(|tag| format!("'{tag}'")).collect();
     clock_lua()
         + &format!(
             r"
-local lanes, prefix = {LANES}, ARGV[1]
+local lanes, prefix, report = {LANES}, ARGV[1], ARGV[2] == '1'
 local tags = {{{}}}
-local me = redis.call('CLUSTER', 'MYID')
-local mine = {{}}
-for _, range in ipairs(redis.call('CLUSTER', 'SLOTS')) do
-  if range[3][3] == me then
-    mine[#mine + 1] = {{range[1], range[2]}}
-  end
-end
 local shown, channel, highest, issued = {{}}, nil, 0, 0
-for lane, tag in ipairs(tags) do
-  for _, range in ipairs(mine) do
-    if tag[2] >= range[1] and tag[2] <= range[2] then
-      local keys = prefix .. ':h:{{' .. tag[1] .. '}}:'
-      local last = redis.call('GET', keys .. 'seq')
-      if last then
-        last = math.max(tonumber(last), now - 1)
-        redis.call('SET', keys .. 'seq', string.format('%.0f', last))
-        shown[#shown + 1] = (lane - 1) .. ':' .. string.format('%.0f', last)
-        highest = math.max(highest, last)
-        channel = channel or (prefix .. ':l:{{' .. tag[1] .. '}}')
-        local floor = tonumber(redis.call('GET', keys .. 'floor') or '0')
-        local recorded = tonumber(redis.call('GET', keys .. 'rec') or '0')
-        issued = math.max(issued, recorded, (floor + 1) * lanes - 1)
-      end
-      break
+for i = 3, #ARGV do
+  local lane = tonumber(ARGV[i])
+  local keys = prefix .. ':h:{{' .. tags[lane + 1] .. '}}:'
+  local last = redis.call('GET', keys .. 'seq')
+  if last then
+    last = math.max(tonumber(last), now - 1)
+    redis.call('SET', keys .. 'seq', string.format('%.0f', last))
+    shown[#shown + 1] = lane .. ':' .. string.format('%.0f', last)
+    highest = math.max(highest, last)
+    channel = channel or (prefix .. ':l:{{' .. tags[lane + 1] .. '}}')
+    if report then
+      local floor = tonumber(redis.call('GET', keys .. 'floor') or '0')
+      local recorded = tonumber(redis.call('GET', keys .. 'rec') or '0')
+      issued = math.max(issued, recorded, (floor + 1) * lanes - 1)
     end
   end
 end
@@ -171,7 +159,7 @@ if channel then
 end
 return string.format('%.0f %.0f', highest, issued)
 ",
-            lanes.join(", ")
+            tags.join(", ")
         )
 }
 
@@ -207,9 +195,15 @@ return out
         )
 }
 
-/// Per lane, whether the primary serving its slot has a replica that is not failed, from
-/// the text of `CLUSTER NODES`.
-pub(super) fn replicated_lanes(nodes: &str, tags: &[String]) -> [bool; LANES as usize] {
+/// Where the lanes are, from the text of `CLUSTER NODES`: the lanes each primary serves
+/// (by the primary's id; lanes of slots being moved are left out), and per lane whether
+/// its primary has a replica that is not failed.
+pub(super) struct Topology {
+    pub by_primary: Vec<Vec<usize>>,
+    pub replicated: [bool; LANES as usize],
+}
+
+pub(super) fn topology(nodes: &str, tags: &[String]) -> Topology {
     let lines: Vec<Vec<&str>> = nodes
         .lines()
         .map(|line| line.split_whitespace().collect())
@@ -220,11 +214,12 @@ pub(super) fn replicated_lanes(nodes: &str, tags: &[String]) -> [bool; LANES as 
         .filter(|fields| fields[2].contains("slave"))
         .map(|fields| fields[3])
         .collect();
-    let mut replicated = [false; LANES as usize];
+    let mut topology = Topology {
+        by_primary: Vec::new(),
+        replicated: [false; LANES as usize],
+    };
     for fields in lines.iter().filter(|f| f[2].contains("master")) {
-        if !with_replica.contains(fields[0]) {
-            continue;
-        }
+        let mut lanes = Vec::new();
         for range in &fields[8..] {
             let (first, last) = range.split_once('-').unwrap_or((range, range));
             let (Ok(first), Ok(last)) = (first.parse::<u16>(), last.parse::<u16>()) else {
@@ -232,33 +227,16 @@ pub(super) fn replicated_lanes(nodes: &str, tags: &[String]) -> [bool; LANES as 
             };
             for (lane, tag) in tags.iter().enumerate() {
                 if (first..=last).contains(&slot(tag.as_bytes())) {
-                    replicated[lane] = true;
+                    lanes.push(lane);
+                    topology.replicated[lane] = with_replica.contains(fields[0]);
                 }
             }
         }
+        if !lanes.is_empty() {
+            topology.by_primary.push(lanes);
+        }
     }
-    replicated
-}
-
-/// Whether any primary's answer is an error.
-pub(super) fn has_error(answers: &Value) -> bool {
-    match answers {
-        Value::ServerError(_) => true,
-        Value::Array(values) | Value::Set(values) => values.iter().any(has_error),
-        Value::Map(pairs) => pairs.iter().any(|(_, v)| has_error(v)),
-        _ => false,
-    }
-}
-
-/// The text answers of every primary to one command.
-pub(super) fn answers_of(answers: &Value) -> Vec<String> {
-    match answers {
-        Value::BulkString(bytes) => vec![String::from_utf8_lossy(bytes).into_owned()],
-        Value::SimpleString(text) => vec![text.clone()],
-        Value::Array(values) | Value::Set(values) => values.iter().flat_map(answers_of).collect(),
-        Value::Map(pairs) => pairs.iter().flat_map(|(_, v)| answers_of(v)).collect(),
-        _ => Vec::new(),
-    }
+    topology
 }
 
 #[cfg(test)]
@@ -275,7 +253,7 @@ mod tests {
     }
 
     #[test]
-    fn lanes_are_confirmed_where_their_primary_has_a_live_replica() {
+    fn lanes_are_found_on_their_primaries_and_confirmed_where_it_has_a_live_replica() {
         let tags = lane_tags();
         let nodes = "\
 a 127.0.0.1:1@11 myself,master - 0 0 1 connected 0-5460
@@ -285,11 +263,15 @@ d 127.0.0.1:4@14 slave a 0 0 1 connected
 e 127.0.0.1:5@15 slave,fail b 0 0 2 connected
 f 127.0.0.1:6@16 slave c 0 0 3 connected
 ";
-        let replicated = replicated_lanes(nodes, &tags);
+        let topology = topology(nodes, &tags);
         for (lane, tag) in tags.iter().enumerate() {
             let on_b = (5461..=10922).contains(&slot(tag.as_bytes()));
-            assert_eq!(replicated[lane], !on_b, "lane {lane}");
+            assert_eq!(topology.replicated[lane], !on_b, "lane {lane}");
         }
+        assert_eq!(topology.by_primary.len(), 3);
+        let mut every: Vec<usize> = topology.by_primary.concat();
+        every.sort_unstable();
+        assert_eq!(every, (0..LANES as usize).collect::<Vec<_>>());
     }
 
     #[test]

@@ -9,15 +9,11 @@ use std::time::Duration;
 
 use futures_util::future::{BoxFuture, join_all};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{
-    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
-};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Script, Value};
 use tokio::sync::{Notify, watch};
 
-use super::scripts::{
-    answers_of, ensure_lua, has_error, read_lua, record_lua, replicated_lanes, slot, tick_lua,
-};
+use super::scripts::{Topology, ensure_lua, read_lua, record_lua, slot, tick_lua, topology};
 use crate::bus::redis::{COMMAND_TIMEOUT, Connection, Shared, lock};
 use crate::event::{Event, Target};
 use crate::history::lanes::{LANES, Reorder, lane_of_event, lane_of_stream, split};
@@ -43,9 +39,10 @@ pub(crate) struct Lanes {
     /// Replays and subscriptions waiting for the delivered position to move.
     pub(super) waiting: AtomicUsize,
     pub(super) wake_listener: Notify,
-    /// Per lane, whether its primary has a replica to confirm writes: a publish is
-    /// acknowledged once a replica holds it, so a failover cannot lose it silently.
-    pub(super) replicated: Mutex<[bool; LANES as usize]>,
+    /// Which primary serves which lanes (ticks go to each), and per lane whether its
+    /// primary has a replica to confirm writes: a publish is acknowledged once a replica
+    /// holds it, so a failover cannot lose it silently.
+    pub(super) topology: Mutex<Topology>,
     pub(super) record: Script,
     pub(super) ensure: Script,
     pub(super) read: Script,
@@ -69,7 +66,10 @@ impl Lanes {
             hint: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
             wake_listener: Notify::new(),
-            replicated: Mutex::new([false; LANES as usize]),
+            topology: Mutex::new(Topology {
+                by_primary: Vec::new(),
+                replicated: [false; LANES as usize],
+            }),
             record: Script::new(&record_lua()),
             ensure: Script::new(&ensure_lua()),
             read: Script::new(&read_lua()),
@@ -184,7 +184,7 @@ impl Lanes {
         if let Some(t) = ids.iter().map(|id| split(*id).0).max() {
             self.saw(t);
         }
-        if lock(&self.replicated)[lane] {
+        if lock(&self.topology).replicated[lane] {
             self.confirm(connection, lane).await?;
         }
         Ok(ids)
@@ -217,8 +217,9 @@ impl Lanes {
         }
     }
 
-    /// Learns which primaries have a live replica (`CLUSTER NODES`), for [`Lanes::confirm`].
-    pub(super) async fn learn_replicas(
+    /// Learns which primary serves which lanes and which have a live replica
+    /// (`CLUSTER NODES`).
+    pub(super) async fn learn_topology(
         &self,
         connection: &mut ClusterConnection,
     ) -> Result<(), String> {
@@ -234,8 +235,7 @@ impl Lanes {
             Value::VerbatimString { text, .. } => text,
             other => return Err(format!("CLUSTER NODES answered {other:?}")),
         };
-        let replicated = replicated_lanes(&text, &self.tags);
-        *lock(&self.replicated) = replicated;
+        *lock(&self.topology) = topology(&text, &self.tags);
         Ok(())
     }
 
@@ -260,40 +260,67 @@ impl Lanes {
         Ok(())
     }
 
-    /// One tick on every primary; what it shows arrives on the lanes' channels. Returns
-    /// the highest lane clock shown (every id made before is at or below its position) and
-    /// the highest id recorded or counted as lost.
+    /// One tick on every primary, for the lanes it serves; what it shows arrives on the
+    /// lanes' channels. Returns the highest lane clock shown (every id made before is at or
+    /// below its position) and, when `report`, the highest id recorded or counted as lost.
     pub(super) async fn tick(
         &self,
-        connection: &mut ClusterConnection,
+        connection: &ClusterConnection,
+        report: bool,
     ) -> Result<(u64, u64), String> {
-        let mut command = if self.tick_loaded.load(Ordering::Acquire) {
-            redis::cmd("EVALSHA").arg(&self.tick.1).to_owned()
-        } else {
-            redis::cmd("EVAL").arg(&self.tick.0).to_owned()
-        };
-        command.arg(0).arg(&self.shared.names.prefix);
-        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-        let answer =
-            tokio::time::timeout(COMMAND_TIMEOUT, connection.route_command(command, routing)).await;
-        let worked = matches!(&answer, Ok(Ok(value)) if !has_error(value));
-        self.tick_loaded.store(worked, Ordering::Release);
-        match answer {
-            Ok(Ok(answers)) if has_error(&answers) => Err(format!("tick failed: {answers:?}")),
-            Ok(Ok(answers)) => {
-                let mut highest = (0, 0);
-                for answer in answers_of(&answers) {
-                    let mut numbers = answer.split(' ').map(|n| n.parse::<u64>().unwrap_or(0));
-                    let (t, id) = (numbers.next(), numbers.next());
-                    highest = (
-                        highest.0.max(t.unwrap_or(0)),
-                        highest.1.max(id.unwrap_or(0)),
-                    );
+        let groups = lock(&self.topology).by_primary.clone();
+        let loaded = self.tick_loaded.load(Ordering::Acquire);
+        let work = groups.iter().map(|lanes| {
+            let mut connection = connection.clone();
+            let mut command = if loaded {
+                redis::cmd("EVALSHA").arg(&self.tick.1).to_owned()
+            } else {
+                redis::cmd("EVAL").arg(&self.tick.0).to_owned()
+            };
+            command
+                .arg(0)
+                .arg(&self.shared.names.prefix)
+                .arg(u8::from(report))
+                .arg(lanes);
+            let slot = slot(self.key(lanes[0], "seq").as_bytes());
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                slot,
+                SlotAddr::Master,
+            )));
+            async move {
+                match tokio::time::timeout(
+                    COMMAND_TIMEOUT,
+                    connection.route_command(command, routing),
+                )
+                .await
+                {
+                    Ok(Ok(Value::BulkString(answer))) => Ok(answer),
+                    Ok(Ok(other)) => Err(format!("tick failed: {other:?}")),
+                    Ok(Err(error)) => Err(format!("tick failed: {error}")),
+                    Err(_) => Err("tick timed out".into()),
                 }
-                Ok(highest)
             }
-            Ok(Err(error)) => Err(format!("tick failed: {error}")),
-            Err(_) => Err("tick timed out".into()),
+        });
+        let mut highest = (0, 0);
+        let mut failed = None;
+        for answer in join_all(work).await {
+            match answer {
+                Ok(answer) => {
+                    let answer = String::from_utf8_lossy(&answer);
+                    let mut numbers = answer.split(' ').map(|n| n.parse::<u64>().unwrap_or(0));
+                    highest.0 = highest.0.max(numbers.next().unwrap_or(0));
+                    highest.1 = highest.1.max(numbers.next().unwrap_or(0));
+                }
+                Err(error) => failed = Some(error),
+            }
+        }
+        // A primary that failed may not know the script (one that took over), or the
+        // lanes may have moved: the next tick sends the script whole and the watchdog
+        // learns where the lanes are.
+        self.tick_loaded.store(failed.is_none(), Ordering::Release);
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(highest),
         }
     }
 
@@ -306,10 +333,10 @@ impl Lanes {
             .publisher()
             .await
             .map_err(|e| Unavailable(e.0))?;
-        let Connection::Cluster(mut connection) = connection else {
+        let Connection::Cluster(connection) = connection else {
             return Err(Unavailable("not a Redis Cluster".into()));
         };
-        let (t, issued) = self.tick(&mut connection).await.map_err(Unavailable)?;
+        let (t, issued) = self.tick(&connection, true).await.map_err(Unavailable)?;
         Ok(((t + 1) * LANES - 1, issued))
     }
 
