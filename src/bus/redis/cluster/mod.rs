@@ -58,6 +58,9 @@ use crate::protocol::CloseReason;
 
 /// Tick rounds start this far apart at least.
 const TICK_EVERY: Duration = Duration::from_millis(1);
+/// How long events from other nodes wait for their publisher's tick before this node
+/// ticks for them.
+const OTHERS_TICK_AFTER: Duration = Duration::from_millis(2);
 /// The longest pause between attempts to get in step again: short, since delivery waits
 /// for it on every node while a shard's replica takes over.
 const SYNC_BACKOFF_MAX: Duration = Duration::from_millis(250);
@@ -159,6 +162,8 @@ impl Listener {
         let mut last_tick = Instant::now() - TICK_EVERY;
         // Since when events wait, and where the node had delivered through then.
         let mut waiting_since: Option<(Instant, u64)> = None;
+        // Since when events wait on lanes that have not shown their clocks.
+        let mut blocked_since: Option<Instant> = None;
         loop {
             if out_of_step {
                 match self.sync(connection).await {
@@ -174,8 +179,21 @@ impl Listener {
                     }
                 }
             }
-            let want_tick = lanes.recording && !ticking && (!self.started || lanes.tick_wanted());
-            let tick_at = last_tick + TICK_EVERY;
+            // A node ticks after it published, or when a replay or a subscription waits;
+            // events that came from other nodes wait for their publisher's tick, and only
+            // when none came within `OTHERS_TICK_AFTER` does this node tick for them.
+            match (lanes.blocked(), blocked_since) {
+                (true, None) => blocked_since = Some(Instant::now()),
+                (false, Some(_)) => blocked_since = None,
+                _ => {}
+            }
+            let tick_at = if !lanes.recording || ticking {
+                None
+            } else if !self.started || lanes.tick_due() {
+                Some(last_tick + TICK_EVERY)
+            } else {
+                blocked_since.map(|since| (since + OTHERS_TICK_AFTER).max(last_tick + TICK_EVERY))
+            };
             tokio::select! {
                 push = self.pushes.recv() => {
                     let Some(push) = push else { return };
@@ -220,9 +238,10 @@ impl Listener {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(tick_at), if want_tick => {
+                _ = tokio::time::sleep_until(tick_at.unwrap_or(last_tick)), if tick_at.is_some() => {
                     ticking = true;
                     last_tick = Instant::now();
+                    lanes.published.store(false, std::sync::atomic::Ordering::Release);
                     let lanes = lanes.clone();
                     let connection = connection.clone();
                     let tick_done = tick_done.clone();

@@ -36,6 +36,9 @@ pub(crate) struct Lanes {
     pub(super) released: watch::Sender<u64>,
     /// The highest lane clock this node saw or was given: what its publishes pass on.
     pub(super) hint: AtomicU64,
+    /// This node published since its last tick: it ticks, so that the nodes receiving
+    /// its events need not.
+    pub(super) published: AtomicBool,
     /// Replays and subscriptions waiting for the delivered position to move.
     pub(super) waiting: AtomicUsize,
     pub(super) wake_listener: Notify,
@@ -64,6 +67,7 @@ impl Lanes {
             order: Mutex::new(Reorder::default()),
             released: watch::Sender::new(0),
             hint: AtomicU64::new(0),
+            published: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             wake_listener: Notify::new(),
             topology: Mutex::new(Topology {
@@ -183,6 +187,9 @@ impl Lanes {
             .map_err(|e| format!("Redis publish script failed: {e}"))?;
         if let Some(t) = ids.iter().map(|id| split(*id).0).max() {
             self.saw(t);
+        }
+        if !self.published.swap(true, Ordering::AcqRel) {
+            self.wake_listener.notify_one();
         }
         if lock(&self.topology).replicated[lane] {
             self.confirm(connection, lane).await?;
@@ -387,10 +394,16 @@ impl Lanes {
         });
     }
 
-    /// Whether a tick should run: events wait on quiet lanes, or someone waits for the
-    /// delivered position to move.
-    pub(super) fn tick_wanted(&self) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0 || lock(&self.order).wanted().is_some()
+    /// Whether a tick is due now: this node published (every node holds those events
+    /// until the other lanes show their clocks), or someone waits for the delivered
+    /// position to move.
+    pub(super) fn tick_due(&self) -> bool {
+        self.published.load(Ordering::Acquire) || self.waiting.load(Ordering::Acquire) > 0
+    }
+
+    /// Whether events wait here on lanes that have not shown their clocks.
+    pub(super) fn blocked(&self) -> bool {
+        lock(&self.order).wanted().is_some()
     }
 
     /// Waits (ticking) until the node delivered through `position`, for at most `wait`;
