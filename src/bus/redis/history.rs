@@ -185,7 +185,8 @@ impl RedisHistory {
     }
 }
 
-fn number(bytes: &[u8]) -> Result<u64, Unavailable> {
+/// An id as Redis answers it.
+pub(super) fn number(bytes: &[u8]) -> Result<u64, Unavailable> {
     std::str::from_utf8(bytes)
         .ok()
         .and_then(|s| s.parse().ok())

@@ -14,6 +14,7 @@ use redis::{Script, Value};
 use tokio::sync::{Notify, watch};
 
 use super::scripts::{Topology, ensure_lua, read_lua, record_lua, slot, tick_lua, topology};
+use crate::bus::redis::history::number;
 use crate::bus::redis::{COMMAND_TIMEOUT, Connection, Shared, lock};
 use crate::event::{Event, Target};
 use crate::history::lanes::{LANES, Reorder, lane_of_event, lane_of_stream, split};
@@ -533,11 +534,4 @@ impl Store for Lanes {
             Ok(issued)
         })
     }
-}
-
-fn number(bytes: &[u8]) -> Result<u64, Unavailable> {
-    std::str::from_utf8(bytes)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| Unavailable(format!("not an id: {:?}", String::from_utf8_lossy(bytes))))
 }
