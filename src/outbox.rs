@@ -160,6 +160,9 @@ struct State {
     /// sent once the replay is queued.
     held: Option<Vec<(u64, Frame)>>,
     held_bytes: usize,
+    /// The highest id a replay sent: a live event at or below it that arrives later (its
+    /// publication reached this node after the history was read) was replayed already.
+    replayed_through: u64,
 }
 
 impl State {
@@ -229,6 +232,9 @@ impl Outbox {
         }
         if id != 0 {
             let state = &mut *state;
+            if id <= state.replayed_through {
+                return Pushed::Queued;
+            }
             if let Some(held) = &mut state.held {
                 state.held_bytes += frame.len();
                 held.push((id, frame));
@@ -287,6 +293,9 @@ impl Outbox {
         };
         let fresh: Vec<(u64, Frame)> = replayed.into_iter().filter(|(id, _)| !seen(id)).collect();
         let sent = fresh.len();
+        if let Some(last) = fresh.iter().map(|(id, _)| *id).max() {
+            state.replayed_through = state.replayed_through.max(last);
+        }
         if let LiveIds::Kept(ids) = &mut state.live_ids {
             ids.extend(fresh.iter().chain(&held).map(|(id, _)| *id));
             if ids.len() > LIVE_IDS_KEPT {
@@ -410,6 +419,13 @@ mod tests {
                 r#"{"type":"e","_event_id":7}"#,
             ]
         );
+        // Event 6 reaches the node late: it was replayed, so it is not sent again.
+        outbox.push_event(event(6), 6);
+        outbox.push_event(event(8), 8);
+        batch.clear();
+        outbox.next_batch(&mut batch).await;
+        let texts: Vec<&str> = batch.iter().map(text_of).collect();
+        assert_eq!(texts, [r#"{"type":"e","_event_id":8}"#]);
     }
 
     #[test]
