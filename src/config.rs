@@ -142,8 +142,7 @@ pub struct Options {
         long,
         env = "CHANNELGATE_REDIS_CLUSTER_NODES",
         value_name = "HOST:PORT,...",
-        value_delimiter = ',',
-        conflicts_with = "redis_url"
+        value_delimiter = ','
     )]
     pub redis_cluster_nodes: Option<Vec<String>>,
 
@@ -428,8 +427,9 @@ impl Options {
     }
 }
 
-/// A count setting: at least 1, `default` when not given.
-/// One Redis, a Redis Cluster, or neither (the in-memory bus). Empty values count as unset.
+/// One Redis, a Redis Cluster, or neither (the in-memory bus). Empty values count as
+/// unset, so an empty variable left in a deployment's environment does not get in the way;
+/// both given is an error, from the command line, the environment or the config file.
 fn redis_target(
     url: Option<String>,
     cluster_nodes: Option<Vec<String>>,
@@ -451,6 +451,7 @@ fn redis_target(
     }
 }
 
+/// A count setting: at least 1, `default` when not given.
 fn positive(name: &str, value: Option<usize>, default: usize) -> Result<usize, String> {
     match value {
         Some(0) => Err(format!("--{name} must be at least 1")),
@@ -712,6 +713,31 @@ mod tests {
         assert!(err.contains("--history"), "{err}");
         let err = Settings::from_args(["channelgate", "--dev", "--replay-limit", "0"]).unwrap_err();
         assert!(err.contains("--replay-limit"), "{err}");
+    }
+
+    #[test]
+    fn one_redis_or_a_cluster_and_empty_values_count_as_unset() {
+        let nodes = || Some(vec!["a:1".to_string(), " b:2 ".to_string()]);
+        assert_eq!(
+            redis_target(Some(String::new()), nodes()),
+            Ok(Some(RedisTarget::Cluster(vec!["a:1".into(), "b:2".into()])))
+        );
+        assert_eq!(
+            redis_target(Some("redis://r/".into()), Some(vec![String::new()])),
+            Ok(Some(RedisTarget::Url("redis://r/".into())))
+        );
+        assert!(redis_target(Some("redis://r/".into()), nodes()).is_err());
+        assert_eq!(redis_target(None, None), Ok(None));
+        let err = Settings::from_args([
+            "channelgate",
+            "--dev",
+            "--redis-url",
+            "redis://r/",
+            "--redis-cluster-nodes",
+            "a:1",
+        ])
+        .unwrap_err();
+        assert!(err.contains("choose one"), "{err}");
     }
 
     #[test]
