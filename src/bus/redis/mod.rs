@@ -437,7 +437,7 @@ impl Shared {
         Ok(Connection::Single(connection))
     }
 
-    async fn publish_bytes(&self, channel: String, bytes: Vec<u8>) -> Result<i64, BusUnavailable> {
+    async fn publish_bytes(&self, channel: &str, bytes: Vec<u8>) -> Result<i64, BusUnavailable> {
         let mut connection = self.publisher().await?;
         redis::cmd(self.names.publish_command())
             .arg(channel)
@@ -555,26 +555,21 @@ impl RedisBus {
             control,
             presence,
         } = receivers;
-        let cluster = match &settings.target {
-            RedisTarget::Url(_) => false,
-            RedisTarget::Cluster(_) => {
-                if settings.prefix.contains(['{', '}']) {
-                    return Err(format!(
-                        "--redis-prefix {:?}: no braces on a Redis Cluster (they pick slots)",
-                        settings.prefix
-                    ));
-                }
-                true
-            }
-        };
         let link = match &settings.target {
             RedisTarget::Url(url) => Link::Single {
                 client: redis::Client::open(url.as_str())
                     .map_err(|e| format!("--redis-url {url:?}: {e}"))?,
                 manager: Mutex::default(),
             },
+            RedisTarget::Cluster(_) if settings.prefix.contains(['{', '}']) => {
+                return Err(format!(
+                    "--redis-prefix {:?}: no braces on a Redis Cluster (they pick slots)",
+                    settings.prefix
+                ));
+            }
             RedisTarget::Cluster(_) => Link::Cluster(Mutex::default()),
         };
+        let cluster = matches!(link, Link::Cluster(_));
         let shared = Arc::new(Shared {
             names: Names::new(&settings.prefix, node_id, cluster),
             link,
@@ -671,7 +666,7 @@ impl Bus for RedisBus {
                 _ => self.shared.names.broadcast(),
             };
             let bytes = event.to_bus().encode_to_vec();
-            self.shared.publish_bytes(channel, bytes).await.map(|_| 0)
+            self.shared.publish_bytes(&channel, bytes).await.map(|_| 0)
         })
     }
 
@@ -711,7 +706,7 @@ impl Bus for RedisBus {
                     request: Some(request),
                 };
                 shared
-                    .publish_bytes(shared.names.control().to_string(), message.encode_to_vec())
+                    .publish_bytes(shared.names.control(), message.encode_to_vec())
                     .await?;
                 Ok::<_, BusUnavailable>(live)
             }
@@ -932,7 +927,7 @@ impl Listener {
         for event in &events {
             self.hub.deliver(event);
         }
-        let closed = close_where_lost(&self.hub, &keys, &snapshot, after);
+        let closed = close_where_lost(&self.hub, &keys, &snapshot.streams, after);
         self.delivered_through
             .fetch_max(snapshot.latest, Ordering::AcqRel);
         tracing::info!(
@@ -989,11 +984,11 @@ impl Listener {
 fn close_where_lost(
     hub: &Hub,
     keys: &[StreamKey],
-    snapshot: &event_history::Snapshot,
+    streams: &[event_history::StreamRead],
     after: u64,
 ) -> usize {
     let mut closed = 0;
-    for (key, stream) in keys.iter().zip(&snapshot.streams) {
+    for (key, stream) in keys.iter().zip(streams) {
         if stream.lost_through > after {
             closed += match key {
                 StreamKey::Group(group) => hub.close_group(group, CloseReason::Restart),
@@ -1074,7 +1069,7 @@ impl Inbox {
                 reply: Some(control.answer(question).await),
             };
             let channel = shared.names.reply(&request.reply_to);
-            if let Err(error) = shared.publish_bytes(channel, reply.encode_to_vec()).await {
+            if let Err(error) = shared.publish_bytes(&channel, reply.encode_to_vec()).await {
                 tracing::warn!(%error, "control reply not sent");
             }
         });

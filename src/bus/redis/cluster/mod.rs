@@ -33,6 +33,7 @@ mod store;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -51,8 +52,8 @@ use super::{
     Subscriptions, WATCHDOG_EVERY, close_where_lost, lock,
 };
 use crate::event::Event;
+use crate::history::StreamKey;
 use crate::history::lanes::{self, LANES};
-use crate::history::{Snapshot, StreamKey};
 use crate::hub::Hub;
 use crate::protocol::CloseReason;
 
@@ -64,7 +65,8 @@ const OTHERS_TICK_AFTER: Duration = Duration::from_millis(2);
 /// The longest pause between attempts to get in step again: short, since delivery waits
 /// for it on every node while a shard's replica takes over.
 const SYNC_BACKOFF_MAX: Duration = Duration::from_millis(250);
-/// How long events may wait without anything delivered before the node subscribes again.
+/// How long events may wait without anything delivered before the node subscribes again:
+/// a lane whose messages no longer reach it (a subscription lost in a slot move).
 const STALLED: Duration = Duration::from_secs(3);
 
 /// The node's side of the cluster: its one connection, the pushes it brings, and the
@@ -160,10 +162,9 @@ impl Listener {
         let (tick_done, mut ticks_done) = mpsc::unbounded_channel::<Result<(), String>>();
         let mut ticking = false;
         let mut last_tick = Instant::now() - TICK_EVERY;
-        // Since when events wait, and where the node had delivered through then.
-        let mut waiting_since: Option<(Instant, u64)> = None;
-        // Since when events wait on lanes that have not shown their clocks.
-        let mut blocked_since: Option<Instant> = None;
+        // Since when events have waited on lanes that did not show their clocks, without
+        // the node delivering anything (it had delivered through the second field).
+        let mut blocked: Option<(Instant, u64)> = None;
         loop {
             if out_of_step {
                 match self.sync(connection).await {
@@ -182,17 +183,17 @@ impl Listener {
             // A node ticks after it published, or when a replay or a subscription waits;
             // events that came from other nodes wait for their publisher's tick, and only
             // when none came within `OTHERS_TICK_AFTER` does this node tick for them.
-            match (lanes.blocked(), blocked_since) {
-                (true, None) => blocked_since = Some(Instant::now()),
-                (false, Some(_)) => blocked_since = None,
-                _ => {}
-            }
+            blocked = match (lanes.blocked_at(), blocked) {
+                (Some(at), Some((since, was))) if at == was => Some((since, at)),
+                (Some(at), _) => Some((Instant::now(), at)),
+                (None, _) => None,
+            };
             let tick_at = if !lanes.recording || ticking {
                 None
             } else if !self.started || lanes.tick_due() {
                 Some(last_tick + TICK_EVERY)
             } else {
-                blocked_since.map(|since| (since + OTHERS_TICK_AFTER).max(last_tick + TICK_EVERY))
+                blocked.map(|(since, _)| (since + OTHERS_TICK_AFTER).max(last_tick + TICK_EVERY))
             };
             tokio::select! {
                 push = self.pushes.recv() => {
@@ -216,7 +217,8 @@ impl Listener {
                     None => return,
                 },
                 _ = watchdog.tick() => {
-                    if self.stalled(&mut waiting_since) {
+                    if blocked.is_some_and(|(since, _)| since.elapsed() >= STALLED) {
+                        blocked = None;
                         tracing::warn!(
                             "events have waited {STALLED:?} on lanes that show nothing; subscribing again"
                         );
@@ -241,7 +243,7 @@ impl Listener {
                 _ = tokio::time::sleep_until(tick_at.unwrap_or(last_tick)), if tick_at.is_some() => {
                     ticking = true;
                     last_tick = Instant::now();
-                    lanes.published.store(false, std::sync::atomic::Ordering::Release);
+                    lanes.published.store(false, Ordering::Release);
                     let lanes = lanes.clone();
                     let connection = connection.clone();
                     let tick_done = tick_done.clone();
@@ -259,26 +261,6 @@ impl Listener {
                 self.subscriptions.mark_disconnected();
             }
         }
-    }
-
-    /// Whether events have waited `STALLED` without the node delivering anything: a lane
-    /// whose messages do not reach it any more (a subscription lost in a slot move).
-    fn stalled(&self, waiting_since: &mut Option<(Instant, u64)>) -> bool {
-        let (waiting, released) = {
-            let order = lock(&self.lanes.order);
-            (order.wanted().is_some(), order.released_through())
-        };
-        match *waiting_since {
-            Some((since, at)) if waiting && at == released => {
-                if since.elapsed() >= STALLED {
-                    *waiting_since = None;
-                    return true;
-                }
-            }
-            _ if waiting => *waiting_since = Some((Instant::now(), released)),
-            _ => *waiting_since = None,
-        }
-        false
     }
 
     /// Takes one push; `true` when the node fell out of step with the cluster.
@@ -343,9 +325,7 @@ impl Listener {
         // the subscriptions (it does not follow MOVED for those).
         let commands = Connection::Cluster(connection.clone());
         // A primary that took over may not know the tick script yet.
-        lanes
-            .tick_loaded
-            .store(false, std::sync::atomic::Ordering::Release);
+        lanes.tick_loaded.store(false, Ordering::Release);
         lanes.ensure_all(&commands).await?;
         self.shared().heartbeat().await.map_err(|e| e.0)?;
         let wanted = self.subscriptions.wanted();
@@ -417,11 +397,7 @@ impl Listener {
                 caught_up += usize::from(order.hold(event.id, event.clone()));
             }
         }
-        let snapshot = Snapshot {
-            latest: after,
-            streams,
-        };
-        let closed = close_where_lost(&self.hub, &keys, &snapshot, after);
+        let closed = close_where_lost(&self.hub, &keys, &streams, after);
         tracing::info!(
             caught_up,
             closed,
@@ -437,10 +413,7 @@ impl Listener {
     ) -> Result<(), String> {
         match command {
             Command::Subscribe(group) => {
-                let needed = lock(&self.subscriptions.groups)
-                    .get(&group)
-                    .is_some_and(|sub| sub.members > 0 && !sub.subscribed);
-                if !needed {
+                if !self.subscriptions.needs_subscribing(&group) {
                     return Ok(());
                 }
                 let channel = self.shared().names.group(&group);
@@ -451,40 +424,20 @@ impl Listener {
                 // after arrives live.
                 let lanes = self.lanes.clone();
                 let subscriptions = self.subscriptions.clone();
-                let commands = Connection::Cluster(connection.clone());
+                let connection = Connection::Cluster(connection.clone());
                 tokio::spawn(async move {
                     if lanes.recording {
                         let lane = lanes::lane_of_group(&group);
-                        let mut commands = commands;
-                        let clock = lanes
-                            .ensure
-                            .key(lanes.key(lane, "seq"))
-                            .key(lanes.key(lane, "floor"))
-                            .arg(0)
-                            .invoke_async::<String>(&mut commands)
-                            .await;
-                        if let Some(t) = clock.ok().and_then(|t| t.parse::<u64>().ok()) {
-                            lanes
-                                .released_through((t + 1) * LANES - 1, COMMAND_TIMEOUT)
-                                .await;
+                        if let Ok(t) = lanes.ensure_lane(&connection, lane, 0).await {
+                            let through = (t + 1) * LANES - 1;
+                            lanes.released_through(through, COMMAND_TIMEOUT).await;
                         }
                     }
-                    if let Some(sub) = lock(&subscriptions.groups).get_mut(&group) {
-                        sub.subscribed = true;
-                        sub.wake();
-                    }
+                    subscriptions.subscribed(&group);
                 });
             }
             Command::Unsubscribe(group) => {
-                let unused = {
-                    let mut groups = lock(&self.subscriptions.groups);
-                    let unused = groups.get(&group).is_some_and(|sub| sub.members == 0);
-                    if unused {
-                        groups.remove(&group);
-                    }
-                    unused
-                };
-                if unused {
+                if self.subscriptions.forget_unused(&group) {
                     let channel = self.shared().names.group(&group);
                     self.subscribed.remove(&channel);
                     connection

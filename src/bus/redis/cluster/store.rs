@@ -31,7 +31,6 @@ pub(crate) struct Lanes {
     pub(super) shared: Arc<Shared>,
     pub(super) retention: Retention,
     pub(super) recording: bool,
-    pub(super) tags: Arc<[String]>,
     pub(super) order: Mutex<Reorder>,
     /// What the node delivered through, announced for replays that wait for a cursor.
     pub(super) released: watch::Sender<u64>,
@@ -50,7 +49,7 @@ pub(crate) struct Lanes {
     pub(super) record: Script,
     pub(super) ensure: Script,
     pub(super) read: Script,
-    /// The tick script, and its hash.
+    /// The tick script's hash, and the script.
     pub(super) tick: (String, String),
     /// Whether every primary has the tick script: ticks go by hash then (a failed tick
     /// sends it whole again, as after a failover to a replica that never ran it).
@@ -59,9 +58,8 @@ pub(crate) struct Lanes {
 
 impl Lanes {
     pub(crate) fn new(shared: Arc<Shared>, retention: Retention, recording: bool) -> Lanes {
-        let shared_tags = shared.names.lanes.clone();
+        let tick = tick_lua(&shared.names.lanes);
         Lanes {
-            tags: shared.names.lanes.clone(),
             shared,
             retention,
             recording,
@@ -78,11 +76,7 @@ impl Lanes {
             record: Script::new(&record_lua()),
             ensure: Script::new(&ensure_lua()),
             read: Script::new(&read_lua()),
-            tick: {
-                let code = tick_lua(&shared_tags);
-                let hash = Script::new(&code).get_hash().to_string();
-                (code, hash)
-            },
+            tick: (Script::new(&tick).get_hash().to_string(), tick),
             tick_loaded: AtomicBool::new(false),
         }
     }
@@ -90,12 +84,15 @@ impl Lanes {
     pub(super) fn key(&self, lane: usize, name: &str) -> String {
         format!(
             "{}:h:{{{}}}:{name}",
-            self.shared.names.prefix, self.tags[lane]
+            self.shared.names.prefix, self.shared.names.lanes[lane]
         )
     }
 
     pub(super) fn lane_channel(&self, lane: usize) -> String {
-        format!("{}:l:{{{}}}", self.shared.names.prefix, self.tags[lane])
+        format!(
+            "{}:l:{{{}}}",
+            self.shared.names.prefix, self.shared.names.lanes[lane]
+        )
     }
 
     pub(super) fn channel_of(&self, event: &Event, lane: usize) -> String {
@@ -243,29 +240,38 @@ impl Lanes {
             Value::VerbatimString { text, .. } => text,
             other => return Err(format!("CLUSTER NODES answered {other:?}")),
         };
-        *lock(&self.topology) = topology(&text, &self.tags);
+        *lock(&self.topology) = topology(&text, &self.shared.names.lanes);
         Ok(())
     }
 
     /// Makes sure every lane has a clock, at least the one this node has seen.
     pub(super) async fn ensure_all(&self, connection: &Connection) -> Result<(), String> {
         let hint = self.hint.load(Ordering::Acquire);
-        let work = (0..LANES as usize).map(|lane| {
-            let mut connection = connection.clone();
-            async move {
-                self.ensure
-                    .key(self.key(lane, "seq"))
-                    .key(self.key(lane, "floor"))
-                    .arg(hint)
-                    .invoke_async::<String>(&mut connection)
-                    .await
-                    .map_err(|e| format!("lane {lane} not started: {e}"))
-            }
-        });
+        let work = (0..LANES as usize).map(|lane| self.ensure_lane(connection, lane, hint));
         for started in join_all(work).await {
             started?;
         }
         Ok(())
+    }
+
+    /// Makes sure a lane has a clock, at least `hint`, and returns it.
+    pub(super) async fn ensure_lane(
+        &self,
+        connection: &Connection,
+        lane: usize,
+        hint: u64,
+    ) -> Result<u64, String> {
+        let clock: String = self
+            .ensure
+            .key(self.key(lane, "seq"))
+            .key(self.key(lane, "floor"))
+            .arg(hint)
+            .invoke_async(&mut connection.clone())
+            .await
+            .map_err(|e| format!("lane {lane} not started: {e}"))?;
+        clock
+            .parse()
+            .map_err(|_| format!("lane {lane}: not a clock: {clock:?}"))
     }
 
     /// One tick on every primary, for the lanes it serves; what it shows arrives on the
@@ -281,9 +287,9 @@ impl Lanes {
         let work = groups.iter().map(|lanes| {
             let mut connection = connection.clone();
             let mut command = if loaded {
-                redis::cmd("EVALSHA").arg(&self.tick.1).to_owned()
+                redis::cmd("EVALSHA").arg(&self.tick.0).to_owned()
             } else {
-                redis::cmd("EVAL").arg(&self.tick.0).to_owned()
+                redis::cmd("EVAL").arg(&self.tick.1).to_owned()
             };
             command
                 .arg(0)
@@ -402,9 +408,11 @@ impl Lanes {
         self.published.load(Ordering::Acquire) || self.waiting.load(Ordering::Acquire) > 0
     }
 
-    /// Whether events wait here on lanes that have not shown their clocks.
-    pub(super) fn blocked(&self) -> bool {
-        lock(&self.order).wanted().is_some()
+    /// Where the node had delivered through, when events wait on lanes that have not
+    /// shown their clocks; `None` when nothing waits.
+    pub(super) fn blocked_at(&self) -> Option<u64> {
+        let order = lock(&self.order);
+        order.wanted().map(|_| order.released_through())
     }
 
     /// Waits (ticking) until the node delivered through `position`, for at most `wait`;
