@@ -160,9 +160,10 @@ struct State {
     /// sent once the replay is queued.
     held: Option<Vec<(u64, Frame)>>,
     held_bytes: usize,
-    /// The highest id a replay sent: a live event at or below it that arrives later (its
-    /// publication reached this node after the history was read) was replayed already.
-    replayed_through: u64,
+    /// The highest id a replay sent or its client had: a live event at or below it that
+    /// arrives later (its publication reached this node after the history was read, or
+    /// the node delivered it late) is one the client has already.
+    seen_through: u64,
 }
 
 impl State {
@@ -232,7 +233,7 @@ impl Outbox {
         }
         if id != 0 {
             let state = &mut *state;
-            if id <= state.replayed_through {
+            if id <= state.seen_through {
                 return Pushed::Queued;
             }
             if let Some(held) = &mut state.held {
@@ -279,10 +280,13 @@ impl Outbox {
     /// then `result`, then the events held meanwhile, in one step so that nothing comes
     /// between. Returns how many replayed events were queued. The replay may take the
     /// queue past its limit: it is bounded by the replay limit, and a client that does not
-    /// read it overflows on the next live event.
-    pub fn release(&self, replayed: Vec<(u64, Frame)>, result: Frame) -> usize {
+    /// read it overflows on the next live event. `cursor`: the client has every id at or
+    /// below it (0: nothing said), so held events and later live ones with those ids are
+    /// left out, as are later live ones the replay sent.
+    pub fn release(&self, replayed: Vec<(u64, Frame)>, result: Frame, cursor: u64) -> usize {
         let mut state = self.lock();
-        let held = state.held.take().unwrap_or_default();
+        let mut held = state.held.take().unwrap_or_default();
+        held.retain(|(id, _)| *id > cursor);
         state.held_bytes = 0;
         if state.close.is_some() {
             return 0;
@@ -293,9 +297,8 @@ impl Outbox {
         };
         let fresh: Vec<(u64, Frame)> = replayed.into_iter().filter(|(id, _)| !seen(id)).collect();
         let sent = fresh.len();
-        if let Some(last) = fresh.iter().map(|(id, _)| *id).max() {
-            state.replayed_through = state.replayed_through.max(last);
-        }
+        let last = fresh.iter().map(|(id, _)| *id).max().unwrap_or(0);
+        state.seen_through = state.seen_through.max(last).max(cursor);
         if let LiveIds::Kept(ids) = &mut state.live_ids {
             ids.extend(fresh.iter().chain(&held).map(|(id, _)| *id));
             if ids.len() > LIVE_IDS_KEPT {
@@ -404,7 +407,7 @@ mod tests {
         outbox.push_event(event(7), 7);
         outbox.push(Frame::text("{\"type\":\"pong\"}"));
         let replayed = [3, 5, 6, 7].map(|id| (id, event(id))).to_vec();
-        assert_eq!(outbox.release(replayed, Frame::text("result")), 2);
+        assert_eq!(outbox.release(replayed, Frame::text("result"), 0), 2);
         let mut batch = Vec::new();
         outbox.next_batch(&mut batch).await;
         let texts: Vec<&str> = batch.iter().map(text_of).collect();
@@ -426,6 +429,32 @@ mod tests {
         outbox.next_batch(&mut batch).await;
         let texts: Vec<&str> = batch.iter().map(text_of).collect();
         assert_eq!(texts, [r#"{"type":"e","_event_id":8}"#]);
+    }
+
+    #[tokio::test]
+    async fn events_the_client_had_before_its_cursor_are_not_sent_again() {
+        let outbox = Outbox::with_history(10_000);
+        let event = |id: u64| Frame::event(r#"{"type":"e"}"#, id);
+        assert!(outbox.hold());
+        // Published before the socket joined, delivered by the node late: the client's
+        // cursor (5) says it has them.
+        outbox.push_event(event(4), 4);
+        outbox.push_event(event(7), 7);
+        outbox.release(vec![(6, event(6))], Frame::text("result"), 5);
+        outbox.push_event(event(5), 5);
+        outbox.push_event(event(8), 8);
+        let mut batch = Vec::new();
+        outbox.next_batch(&mut batch).await;
+        let texts: Vec<&str> = batch.iter().map(text_of).collect();
+        assert_eq!(
+            texts,
+            [
+                r#"{"type":"e","_event_id":6}"#,
+                "result",
+                r#"{"type":"e","_event_id":7}"#,
+                r#"{"type":"e","_event_id":8}"#,
+            ]
+        );
     }
 
     #[test]

@@ -174,11 +174,11 @@ impl Session {
             Ok(Ok(snapshot)) => snapshot,
             Ok(Err(error)) => {
                 tracing::warn!(%error, "replay not read");
-                self.conn.outbox.release(Vec::new(), overloaded());
+                self.conn.outbox.release(Vec::new(), overloaded(), 0);
                 return;
             }
             Err(_) => {
-                self.conn.outbox.release(Vec::new(), overloaded());
+                self.conn.outbox.release(Vec::new(), overloaded(), 0);
                 return;
             }
         };
@@ -196,7 +196,7 @@ impl Session {
                     .map(|(id, payload)| (*id, Frame::event(payload, *id)))
                     .collect();
                 let result = Frame::from(server::replay_result(false, latest_event_id as i64));
-                let sent = self.conn.outbox.release(frames, result);
+                let sent = self.conn.outbox.release(frames, result, after);
                 metrics.replays_served.fetch_add(1, Ordering::Relaxed);
                 metrics
                     .events_replayed
@@ -207,7 +207,7 @@ impl Session {
                 latest_event_id,
             } => {
                 let answer = refresh(reason, latest_event_id);
-                self.conn.outbox.release(Vec::new(), answer);
+                self.conn.outbox.release(Vec::new(), answer, 0);
             }
         }
     }
