@@ -250,7 +250,10 @@ pub async fn replay_fresh(
 
 /// Like [`replay_fresh`], but also takes the events that reach the socket live right
 /// after the result (on Redis, an event published before the socket joined may still be
-/// on its way to the node): the ids of every event it got, in order, and the result.
+/// on its way to the node): the ids of every event it got, each once (asserted here), in
+/// id order, and the result. The order they came in is not compared: one that reached
+/// the socket live between its join and its replay request came first, as DESIGN §6
+/// allows.
 pub async fn replay_fresh_all(ws_addr: &str, grpc: &mut Grpc, cursor: Value) -> (Vec<u64>, Value) {
     let mut client = Client::authenticated(ws_addr, 1).await;
     join_all(&mut client, &[TABLE_1]).await;
@@ -264,6 +267,9 @@ pub async fn replay_fresh_all(ws_addr: &str, grpc: &mut Grpc, cursor: Value) -> 
     loop {
         let frame = client.recv().await;
         if frame["type"] == "marker" {
+            ids.sort_unstable();
+            let twice = ids.windows(2).any(|pair| pair[0] == pair[1]);
+            assert!(!twice, "an id reached the socket twice: {ids:?}");
             return (ids, result);
         }
         ids.push(frame["_event_id"].as_u64().expect("an event"));
