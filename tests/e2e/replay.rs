@@ -162,6 +162,9 @@ pub async fn replays_what_was_missed(
     cursor: u64,
     wanted: &[(u64, i64)],
 ) -> (u64, i64) {
+    // Else an event the node had still to deliver could reach the tab live, before the
+    // replayed ones: allowed, but then this could not check the replay's order.
+    delivered_so_far(ws_addr, grpc).await;
     let mut tab = reconnect(ws_addr, 1, "tab-1").await;
     join_all(&mut tab, &TAB_PAGES).await;
     let (events, result) = replay(&mut tab, json!(cursor), true).await;
@@ -235,6 +238,19 @@ pub async fn replay_on_any_node(redis: &impl Meeting) {
     wanted.push(live);
     let mut grpc_a = a.grpc().await;
     replays_what_was_missed(&on_a, &mut grpc_a, cursor, &wanted).await;
+}
+
+/// Returns once the node at `ws_addr` has delivered every event published before: an
+/// unrecorded marker to everyone reaches a socket there after them, as a node delivers in
+/// id order (an unrecorded event takes its place in that order too).
+pub async fn delivered_so_far(ws_addr: &str, grpc: &mut Grpc) {
+    let mut probe = Client::authenticated(ws_addr, 2).await;
+    let marker = PublishRequest {
+        skip_history: true,
+        ..group_request("users", event("marker", 0))
+    };
+    publish(grpc, marker).await;
+    while probe.recv().await["type"] != "marker" {}
 }
 
 /// A fresh socket on `table-1` replaying from `cursor`.
