@@ -6,7 +6,8 @@
 //! joins and fan-outs do not contend on one lock.
 //!
 //! Lock order (outer to inner): the presence state (it asks whether a connection still
-//! holds a space), a connection's pages, a group shard, a group's members, an outbox. Every lock is a std mutex held for in-memory work only, never across `.await`.
+//! holds a space), a connection's pages, a group shard, a group's members, an outbox.
+//! Every lock is a std mutex held for in-memory work only, never across `.await`.
 
 use std::collections::HashMap;
 use std::collections::hash_map::{Entry, RandomState};

@@ -1,6 +1,7 @@
 //! Short-lived answers per subscribe question (user, group, parameters) and per token, and
-//! single-flight: identical questions asked at the same time become one backend call, so a reconnect storm of many sockets of one user
-//! re-subscribing the same table asks the backend once.
+//! single-flight: identical questions asked at the same time become one backend call, so a
+//! reconnect storm of many sockets of one user re-subscribing the same table asks the
+//! backend once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -883,9 +883,10 @@ impl Listener {
     /// Makes up for what a lost connection missed, before the node is ready again: pages
     /// are re-checked with the authorizer (a revoke may have missed the node), then the
     /// events after the last one delivered are read from the history and delivered, for
-    /// the groups with local members, for users and for everyone. Sockets whose streams lost events in the
-    /// meantime (or all sockets, with history off) are closed with 1012, so their clients
-    /// reconnect and replay or refresh instead of living with a silent hole.
+    /// the groups with local members, for users and for everyone. Sockets whose streams
+    /// lost events in the meantime (or all sockets, with history off) are closed with
+    /// 1012, so their clients reconnect and replay or refresh instead of living with a
+    /// silent hole.
     async fn catch_up(&self, groups: &[Arc<str>]) -> Result<(), String> {
         let reconnect = self.was_connected.load(Ordering::Acquire);
         let Some(history) = &self.history else {
