@@ -93,6 +93,14 @@ where
     }
 }
 
+/// Retries `request` until the gateway accepts it (after Redis came back).
+pub async fn publishes_again(grpc: &Grpc, request: PublishRequest) {
+    eventually("Publish works again", async || {
+        grpc.clone().publish(request.clone()).await.is_ok()
+    })
+    .await;
+}
+
 pub async fn expect(client: &mut Client, kind: &str) {
     let frame = client.recv().await;
     assert_eq!(frame["type"], kind, "{frame}");
@@ -356,13 +364,7 @@ async fn when_redis_dies_publishes_fail_and_when_it_returns_events_flow_again() 
     for s in [&mut on_a, &mut on_b] {
         s.join(json!({"page": "table", "table_id": 1})).await;
     }
-    eventually("Publish works again", async || {
-        grpc.clone()
-            .publish(group_request("table-1", event("back", 1)))
-            .await
-            .is_ok()
-    })
-    .await;
+    publishes_again(&grpc, group_request("table-1", event("back", 1))).await;
     for s in [&mut on_a, &mut on_b] {
         expect(s, "back").await;
     }

@@ -10,7 +10,7 @@ use channelgate::proto::publish_request::Target;
 use channelgate::proto::{IndividualTarget, PublishRequest, UserTarget};
 use serde_json::{Value, json};
 
-use crate::cluster::{Meeting, node_on, node_on_with, prefix};
+use crate::cluster::{Meeting, node_on, node_on_with, prefix, publishes_again};
 use crate::common::*;
 use crate::redis_server::RedisServer;
 
@@ -240,16 +240,21 @@ pub async fn replay_on_any_node(redis: &impl Meeting) {
     replays_what_was_missed(&on_a, &mut grpc_a, cursor, &wanted).await;
 }
 
+/// A marker to everyone that the history does not keep: it reaches a node's sockets after
+/// every event published before it.
+fn unrecorded_marker() -> PublishRequest {
+    PublishRequest {
+        skip_history: true,
+        ..group_request("users", event("marker", 0))
+    }
+}
+
 /// Returns once the node at `ws_addr` has delivered every event published before: an
 /// unrecorded marker to everyone reaches a socket there after them, as a node delivers in
 /// id order (an unrecorded event takes its place in that order too).
 pub async fn delivered_so_far(ws_addr: &str, grpc: &mut Grpc) {
     let mut probe = Client::authenticated(ws_addr, 2).await;
-    let marker = PublishRequest {
-        skip_history: true,
-        ..group_request("users", event("marker", 0))
-    };
-    publish(grpc, marker).await;
+    publish(grpc, unrecorded_marker()).await;
     while probe.recv().await["type"] != "marker" {}
 }
 
@@ -274,11 +279,7 @@ pub async fn replay_fresh_all(ws_addr: &str, grpc: &mut Grpc, cursor: Value) -> 
     let mut client = Client::authenticated(ws_addr, 1).await;
     join_all(&mut client, &[TABLE_1]).await;
     let (events, result) = replay(&mut client, cursor, true).await;
-    let marker = PublishRequest {
-        skip_history: true,
-        ..group_request("users", event("marker", 0))
-    };
-    publish(grpc, marker).await;
+    publish(grpc, unrecorded_marker()).await;
     let mut ids = ids_of(&events);
     loop {
         let frame = client.recv().await;
@@ -525,13 +526,7 @@ async fn a_redis_restart_while_away_never_passes_for_a_complete_replay() {
     // while the node reconnects may be told to retry, but never that it is complete.
     assert_refresh(&replay_until_answered(&addr, cursor).await);
     // After new events too: the old cursor is below the new store's start.
-    crate::cluster::eventually("Publish works again", async || {
-        grpc.clone()
-            .publish(group_request("table-1", event("new", 2)))
-            .await
-            .is_ok()
-    })
-    .await;
+    publishes_again(&grpc, group_request("table-1", event("new", 2))).await;
     for _ in 0..3 {
         publish(&mut grpc, group_request("table-1", event("new", 3))).await;
     }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::cluster::{
     Meeting, control_on_every_node, delivery_rules, eventually, node_on, node_on_with, prefix,
-    thousand_in_order, three_nodes_on,
+    publishes_again, thousand_in_order, three_nodes_on,
 };
 use crate::common::*;
 use crate::presence::documented_frames;
@@ -84,13 +84,7 @@ async fn with_history_off_events_flow_and_a_failover_closes_sockets_to_refresh()
     assert!(b.node.ready(Duration::from_secs(20)).await);
     let mut watcher = b.client(1).await;
     watcher.join(json!({"page": "table", "table_id": 1})).await;
-    eventually("publishing works again", async || {
-        grpc.clone()
-            .publish(group_request("table-1", event("e", 1)))
-            .await
-            .is_ok()
-    })
-    .await;
+    publishes_again(&grpc, group_request("table-1", event("e", 1))).await;
     assert_eq!(watcher.recv().await["n"], 1);
 }
 
