@@ -62,8 +62,8 @@ const TICK_EVERY: Duration = Duration::from_millis(1);
 /// How long events from other nodes wait for their publisher's tick before this node
 /// ticks for them.
 const OTHERS_TICK_AFTER: Duration = Duration::from_millis(2);
-/// The longest pause between attempts to get in step again: short, since delivery waits
-/// for it on every node while a shard's replica takes over.
+/// The longest pause between attempts to get in step again, or to tick: short, since
+/// delivery waits for it on every node while a shard's replica takes over.
 const SYNC_BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// How long events may wait without anything delivered before the node subscribes again:
 /// a lane whose messages no longer reach it (a subscription lost in a slot move).
@@ -162,6 +162,9 @@ impl Listener {
         let (tick_done, mut ticks_done) = mpsc::unbounded_channel::<Result<(), String>>();
         let mut ticking = false;
         let mut last_tick = Instant::now() - TICK_EVERY;
+        // The pause before the next tick: it doubles while ticks fail (a shard without a
+        // primary fails them at once), so that a failover is not met with a busy loop.
+        let mut tick_pause = TICK_EVERY;
         // Since when events have waited on lanes that did not show their clocks, without
         // the node delivering anything (it had delivered through the second field).
         let mut blocked: Option<(Instant, u64)> = None;
@@ -191,9 +194,9 @@ impl Listener {
             let tick_at = if !lanes.recording || ticking {
                 None
             } else if !self.started || lanes.tick_due() {
-                Some(last_tick + TICK_EVERY)
+                Some(last_tick + tick_pause)
             } else {
-                blocked.map(|(since, _)| (since + OTHERS_TICK_AFTER).max(last_tick + TICK_EVERY))
+                blocked.map(|(since, _)| (since + OTHERS_TICK_AFTER).max(last_tick + tick_pause))
             };
             tokio::select! {
                 push = self.pushes.recv() => {
@@ -232,6 +235,10 @@ impl Listener {
                 }
                 done = ticks_done.recv() => {
                     ticking = false;
+                    tick_pause = match done {
+                        Some(Err(_)) => (tick_pause * 2).min(SYNC_BACKOFF_MAX),
+                        _ => TICK_EVERY,
+                    };
                     if let Some(Err(error)) = done {
                         // Lanes may have moved: learn where they are before the next tick.
                         tracing::debug!(%error, "lane tick failed");
