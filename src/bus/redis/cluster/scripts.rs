@@ -248,7 +248,9 @@ mod tests {
         // Values from CLUSTER KEYSLOT.
         assert_eq!(slot(b"abc"), 7638);
         assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
-        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        // An empty first tag hashes the whole key; the tag ends at the first `}`.
+        assert_eq!(slot(b"foo{}{bar}"), crc16(b"foo{}{bar}") % SLOTS);
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
         assert_eq!(slot(b"123456789"), 0x31C3 % SLOTS);
     }
 
