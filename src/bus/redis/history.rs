@@ -141,11 +141,7 @@ impl RedisHistory {
     }
 
     fn stream_keys(&self, key: &StreamKey) -> [String; 2] {
-        let name = key.name();
-        [
-            self.key(&format!("s:{name}")),
-            self.key(&format!("l:{name}")),
-        ]
+        stream_key_names(key).map(|name| self.key(&name))
     }
 
     /// Publishes events in order in one script, recording those that ask for it; returns
@@ -186,6 +182,30 @@ impl RedisHistory {
 }
 
 /// An id as Redis answers it.
+/// The names, under the history's prefix, of a stream and of the highest id it dropped.
+pub(super) fn stream_key_names(key: &StreamKey) -> [String; 2] {
+    let name = key.name();
+    [format!("s:{name}"), format!("l:{name}")]
+}
+
+/// One stream as the read script gives it: the highest id it dropped, then its entries.
+/// `floor`: ids at or below it are lost too (a fresh store, or the age limit).
+pub(super) fn stream_read(stream: Vec<Vec<u8>>, floor: u64) -> Result<StreamRead, Unavailable> {
+    let mut entries = stream.into_iter();
+    let lost = entries.next().map_or(Ok(0), |b| number(&b))?;
+    let events = entries
+        .map(|bytes| {
+            Event::from_bus(&bytes)
+                .map(Arc::new)
+                .ok_or_else(|| Unavailable("undecodable history entry".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(StreamRead {
+        lost_through: lost.max(floor),
+        events,
+    })
+}
+
 pub(super) fn number(bytes: &[u8]) -> Result<u64, Unavailable> {
     std::str::from_utf8(bytes)
         .ok()
@@ -225,21 +245,7 @@ impl Store for RedisHistory {
             let [latest, floor, aged] = [0, 1, 2].map(|i| head.get(i).map_or(Ok(0), |b| number(b)));
             let (latest, floor, aged) = (latest?, floor?, aged?);
             let streams = parts
-                .map(|stream| {
-                    let mut entries = stream.into_iter();
-                    let lost = entries.next().map_or(Ok(0), |b| number(&b))?;
-                    let events = entries
-                        .map(|bytes| {
-                            Event::from_bus(&bytes)
-                                .map(Arc::new)
-                                .ok_or_else(|| Unavailable("undecodable history entry".into()))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Ok(StreamRead {
-                        lost_through: lost.max(floor).max(aged),
-                        events,
-                    })
-                })
+                .map(|stream| stream_read(stream, floor.max(aged)))
                 .collect::<Result<Vec<_>, Unavailable>>()?;
             Ok(Snapshot { latest, streams })
         })

@@ -14,7 +14,7 @@ use redis::{Script, Value};
 use tokio::sync::{Notify, watch};
 
 use super::scripts::{Topology, ensure_lua, read_lua, record_lua, slot, tick_lua, topology};
-use crate::bus::redis::history::number;
+use crate::bus::redis::history::{number, stream_key_names, stream_read};
 use crate::bus::redis::{COMMAND_TIMEOUT, Connection, Shared, lock};
 use crate::event::{Event, Target};
 use crate::history::lanes::{LANES, Reorder, lane_of_event, lane_of_stream, split};
@@ -172,9 +172,10 @@ impl Lanes {
             } else {
                 0
             };
+            let [stream_key, lost_key] = stream_key_names(&stream);
             invocation
-                .key(self.key(lane, &format!("s:{}", stream.name())))
-                .key(self.key(lane, &format!("l:{}", stream.name())))
+                .key(self.key(lane, &stream_key))
+                .key(self.key(lane, &lost_key))
                 .arg(self.channel_of(event, lane))
                 .arg(prost::Message::encode_to_vec(&event.to_bus()))
                 .arg(keep);
@@ -466,9 +467,9 @@ impl Lanes {
                     .arg(last)
                     .arg(self.retention.max_age.as_millis() as u64);
                 for (_, key) in &streams {
-                    invocation
-                        .key(self.key(lane, &format!("s:{}", key.name())))
-                        .key(self.key(lane, &format!("l:{}", key.name())));
+                    for name in stream_key_names(key) {
+                        invocation.key(self.key(lane, &name));
+                    }
                 }
                 let reply: Result<Vec<Vec<Vec<u8>>>, _> =
                     invocation.invoke_async(&mut connection).await;
@@ -483,15 +484,11 @@ impl Lanes {
             let floor = head.first().map_or(Ok(0), |b| number(b))?;
             let aged = head.get(1).map_or(Ok(0), |b| number(b))?;
             for ((index, _), stream) in streams.into_iter().zip(parts) {
-                let mut entries = stream.into_iter();
-                let lost = entries.next().map_or(Ok(0), |b| number(&b))?;
+                // The users' stream is read from every lane: the parts add up.
+                let part = stream_read(stream, floor.max(aged))?;
                 let read = &mut reads[index];
-                read.lost_through = read.lost_through.max(lost).max(floor).max(aged);
-                for bytes in entries {
-                    let event = Event::from_bus(&bytes)
-                        .ok_or_else(|| Unavailable("undecodable history entry".into()))?;
-                    read.events.push(Arc::new(event));
-                }
+                read.lost_through = read.lost_through.max(part.lost_through);
+                read.events.extend(part.events);
             }
         }
         for read in &mut reads {
