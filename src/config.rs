@@ -146,7 +146,8 @@ pub struct Options {
     )]
     pub redis_cluster_nodes: Option<Vec<String>>,
 
-    /// Prefix of every Redis channel and key this cluster uses [default: channelgate]
+    /// Prefix of every Redis channel and key this cluster uses; no braces on a Redis
+    /// Cluster [default: channelgate]
     #[arg(long, env = "CHANNELGATE_REDIS_PREFIX", value_name = "PREFIX")]
     pub redis_prefix: Option<String>,
 

@@ -90,8 +90,9 @@ impl Gateway for GatewayApi {
         let total = events.len() as u64;
         let event_ids = self.bus.publish_batch(events).await.map_err(|e| {
             Status::unavailable(format!(
-                "{e}: a batch is published whole or not at all; after a timeout it may \
-                     still be published once Redis answers"
+                "{e}: a batch is published whole or not at all (on a Redis Cluster: per \
+                     lane, so lanes on other shards may be published); after a timeout it \
+                     may still be published once Redis answers"
             ))
         })?;
         let recorded = event_ids.iter().filter(|id| **id != 0).count() as u64;

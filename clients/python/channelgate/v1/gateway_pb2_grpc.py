@@ -53,9 +53,10 @@ class GatewayServicer(object):
         silently. An UNAVAILABLE after Redis took too long to answer (2 s) does not say the
         event was dropped: a Redis that was only slow or frozen still runs it when it
         resumes, so a retry may deliver it twice (each with its own `_event_id`).
-        On a Redis Cluster it returns once a replica of the shard also holds the event, so a
-        failover cannot lose it; when no replica confirms within a second it fails with
-        UNAVAILABLE, and the event may still be delivered.
+        On a Redis Cluster, with history on, it returns once a replica of the shard also
+        holds the event, so a failover cannot lose it; when no replica confirms within a
+        second it fails with UNAVAILABLE, and the event may still be delivered. A primary the
+        nodes see without a live replica answers without waiting.
         Bad input fails with INVALID_ARGUMENT and a message naming the field.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
