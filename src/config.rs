@@ -270,7 +270,8 @@ pub struct Options {
     pub history_size: Option<usize>,
 
     /// Events kept for user-targeted and individual publishes, one stream that all users
-    /// share [default: 10000]
+    /// share (on a Redis Cluster one in each of the 32 lanes, each keeping N)
+    /// [default: 10000]
     #[arg(long, env = "CHANNELGATE_HISTORY_USER_SIZE", value_name = "N")]
     pub history_user_size: Option<usize>,
 

@@ -95,7 +95,8 @@ impl StreamKey {
 pub struct Retention {
     /// Events kept per group stream and in the everyone-stream.
     pub events_per_stream: usize,
-    /// Events kept in the user-stream, which all users share.
+    /// Events kept in the user-stream, which all users share (on a Redis Cluster, in each
+    /// lane's user-stream).
     pub user_events: usize,
     /// Events older than this are forgotten.
     pub max_age: Duration,

@@ -12,6 +12,10 @@
 //! after another to a group reach every node in that order. When Redis goes away the node
 //! reports not ready, `Publish` fails with `UNAVAILABLE`, and a reconnect with backoff
 //! restores every subscription; sockets stay connected throughout.
+//!
+//! That is one Redis (`--redis-url`). On a Redis Cluster (`--redis-cluster-nodes`) the
+//! channels and keys carry hash tags and the history is kept in lanes: see [`cluster`].
+//! Both share the node registry, control, presence and the subscription bookkeeping here.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

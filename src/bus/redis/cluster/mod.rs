@@ -428,7 +428,10 @@ impl Listener {
                 self.subscribed.insert(channel);
                 // With history, the group counts as subscribed once this node delivered
                 // through its lane's clock: what came before is a replay's, what comes
-                // after arrives live.
+                // after arrives live. If the clock cannot be read or the node does not
+                // get there within the command timeout, it counts as subscribed anyway:
+                // an event from before may then also arrive live, which the outbox keeps
+                // from reaching a socket twice.
                 let lanes = self.lanes.clone();
                 let subscriptions = self.subscriptions.clone();
                 let connection = Connection::Cluster(connection.clone());

@@ -532,6 +532,10 @@ impl Store for Lanes {
         })
     }
 
+    /// The newest id issued, once this node delivered what it shows, so that a first
+    /// connect's baseline comes after the events the socket got before it. A node that
+    /// does not get there in time answers anyway: the events at or below the baseline it
+    /// delivers later still reach the socket, live.
     fn latest(&self) -> BoxFuture<'_, Result<u64, Unavailable>> {
         Box::pin(async move {
             let (now, issued) = self.now().await?;
