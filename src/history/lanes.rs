@@ -39,6 +39,12 @@ pub fn split(id: u64) -> (u64, usize) {
     (id / LANES, (id % LANES) as usize)
 }
 
+/// The last position with clock `t`, the one of the highest lane: everything a lane
+/// makes at `t` or before lies at or below it. Saturating: `t` comes from Redis.
+pub fn through_clock(t: u64) -> u64 {
+    t.saturating_add(1).saturating_mul(LANES) - 1
+}
+
 /// The lane of a name: FNV-1a, so every node and version agrees.
 fn lane_of_name(name: &[u8]) -> usize {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -126,7 +132,7 @@ impl Reorder {
     /// have been made.
     pub fn bound(&self) -> u64 {
         let t = self.shown.iter().copied().min().unwrap_or(0);
-        (t + 1) * LANES - 1
+        through_clock(t)
     }
 
     /// The events that can go now, in id order.
@@ -261,6 +267,13 @@ mod tests {
         reorder.start_after(id(4, 0));
         reorder.hold(id(6, 1), event(id(6, 1)));
         assert_eq!(ids(reorder.release()), [id(6, 1)]);
+    }
+
+    #[test]
+    fn a_clock_covers_every_lane_and_a_huge_one_from_redis_does_not_overflow() {
+        assert_eq!(through_clock(3), id(3, LANES as usize - 1));
+        assert_eq!(split(through_clock(3)), (3, LANES as usize - 1));
+        assert_eq!(through_clock(u64::MAX), u64::MAX - 1);
     }
 
     #[test]

@@ -376,7 +376,7 @@ impl Listener {
         }
         // After the highest clock shown: an event below it may have been published
         // before this node's subscription to its channel took effect.
-        let start = (order.seen() + 1) * LANES - 1;
+        let start = lanes::through_clock(order.seen());
         order.start_after(start);
         drop(order);
         self.lanes.released.send_replace(start);
@@ -439,7 +439,7 @@ impl Listener {
                     if lanes.recording {
                         let lane = lanes::lane_of_group(&group);
                         if let Ok(t) = lanes.ensure_lane(&connection, lane, 0).await {
-                            let through = (t + 1) * LANES - 1;
+                            let through = lanes::through_clock(t);
                             lanes.released_through(through, COMMAND_TIMEOUT).await;
                         }
                     }

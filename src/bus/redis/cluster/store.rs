@@ -17,7 +17,7 @@ use super::scripts::{Topology, ensure_lua, read_lua, record_lua, slot, tick_lua,
 use crate::bus::redis::history::{number, stream_key_names, stream_read};
 use crate::bus::redis::{COMMAND_TIMEOUT, Connection, Shared, lock};
 use crate::event::{Event, Target};
-use crate::history::lanes::{LANES, Reorder, lane_of_event, lane_of_stream, split};
+use crate::history::lanes::{LANES, Reorder, lane_of_event, lane_of_stream, split, through_clock};
 use crate::history::{Retention, Snapshot, Store, StreamKey, StreamRead, Unavailable};
 use crate::hub::Hub;
 
@@ -352,7 +352,7 @@ impl Lanes {
             return Err(Unavailable("not a Redis Cluster".into()));
         };
         let (t, issued) = self.tick(&connection, true).await.map_err(Unavailable)?;
-        Ok(((t + 1) * LANES - 1, issued))
+        Ok((through_clock(t), issued))
     }
 
     /// A message on a lane's channel that is a tick: `T<lane>:<t>,...`.
