@@ -21,6 +21,7 @@
 //! id is a cursor that a replay on any node continues exactly.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::event::{Event, Target};
@@ -60,12 +61,17 @@ pub fn lane_of_group(group: &str) -> usize {
     lane_of_name(group.as_bytes())
 }
 
-/// The lane a stream's events are made and kept in. User events: see [`lane_of_event`].
-pub fn lane_of_stream(key: &StreamKey) -> usize {
+/// The lanes a stream is kept in: a group's in its lane, the everyone-stream in lane 0,
+/// and the users' stream in every lane (each user's events in their lane, see
+/// [`lane_of_event`]).
+pub fn lanes_of_stream(key: &StreamKey) -> Range<usize> {
     match key {
-        StreamKey::Group(group) => lane_of_group(group),
-        StreamKey::Everyone => 0,
-        StreamKey::Users => lane_of_name(b"users"),
+        StreamKey::Group(group) => {
+            let lane = lane_of_group(group);
+            lane..lane + 1
+        }
+        StreamKey::Everyone => 0..1,
+        StreamKey::Users => 0..LANES as usize,
     }
 }
 
@@ -73,11 +79,10 @@ pub fn lane_of_stream(key: &StreamKey) -> usize {
 /// that user events spread over the shards and one user's events keep their order.
 pub fn lane_of_event(event: &Event) -> usize {
     let first_user = match &event.target {
+        Target::Group { group, .. } => return lane_of_group(group),
+        Target::Everyone { .. } => return 0,
         Target::Users { user_ids, .. } => user_ids.first().copied(),
         Target::Individual { payloads } => payloads.first().map(|(user, _)| *user),
-        Target::Group { .. } | Target::Everyone { .. } => {
-            return lane_of_stream(&StreamKey::of(event));
-        }
     };
     lane_of_name(first_user.unwrap_or(0).to_string().as_bytes())
 }
@@ -279,9 +284,11 @@ mod tests {
     #[test]
     fn lanes_are_stable_and_spread() {
         let group = StreamKey::Group("table-1".into());
-        assert_eq!(lane_of_stream(&group), lane_of_stream(&group.clone()));
+        let lane = lane_of_group("table-1");
+        assert_eq!(lanes_of_stream(&group), lane..lane + 1);
+        assert_eq!(lanes_of_stream(&StreamKey::Users), 0..LANES as usize);
         let used: std::collections::HashSet<usize> = (0..1000)
-            .map(|n| lane_of_stream(&StreamKey::Group(format!("table-{n}").into())))
+            .map(|n| lane_of_group(&format!("table-{n}")))
             .collect();
         assert_eq!(used.len(), LANES as usize, "1,000 groups use every lane");
         assert!(split(id(u64::MAX / LANES, 0)).0 == u64::MAX / LANES);

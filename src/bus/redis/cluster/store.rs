@@ -17,7 +17,7 @@ use super::scripts::{Topology, ensure_lua, read_lua, record_lua, slot, tick_lua,
 use crate::bus::redis::history::{number, stream_key_names, stream_read};
 use crate::bus::redis::{COMMAND_TIMEOUT, Connection, Shared, lock};
 use crate::event::{Event, Target};
-use crate::history::lanes::{LANES, Reorder, lane_of_event, lane_of_stream, split, through_clock};
+use crate::history::lanes::{LANES, Reorder, lane_of_event, lanes_of_stream, split, through_clock};
 use crate::history::{Retention, Snapshot, Store, StreamKey, StreamRead, Unavailable};
 use crate::hub::Hub;
 
@@ -444,15 +444,8 @@ impl Lanes {
             .map_err(|e| Unavailable(e.0))?;
         let mut by_lane: BTreeMap<usize, Vec<(usize, &StreamKey)>> = BTreeMap::new();
         for (index, key) in keys.iter().enumerate() {
-            if *key == StreamKey::Users {
-                for lane in 0..LANES as usize {
-                    by_lane.entry(lane).or_default().push((index, key));
-                }
-            } else {
-                by_lane
-                    .entry(lane_of_stream(key))
-                    .or_default()
-                    .push((index, key));
+            for lane in lanes_of_stream(key) {
+                by_lane.entry(lane).or_default().push((index, key));
             }
         }
         let last = upto.map_or("+".to_string(), |upto| upto.to_string());
