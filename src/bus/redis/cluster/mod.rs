@@ -48,8 +48,8 @@ pub(super) use scripts::lane_tags;
 pub(crate) use store::Lanes;
 
 use super::{
-    BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, Command, Connection, Inbox, Link, Shared,
-    Subscriptions, WATCHDOG_EVERY, close_where_lost, lock,
+    BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, Command, Inbox, Link, Shared, Subscriptions,
+    WATCHDOG_EVERY, close_where_lost, lock,
 };
 use crate::event::Event;
 use crate::history::StreamKey;
@@ -330,10 +330,9 @@ impl Listener {
         // Commands on every lane's slot and the registry's first: a slot that moved
         // answers MOVED, which makes the client learn where slots are before it routes
         // the subscriptions (it does not follow MOVED for those).
-        let commands = Connection::Cluster(connection.clone());
         // A primary that took over may not know the tick script yet.
         lanes.tick_loaded.store(false, Ordering::Release);
-        lanes.ensure_all(&commands).await?;
+        lanes.ensure_all(connection).await?;
         self.shared().heartbeat().await.map_err(|e| e.0)?;
         let wanted = self.subscriptions.wanted();
         let mut channels = self.fixed_channels();
@@ -434,7 +433,7 @@ impl Listener {
                 // from reaching a socket twice.
                 let lanes = self.lanes.clone();
                 let subscriptions = self.subscriptions.clone();
-                let connection = Connection::Cluster(connection.clone());
+                let connection = connection.clone();
                 tokio::spawn(async move {
                     if lanes.recording {
                         let lane = lanes::lane_of_group(&group);

@@ -111,10 +111,18 @@ impl Lanes {
         self.hint.fetch_max(t, Ordering::AcqRel);
     }
 
+    /// This node's cluster connection: lanes only run on a Redis Cluster.
+    async fn connection(&self) -> Result<ClusterConnection, String> {
+        match self.shared.publisher().await.map_err(|e| e.0)? {
+            Connection::Cluster(connection) => Ok(connection),
+            Connection::Single(_) => Err("not a Redis Cluster".into()),
+        }
+    }
+
     /// Publishes events, each lane's in order in one script (all lanes at once), and
     /// returns their ids.
     pub(crate) async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, String> {
-        let connection = self.shared.publisher().await.map_err(|e| e.0)?;
+        let connection = self.connection().await?;
         let mut by_lane: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (index, event) in events.iter().enumerate() {
             by_lane.entry(lane_of_event(event)).or_default().push(index);
@@ -139,7 +147,7 @@ impl Lanes {
 
     pub(super) async fn publish_lane(
         &self,
-        connection: &mut Connection,
+        connection: &mut ClusterConnection,
         lane: usize,
         events: &[&Event],
     ) -> Result<Vec<u64>, String> {
@@ -199,12 +207,9 @@ impl Lanes {
     /// Waits until a replica of the lane's primary holds what this node wrote there.
     pub(super) async fn confirm(
         &self,
-        connection: &mut Connection,
+        connection: &mut ClusterConnection,
         lane: usize,
     ) -> Result<(), String> {
-        let Connection::Cluster(connection) = connection else {
-            return Ok(());
-        };
         let mut wait = redis::cmd("WAIT");
         wait.arg(1).arg(REPLICA_WAIT.as_millis() as u64);
         let slot = slot(self.key(lane, "seq").as_bytes());
@@ -246,7 +251,7 @@ impl Lanes {
     }
 
     /// Makes sure every lane has a clock, at least the one this node has seen.
-    pub(super) async fn ensure_all(&self, connection: &Connection) -> Result<(), String> {
+    pub(super) async fn ensure_all(&self, connection: &ClusterConnection) -> Result<(), String> {
         let hint = self.hint.load(Ordering::Acquire);
         let work = (0..LANES as usize).map(|lane| self.ensure_lane(connection, lane, hint));
         for started in join_all(work).await {
@@ -258,7 +263,7 @@ impl Lanes {
     /// Makes sure a lane has a clock, at least `hint`, and returns it.
     pub(super) async fn ensure_lane(
         &self,
-        connection: &Connection,
+        connection: &ClusterConnection,
         lane: usize,
         hint: u64,
     ) -> Result<u64, String> {
@@ -343,14 +348,7 @@ impl Lanes {
     /// meet live events exactly (every id made so far, in any lane), and the highest id
     /// recorded or counted as lost.
     pub(super) async fn now(&self) -> Result<(u64, u64), Unavailable> {
-        let connection = self
-            .shared
-            .publisher()
-            .await
-            .map_err(|e| Unavailable(e.0))?;
-        let Connection::Cluster(connection) = connection else {
-            return Err(Unavailable("not a Redis Cluster".into()));
-        };
+        let connection = self.connection().await.map_err(Unavailable)?;
         let (t, issued) = self.tick(&connection, true).await.map_err(Unavailable)?;
         Ok((through_clock(t), issued))
     }
@@ -437,11 +435,7 @@ impl Lanes {
         after: u64,
         upto: Option<u64>,
     ) -> Result<Vec<StreamRead>, Unavailable> {
-        let connection = self
-            .shared
-            .publisher()
-            .await
-            .map_err(|e| Unavailable(e.0))?;
+        let connection = self.connection().await.map_err(Unavailable)?;
         let mut by_lane: BTreeMap<usize, Vec<(usize, &StreamKey)>> = BTreeMap::new();
         for (index, key) in keys.iter().enumerate() {
             for lane in lanes_of_stream(key) {
