@@ -58,6 +58,20 @@ local now = math.floor((micros - {EPOCH_MICROS}) / {TICK_MICROS})
     )
 }
 
+/// Lua reading a lane's clock (`KEYS[1]`: seq, `KEYS[2]`: floor) into `last`; a lane without
+/// one (fresh, or lost with a primary whose replica did not have it) starts at `now`, and
+/// everything below counts as lost.
+fn lane_clock_lua() -> String {
+    clock_lua()
+        + r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], now)
+  redis.call('SET', KEYS[2], now)
+end
+local last = tonumber(redis.call('GET', KEYS[1]))
+"
+}
+
 /// Gives a lane's events their ids, keeps those recorded and publishes them all.
 ///
 /// KEYS: seq, floor, rec (the last recorded id), then per event its stream and lost-marker
@@ -66,17 +80,12 @@ local now = math.floor((micros - {EPOCH_MICROS}) / {TICK_MICROS})
 /// channel, bus bytes, events its stream keeps (0: not recorded, published with its
 /// position). Returns the ids (0 for events not recorded).
 pub(super) fn record_lua() -> String {
-    clock_lua()
+    lane_clock_lua()
         + append_lua!()
         + &format!(
             r"
 local lanes, age, hint, lane = {LANES}, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ttl = age + 60000
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('SET', KEYS[1], now)
-  redis.call('SET', KEYS[2], now)
-end
-local last = tonumber(redis.call('GET', KEYS[1]))
 local ids = {{}}
 for i = 1, (#ARGV - 3) / 3 do
   local channel, bytes, keep = ARGV[3 * i + 1], ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
@@ -105,13 +114,8 @@ return ids
 /// node has seen, so no id it makes can fall below what the node already delivered.
 /// KEYS: seq, floor. ARGV: the clock the node has seen. Returns the lane's clock.
 pub(super) fn ensure_lua() -> String {
-    clock_lua()
+    lane_clock_lua()
         + r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('SET', KEYS[1], now)
-  redis.call('SET', KEYS[2], now)
-end
-local last = tonumber(redis.call('GET', KEYS[1]))
 if tonumber(ARGV[1]) > last then
   last = tonumber(ARGV[1])
   redis.call('SET', KEYS[1], string.format('%.0f', last))
