@@ -197,13 +197,14 @@ impl Names {
             "PUBLISH"
         }
     }
-    /// The channels every node listens on, whatever its members.
-    fn fixed(&self) -> Vec<String> {
-        vec![
-            self.broadcast(),
-            self.control.clone(),
-            self.own_reply.clone(),
-        ]
+    /// The channels every node listens on whatever its members, but for those that bring
+    /// it every node's events (one Redis: broadcast; a cluster: the lanes).
+    fn fixed(&self, presence: bool) -> Vec<String> {
+        let mut channels = vec![self.control.clone(), self.own_reply.clone()];
+        if presence {
+            channels.push(self.presence().to_string());
+        }
+        channels
     }
 }
 
@@ -845,10 +846,8 @@ impl Listener {
         let (mut sink, mut stream) = pubsub.split();
         let names = &self.shared.names;
         let wanted = self.subscriptions.wanted();
-        let mut channels = names.fixed();
-        if self.inbox.presence.is_some() {
-            channels.push(names.presence().to_string());
-        }
+        let mut channels = names.fixed(self.inbox.presence.is_some());
+        channels.push(names.broadcast());
         channels.extend(wanted.iter().map(|g| names.group(g)));
         sink.subscribe(channels)
             .await

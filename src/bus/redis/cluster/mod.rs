@@ -313,11 +313,7 @@ impl Listener {
 
     /// The channels this node listens to whatever its members.
     fn fixed_channels(&self) -> Vec<String> {
-        let names = &self.shared().names;
-        let mut channels = vec![names.control().to_string(), names.own_reply.clone()];
-        if self.inbox.presence.is_some() {
-            channels.push(names.presence().to_string());
-        }
+        let mut channels = self.shared().names.fixed(self.inbox.presence.is_some());
         channels.extend(self.lanes.lane_channels());
         channels
     }
