@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -360,9 +360,10 @@ enum Link {
         client: redis::Client,
         manager: Mutex<Option<ConnectionManager>>,
     },
-    /// A Redis Cluster: one connection, made by the cluster listener, carries commands
-    /// and the sharded pub/sub messages ([`cluster`]).
-    Cluster(Mutex<Option<ClusterConnection>>),
+    /// A Redis Cluster: one connection, made once by the cluster listener (it follows
+    /// the cluster by itself), carries commands and the sharded pub/sub messages
+    /// ([`cluster`]).
+    Cluster(OnceLock<ClusterConnection>),
 }
 
 /// A connection for commands, to one Redis or to a cluster.
@@ -417,8 +418,9 @@ impl Shared {
     async fn publisher(&self) -> Result<Connection, BusUnavailable> {
         let (client, manager) = match &self.link {
             Link::Cluster(connection) => {
-                return lock(connection)
-                    .clone()
+                return connection
+                    .get()
+                    .cloned()
                     .map(Connection::Cluster)
                     .ok_or_else(|| {
                         BusUnavailable("not connected to the Redis Cluster yet".into())
@@ -572,7 +574,7 @@ impl RedisBus {
                     settings.prefix
                 ));
             }
-            RedisTarget::Cluster(_) => Link::Cluster(Mutex::default()),
+            RedisTarget::Cluster(_) => Link::Cluster(OnceLock::new()),
         };
         let cluster = matches!(link, Link::Cluster(_));
         let shared = Arc::new(Shared {

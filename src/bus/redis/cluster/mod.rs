@@ -143,7 +143,8 @@ impl Listener {
             backoff = (backoff * 2).min(BACKOFF_MAX);
         };
         if let Link::Cluster(slot) = &self.shared().link {
-            *lock(slot) = Some(connection.clone());
+            // Only this listener sets it, once.
+            let _ = slot.set(connection.clone());
         }
         self.serve(&mut connection, &mut commands).await;
     }
