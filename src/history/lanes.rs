@@ -89,7 +89,7 @@ pub fn lane_of_event(event: &Event) -> usize {
 
 /// Holds a node's events until no lane can still give a smaller id, then hands them out in
 /// id order. Pure: the cluster bus feeds it what arrives and what the ticks say.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Reorder {
     /// Per lane, the highest `t` it has shown: it will give no id with this `t` or below.
     shown: [u64; LANES as usize],
@@ -101,17 +101,6 @@ pub struct Reorder {
     /// While the node catches up after a lost subscription, nothing is handed out: events
     /// missed live are still being read from the history.
     frozen: bool,
-}
-
-impl Default for Reorder {
-    fn default() -> Self {
-        Reorder {
-            shown: [0; LANES as usize],
-            held: BTreeMap::new(),
-            released_through: 0,
-            frozen: false,
-        }
-    }
 }
 
 impl Reorder {

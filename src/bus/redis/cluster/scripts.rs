@@ -202,6 +202,7 @@ return out
 /// Where the lanes are, from the text of `CLUSTER NODES`: the lanes each primary serves
 /// (by the primary's id; lanes of slots being moved are left out), and per lane whether
 /// its primary has a replica that is not failed.
+#[derive(Default)]
 pub(super) struct Topology {
     pub by_primary: Vec<Vec<usize>>,
     pub replicated: [bool; LANES as usize],
@@ -218,10 +219,7 @@ pub(super) fn topology(nodes: &str, tags: &[String]) -> Topology {
         .filter(|fields| fields[2].contains("slave"))
         .map(|fields| fields[3])
         .collect();
-    let mut topology = Topology {
-        by_primary: Vec::new(),
-        replicated: [false; LANES as usize],
-    };
+    let mut topology = Topology::default();
     for fields in lines.iter().filter(|f| f[2].contains("master")) {
         let mut lanes = Vec::new();
         for range in &fields[8..] {

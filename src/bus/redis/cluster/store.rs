@@ -69,10 +69,7 @@ impl Lanes {
             published: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             wake_listener: Notify::new(),
-            topology: Mutex::new(Topology {
-                by_primary: Vec::new(),
-                replicated: [false; LANES as usize],
-            }),
+            topology: Mutex::default(),
             record: Script::new(&record_lua()),
             ensure: Script::new(&ensure_lua()),
             read: Script::new(&read_lua()),
