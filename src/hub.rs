@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use futures_util::future::BoxFuture;
 
 use crate::event::{Event, Target};
-use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox, Pushed};
 use crate::pages::Page;
 use crate::protocol::{CloseReason, server};
@@ -107,11 +106,11 @@ pub struct Connection {
 
 impl Connection {
     /// Queues an event's frame for this connection, counting overflows.
-    fn send(&self, frame: &Frame, id: u64, metrics: &Metrics) -> bool {
+    fn send(&self, frame: &Frame, id: u64, counters: &HubCounters) -> bool {
         match self.outbox.push_event(frame.clone(), id) {
             Pushed::Queued => true,
             Pushed::Overflowed => {
-                metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 false
             }
             Pushed::Closed => false,
@@ -187,6 +186,29 @@ pub struct HubStats {
     pub subscriptions: u64,
 }
 
+/// Counters the hub keeps as it connects and fans out; `/metrics` reads them.
+#[derive(Debug, Default)]
+pub struct HubCounters {
+    connections_opened: AtomicU64,
+    frames_queued: AtomicU64,
+    /// Connections closed because their outbound queue overflowed.
+    slow_consumers: AtomicU64,
+}
+
+impl HubCounters {
+    pub fn connections_opened(&self) -> u64 {
+        self.connections_opened.load(Ordering::Relaxed)
+    }
+
+    pub fn frames_queued(&self) -> u64 {
+        self.frames_queued.load(Ordering::Relaxed)
+    }
+
+    pub fn slow_consumers(&self) -> u64 {
+        self.slow_consumers.load(Ordering::Relaxed)
+    }
+}
+
 /// Connections, groups and users of one node.
 pub struct Hub {
     /// Groups with at least one local member. The group's own mutex is held during its
@@ -200,7 +222,7 @@ pub struct Hub {
     subscriptions: AtomicU64,
     outbox_limit_bytes: usize,
     max_pages: usize,
-    metrics: Arc<Metrics>,
+    counters: HubCounters,
     /// Told of every membership added and removed, so the bus subscribes to the groups
     /// this node has members of, and only those.
     interest: Arc<dyn GroupInterest>,
@@ -216,7 +238,6 @@ impl Hub {
     pub fn new(
         outbox_limit_bytes: usize,
         max_pages: usize,
-        metrics: Arc<Metrics>,
         interest: Arc<dyn GroupInterest>,
     ) -> Self {
         Hub {
@@ -227,7 +248,7 @@ impl Hub {
             subscriptions: AtomicU64::new(0),
             outbox_limit_bytes,
             max_pages,
-            metrics,
+            counters: HubCounters::default(),
             interest,
             spaces: Arc::new(NoSpaces),
             closing: OnceLock::new(),
@@ -248,8 +269,8 @@ impl Hub {
         self
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    pub fn counters(&self) -> &HubCounters {
+        &self.counters
     }
 
     /// Adds a connection; it receives user-targeted events from now on.
@@ -271,7 +292,7 @@ impl Hub {
             .or_default()
             .push(conn.clone());
         self.connections.fetch_add(1, Ordering::Relaxed);
-        self.metrics
+        self.counters
             .connections_opened
             .fetch_add(1, Ordering::Relaxed);
         // Read after the insert: a `close_all` that walked past this user's shard before
@@ -462,7 +483,7 @@ impl Hub {
                 })
                 .sum(),
         };
-        self.metrics
+        self.counters
             .frames_queued
             .fetch_add(queued as u64, Ordering::Relaxed);
         queued
@@ -493,7 +514,7 @@ impl Hub {
         conns
             .iter()
             .filter(|c| !skip(c))
-            .filter(|c| c.send(frame, id, &self.metrics))
+            .filter(|c| c.send(frame, id, &self.counters))
             .count()
     }
 
@@ -621,7 +642,7 @@ mod tests {
     use serde_json::json;
 
     fn hub() -> Hub {
-        Hub::new(1 << 20, 10, Arc::default(), Arc::new(NoInterest))
+        Hub::new(1 << 20, 10, Arc::new(NoInterest))
     }
 
     fn added(s: Subscribed) -> bool {
@@ -697,7 +718,7 @@ mod tests {
 
     #[test]
     fn page_limit_is_enforced() {
-        let hub = Hub::new(1 << 20, 2, Arc::default(), Arc::new(NoInterest));
+        let hub = Hub::new(1 << 20, 2, Arc::new(NoInterest));
         let conn = hub.connect("a".into(), 1);
         assert!(added(hub.subscribe(&conn, table(1))));
         assert!(added(hub.subscribe(&conn, table(2))));

@@ -177,6 +177,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     /// Who else is in a space; `None` when presence is off.
     pub presence: Option<Arc<Presence>>,
+    /// The node's own counters (the hub and presence keep theirs).
+    pub metrics: Arc<Metrics>,
     bus: Arc<dyn Bus>,
     settings: Settings,
     shutdown: watch::Sender<bool>,
@@ -222,12 +224,7 @@ impl Node {
             Some((_, (subscriptions, _))) => subscriptions.clone(),
             None => Arc::new(NoInterest),
         };
-        let hub = Hub::new(
-            settings.max_queue_bytes,
-            settings.max_pages,
-            metrics,
-            interest,
-        );
+        let hub = Hub::new(settings.max_queue_bytes, settings.max_pages, interest);
         let hub = match settings.history {
             Some(_) => hub.with_history(),
             None => hub,
@@ -281,6 +278,7 @@ impl Node {
         let ws_ctx = Arc::new(WsContext {
             session: Arc::new(SessionContext {
                 hub: hub.clone(),
+                metrics: metrics.clone(),
                 pages,
                 authorizer: authorizer.clone(),
                 replays: bus
@@ -327,8 +325,8 @@ impl Node {
         let (health, health_service) = tonic_health::server::health_reporter();
         tokio::spawn(report_health(health, bus.readiness()));
         let api = GatewayApi {
-            hub: hub.clone(),
             bus: bus.clone(),
+            metrics: metrics.clone(),
             max_payload_bytes: settings.max_payload_bytes,
             max_batch_events: settings.max_batch_events,
             max_batch_bytes: settings.max_batch_bytes,
@@ -371,6 +369,7 @@ impl Node {
             grpc_addr,
             hub,
             presence,
+            metrics,
             bus,
             settings,
             shutdown,
@@ -393,6 +392,11 @@ impl Node {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// What `/metrics` serves.
+    pub fn metrics_text(&self) -> String {
+        transport::http::metrics_text(&self.ws_ctx.session)
     }
 
     /// `--drain-seconds`: `/readyz` turns 503 so that load balancers stop sending, then the

@@ -1,30 +1,28 @@
 //! Counters a node keeps about itself, served as Prometheus text on `/metrics`.
+//!
+//! The hub and presence own their counters and this module only reads them, so they do
+//! not depend on it.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::history::RefreshReason;
-use crate::hub::HubStats;
-use crate::presence::PresenceStats;
+use crate::hub::Hub;
+use crate::presence::Presence;
 use crate::protocol::RejectReason;
 
-/// Monotonic counters; gauges come from the hub when rendering.
+/// Counters of the sessions and the edges, owned by the node and handed to them; the
+/// hub's, presence's and the history's come from those when rendering.
 #[derive(Default)]
 pub struct Metrics {
-    pub connections_opened: AtomicU64,
     /// Connections answered with 503 because the node was at `--max-connections`.
     pub connections_refused: AtomicU64,
     pub authentication_failures: AtomicU64,
     pub events_published: AtomicU64,
-    pub frames_queued: AtomicU64,
-    /// Connections closed because their outbound queue overflowed.
-    pub slow_consumers: AtomicU64,
     pub invalid_frames: AtomicU64,
     pub pages_rejected: [AtomicU64; RejectReason::ALL.len()],
     /// Events published through this node's API that the event history recorded.
     pub events_recorded: AtomicU64,
-    /// Bytes the in-memory history holds (a gauge; 0 on Redis, whose memory is its own).
-    pub history_bytes: AtomicU64,
     /// Replays answered with their events (`force_refresh: false`).
     pub replays_served: AtomicU64,
     pub events_replayed: AtomicU64,
@@ -50,9 +48,13 @@ impl Metrics {
         self.replay_refreshes[index].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition of these counters and the hub's gauges, and of
-    /// presence when it is on.
-    pub fn render(&self, stats: HubStats, presence: Option<PresenceStats>) -> String {
+    /// The Prometheus text exposition of these counters, the hub's, and presence's when
+    /// it is on. `history_bytes`: what the in-memory history holds (0 on Redis, whose
+    /// memory is its own).
+    pub fn render(&self, hub: &Hub, presence: Option<&Presence>, history_bytes: u64) -> String {
+        let stats = hub.stats();
+        let hub = hub.counters();
+        let presence = presence.map(Presence::stats);
         let mut out = String::new();
         let mut line = |name: &str, kind: &str, help: &str, value: u64| {
             let _ = writeln!(
@@ -89,7 +91,7 @@ impl Metrics {
             "channelgate_connections_opened_total",
             "counter",
             "WebSocket connections accepted.",
-            counter(&self.connections_opened),
+            hub.connections_opened(),
         );
         line(
             "channelgate_connections_refused_total",
@@ -113,13 +115,13 @@ impl Metrics {
             "channelgate_frames_queued_total",
             "counter",
             "Event frames queued to sockets.",
-            counter(&self.frames_queued),
+            hub.frames_queued(),
         );
         line(
             "channelgate_slow_consumers_total",
             "counter",
             "Connections closed because their outbound queue overflowed.",
-            counter(&self.slow_consumers),
+            hub.slow_consumers(),
         );
         line(
             "channelgate_invalid_frames_total",
@@ -137,7 +139,7 @@ impl Metrics {
             "channelgate_history_bytes",
             "gauge",
             "Bytes the in-memory event history holds (0 with Redis).",
-            counter(&self.history_bytes),
+            history_bytes,
         );
         line(
             "channelgate_replays_served_total",

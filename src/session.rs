@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use crate::authorizer::{AuthorizeRequest, Authorizer};
 use crate::history::{self, Cursor, Outcome, RefreshReason, StreamKey};
 use crate::hub::{Connection, Hub, Subscribed};
+use crate::metrics::Metrics;
 use crate::outbox::Frame;
 use crate::pages::{Page, PageError, PageRegistry, is_space_name};
 use crate::presence::Presence;
@@ -33,6 +34,8 @@ const REPLAY_SLOT_WAIT: Duration = Duration::from_secs(1);
 /// What a session needs from its node.
 pub struct SessionContext {
     pub hub: Arc<Hub>,
+    /// The node's counters, which sessions and the transports add to.
+    pub metrics: Arc<Metrics>,
     pub pages: PageRegistry,
     pub authorizer: Arc<dyn Authorizer>,
     /// Replays from the event history; `None` when history is off.
@@ -85,8 +88,7 @@ impl Session {
     /// Answers a frame the gateway could not understand.
     pub fn reject_frame(&self, error: &FrameError) {
         self.ctx
-            .hub
-            .metrics()
+            .metrics
             .invalid_frames
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.send(server::error(error.code(), &error.message()));
@@ -126,7 +128,7 @@ impl Session {
     /// read are held back and sent after the replay, and any id the socket already got
     /// live is left out of it, so each id reaches the socket once.
     async fn replay(&self, replays: &Replays, cursor: Cursor, supports_retry: bool) {
-        let metrics = self.ctx.hub.metrics();
+        let metrics = &self.ctx.metrics;
         let refresh = |reason: RefreshReason, latest: i64| {
             metrics.replay_refreshed(reason);
             Frame::from(server::replay_result(true, latest))
@@ -214,7 +216,7 @@ impl Session {
 
     async fn subscribe(&self, page_name: String, params: Map<String, Value>) {
         let reject = |reason: RejectReason, params: &Value| {
-            self.ctx.hub.metrics().page_rejected(reason);
+            self.ctx.metrics.page_rejected(reason);
             self.send(server::page_rejected(&page_name, params, reason));
         };
         let page = match self.ctx.pages.resolve(&page_name, &params) {

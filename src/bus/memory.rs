@@ -2,7 +2,6 @@
 //! and recording an event in the in-memory history in the same step.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
@@ -40,12 +39,7 @@ impl MemoryBus {
     fn deliver(&self, event: Event) -> u64 {
         match &self.history {
             Some(history) if event.record => {
-                let (id, _) = history.record(event, |event| self.hub.deliver(event));
-                self.hub
-                    .metrics()
-                    .history_bytes
-                    .store(history.bytes() as u64, Ordering::Relaxed);
-                id
+                history.record(event, |event| self.hub.deliver(event)).0
             }
             _ => {
                 self.hub.deliver(&event);

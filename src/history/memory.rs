@@ -122,8 +122,7 @@ impl State {
 pub struct MemoryHistory {
     retention: Retention,
     state: Mutex<State>,
-    /// `State::bytes` as of the last change, readable without the lock (for `/metrics`,
-    /// after every publish).
+    /// `State::bytes` as of the last change, readable without the lock (for `/metrics`).
     bytes: AtomicUsize,
 }
 
@@ -251,6 +250,10 @@ impl Store for MemoryHistory {
 
     fn latest(&self) -> BoxFuture<'_, Result<u64, Unavailable>> {
         Box::pin(std::future::ready(Ok(MemoryHistory::latest(self))))
+    }
+
+    fn local_bytes(&self) -> u64 {
+        self.bytes() as u64
     }
 }
 

@@ -48,6 +48,11 @@ pub trait Store: Send + Sync + 'static {
     /// The highest id issued so far. A fresh store starts its sequence here and answers
     /// the id it starts above, never 0, so that a first connect's cursor is one of its own.
     fn latest(&self) -> BoxFuture<'_, Result<u64, Unavailable>>;
+
+    /// Bytes kept in this process, for `/metrics`; 0 where the memory is Redis's.
+    fn local_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Where an event is kept.

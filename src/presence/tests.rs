@@ -18,7 +18,7 @@ fn presence(max_members: usize) -> Presence {
 }
 
 fn hub() -> Hub {
-    Hub::new(1 << 20, 10, Arc::default(), Arc::new(NoInterest))
+    Hub::new(1 << 20, 10, Arc::new(NoInterest))
 }
 
 /// The JSON frames queued for a connection since the last call.

@@ -9,14 +9,15 @@ use crate::bus::Bus;
 use crate::control;
 use crate::control::{Answers, Reply as ControlReply, Request as ControlRequest};
 use crate::event::{self, InvalidEvent};
-use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::gateway_server::{Gateway, GatewayServer};
 
 /// The backend-facing API of one node.
 pub struct GatewayApi {
-    pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
+    /// The node's counters of what was published.
+    pub metrics: Arc<Metrics>,
     pub max_payload_bytes: usize,
     /// Events one `PublishBatch` may carry.
     pub max_batch_events: usize,
@@ -96,7 +97,7 @@ impl Gateway for GatewayApi {
             ))
         })?;
         let recorded = event_ids.iter().filter(|id| **id != 0).count() as u64;
-        let metrics = self.hub.metrics();
+        let metrics = &self.metrics;
         metrics.events_published.fetch_add(total, Ordering::Relaxed);
         metrics
             .events_recorded
@@ -153,7 +154,7 @@ impl Gateway for GatewayApi {
 
 impl GatewayApi {
     fn published(&self, events: u64, recorded: bool) {
-        let metrics = self.hub.metrics();
+        let metrics = &self.metrics;
         metrics
             .events_published
             .fetch_add(events, Ordering::Relaxed);

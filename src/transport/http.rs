@@ -25,6 +25,7 @@ use tokio::sync::{Semaphore, watch};
 use warp::Filter;
 
 use super::ws::{self, Upgrade, WsContext};
+use crate::session::SessionContext;
 
 /// Serves HTTP and WebSocket connections until `shutdown` turns true.
 ///
@@ -63,8 +64,7 @@ pub async fn serve(
             .zip(per_ip.admit(peer.ip()));
         let Some((permit, ip_slot)) = admitted else {
             ctx.session
-                .hub
-                .metrics()
+                .metrics
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
             tokio::spawn(refuse(stream));
@@ -206,6 +206,17 @@ where
     Ok(upgrade)
 }
 
+/// The `/metrics` text: the node's counters, the hub's, presence's and the history's.
+pub fn metrics_text(session: &SessionContext) -> String {
+    let history_bytes = session
+        .replays
+        .as_ref()
+        .map_or(0, |replays| replays.store.local_bytes());
+    session
+        .metrics
+        .render(&session.hub, session.presence.as_deref(), history_bytes)
+}
+
 /// The plain HTTP endpoints.
 fn routes(
     ctx: Arc<WsContext>,
@@ -226,12 +237,8 @@ fn routes(
         }
     });
     let metrics = warp::path!("metrics").map(move || {
-        let hub = &ctx.session.hub;
         warp::reply::with_header(
-            hub.metrics().render(
-                hub.stats(),
-                ctx.session.presence.as_ref().map(|p| p.stats()),
-            ),
+            metrics_text(&ctx.session),
             "content-type",
             "text/plain; version=0.0.4",
         )

@@ -345,8 +345,7 @@ async fn check_connect(
 /// Tells a client its token was refused (Baserow's `authentication` frame), then closes.
 async fn refuse(upgraded: hyper::upgrade::Upgraded, ctx: &WsContext, reason: CloseReason) {
     ctx.session
-        .hub
-        .metrics()
+        .metrics
         .authentication_failures
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut socket = TokioIo::new(upgraded);

@@ -115,7 +115,7 @@ async fn an_unavailable_authorizer_denies() {
             answer(&mut c, json!({"page": "table", "table_id": 1})).await,
             rejected("authorizer_unavailable")
         );
-        let metrics = node.node.hub.metrics();
+        let metrics = &node.node.metrics;
         let failures = metrics.pages_rejected[4].load(Ordering::Relaxed);
         assert_eq!(failures, 2, "{url}");
     }

@@ -55,12 +55,5 @@ async fn a_reader_that_never_reads_is_closed_as_slow_consumer_while_a_fast_one_g
         next < 2000,
         "the slow reader lost the events past its queue"
     );
-    assert_eq!(
-        node.node
-            .hub
-            .metrics()
-            .slow_consumers
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(node.node.hub.counters().slow_consumers(), 1);
 }

@@ -206,14 +206,19 @@ async fn a_reconnecting_socket_gets_exactly_what_it_missed_then_live_events() {
         "ids increase: {wanted:?}"
     );
     replays_what_was_missed(&addr, &mut grpc, cursor, &wanted).await;
-    let metrics = node.node.hub.metrics();
+    let metrics = &node.node.metrics;
     assert_eq!(metrics.replays_served.load(Ordering::Relaxed), 1);
     assert_eq!(
         metrics.events_replayed.load(Ordering::Relaxed),
         wanted.len() as u64
     );
     assert_eq!(metrics.events_recorded.load(Ordering::Relaxed), 12);
-    assert!(metrics.history_bytes.load(Ordering::Relaxed) > 0);
+    let text = node.node.metrics_text();
+    assert!(
+        text.contains("\nchannelgate_history_bytes ")
+            && !text.contains("\nchannelgate_history_bytes 0\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -353,7 +358,7 @@ pub async fn cursors_and_limits(node: &TestNode, consecutive: bool) {
         result["latest_event_id"], ids[3],
         "skipped events are not counted: {result}"
     );
-    let text = node.node.hub.metrics().render(node.node.hub.stats(), None);
+    let text = node.node.metrics_text();
     for reason in ["lost_cursor", "future_cursor", "over_limit", "trimmed"] {
         let line = format!("channelgate_replay_refreshes_total{{reason=\"{reason}\"}} 1");
         assert!(text.contains(&line), "{line} in\n{text}");
