@@ -19,7 +19,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use redis::Script;
 
-use super::Shared;
+use super::link::Shared;
 
 /// Lua that starts a fresh store's sequence at the clock's microseconds (KEYS[1] `seq`,
 /// KEYS[2] `floor`): ids stay above those of a store that was lost, and cursors from

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::mpsc;
 
-use super::{HEARTBEAT_EVERY, Shared};
+use super::link::Shared;
+use super::registry::HEARTBEAT_EVERY;
 use crate::presence::{Change, Member, Presence, PresenceLink};
 
 /// Changes written in one round trip at most.

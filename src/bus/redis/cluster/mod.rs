@@ -47,10 +47,11 @@ use tokio::time::Instant;
 pub(super) use scripts::lane_tags;
 pub(crate) use store::Lanes;
 
-use super::{
-    BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, Command, Inbox, Link, Shared, Subscriptions,
-    WATCHDOG_EVERY, close_where_lost, lock,
-};
+use super::inbox::Inbox;
+use super::link::{BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, Link, Shared, WATCHDOG_EVERY};
+use super::listener::close_where_lost;
+use super::lock;
+use super::subscriptions::{Command, Subscriptions};
 use crate::event::Event;
 use crate::history::StreamKey;
 use crate::history::lanes::{self, LANES};

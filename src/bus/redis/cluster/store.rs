@@ -15,7 +15,8 @@ use tokio::sync::{Notify, watch};
 
 use super::scripts::{Topology, ensure_lua, read_lua, record_lua, slot, tick_lua, topology};
 use crate::bus::redis::history::{number, stream_key_names, stream_read};
-use crate::bus::redis::{COMMAND_TIMEOUT, Connection, Shared, lock};
+use crate::bus::redis::link::{COMMAND_TIMEOUT, Connection, Shared};
+use crate::bus::redis::lock;
 use crate::event::{Event, Target};
 use crate::history::lanes::{LANES, Reorder, lane_of_event, lanes_of_stream, split, through_clock};
 use crate::history::{Retention, Snapshot, Store, StreamKey, StreamRead, Unavailable};
