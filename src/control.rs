@@ -69,12 +69,17 @@ impl ControlHandler {
                     nodes: 1,
                 })
             }
-            Request::Disconnect(request) => Reply::Disconnect(proto::DisconnectResponse {
-                disconnected: self
-                    .hub
-                    .disconnect_users(&request.user_ids, &request.ignore_web_socket_ids),
-                nodes: 1,
-            }),
+            Request::Disconnect(request) => {
+                // Before the sockets go, so none of them can come back on a remembered
+                // answer about its token.
+                self.authorizer.forget_connects(&request.user_ids);
+                Reply::Disconnect(proto::DisconnectResponse {
+                    disconnected: self
+                        .hub
+                        .disconnect_users(&request.user_ids, &request.ignore_web_socket_ids),
+                    nodes: 1,
+                })
+            }
             Request::Info(_) => {
                 let stats = self.hub.stats();
                 let presence = self

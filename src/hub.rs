@@ -156,13 +156,15 @@ pub struct Scope {
 impl Scope {
     /// Whether a page of a connection is in scope (users are filtered by the hub).
     pub fn covers(&self, page: &Page) -> bool {
+        self.covers_group(&page.group, page.permission_group.as_deref())
+    }
+
+    /// Whether a page of this group and permission group is in scope, whoever holds it.
+    pub fn covers_group(&self, group: &str, permission_group: Option<&str>) -> bool {
         self.permission_group
             .as_deref()
-            .is_none_or(|pg| page.permission_group.as_deref() == Some(pg))
-            && self
-                .group
-                .as_deref()
-                .is_none_or(|g| page.group.as_ref() == g)
+            .is_none_or(|pg| permission_group == Some(pg))
+            && self.group.as_deref().is_none_or(|g| group == g)
     }
 }
 

@@ -36,15 +36,16 @@ pub async fn check(
     revoke: bool,
     dry_run: bool,
 ) -> CheckOutcome {
+    // Every remembered answer in scope goes, not only those of the pages held here: a
+    // socket of this node may ask again at once, or a user's socket on another node held
+    // the page. A dry run of a revoke changes nothing; a re-check needs fresh answers.
+    if !(revoke && dry_run) {
+        authorizer.forget_pages(scope);
+    }
     let subscriptions = hub.subscriptions(scope);
     let allowed: Vec<bool> = if revoke {
         vec![false; subscriptions.len()]
     } else {
-        let keys: Vec<_> = subscriptions
-            .iter()
-            .map(|(conn, page)| (conn.user_id, page.group.to_string()))
-            .collect();
-        authorizer.forget(&keys);
         let questions = subscriptions.iter().map(|(conn, page)| {
             let answer = authorizer.authorize(question(conn, page));
             async move { answer.await.is_ok_and(|d| d.allowed) }
@@ -77,5 +78,6 @@ fn question(conn: &Arc<Connection>, page: &Page) -> AuthorizeRequest {
         page: page.page.to_string(),
         parameters: page.parameters.clone(),
         group: page.group.to_string(),
+        permission_group: page.permission_group.as_deref().map(str::to_string),
     }
 }

@@ -240,6 +240,7 @@ impl Session {
                 page: page_name.clone(),
                 parameters: page.parameters.clone(),
                 group: page.group.to_string(),
+                permission_group: page.permission_group.as_deref().map(str::to_string),
             };
             match self.ctx.authorizer.authorize(request).await {
                 Ok(decision) if decision.allowed => {

@@ -17,6 +17,8 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::hub::Scope;
+
 /// One question to the backend: may this user's socket subscribe to this page?
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuthorizeRequest {
@@ -27,6 +29,10 @@ pub struct AuthorizeRequest {
     /// The page's validated parameters (a JSON object).
     pub parameters: Value,
     pub group: String,
+    /// The page's permission group, so that a cache can drop answers by it; the backend
+    /// is not told (it knows its own permission groups).
+    #[serde(skip)]
+    pub permission_group: Option<String>,
 }
 
 /// The connect check: may this verified token open a socket? A signed, unexpired token is
@@ -92,9 +98,17 @@ pub trait Authorizer: Send + Sync + 'static {
         request: ConnectRequest,
     ) -> BoxFuture<'static, Result<bool, AuthorizerError>>;
 
-    /// Drops remembered answers for these (user id, group) pairs, so the next question
-    /// about them reaches the backend. Only caching authorizers remember anything.
-    fn forget(&self, _keys: &[(i64, String)]) {}
+    /// Drops remembered subscribe answers, and calls in flight, that a permission check of
+    /// `scope` covers (`CheckPermission`, re-check or revoke): the next question about them
+    /// reaches the backend. Only caching authorizers remember anything.
+    fn forget_pages(&self, _scope: &Scope) {}
+
+    /// Drops remembered connect answers of these users (`Disconnect`): a token the backend
+    /// now refuses is not let in from memory.
+    fn forget_connects(&self, _user_ids: &[i64]) {}
+
+    /// Drops every remembered answer: the node may have missed permission changes.
+    fn forget_all(&self) {}
 
     /// A short description for the start-up log.
     fn describe(&self) -> String;

@@ -14,7 +14,7 @@ use crate::common::*;
 const PASSWORD_CHANGED_AT: i64 = 1_700_000_000;
 
 /// A token of `user_id` with the given `iat` and `jti`.
-fn token_with(user_id: i64, issued_at: i64, token_id: &str) -> String {
+pub fn token_with(user_id: i64, issued_at: i64, token_id: &str) -> String {
     let claims = json!({
         "token_type": "access",
         "exp": jsonwebtoken::get_current_timestamp() + 600,

@@ -16,5 +16,6 @@ mod protocol;
 mod redis_cluster;
 mod redis_server;
 mod replay;
+mod revocation;
 mod sharded;
 mod shutdown;
