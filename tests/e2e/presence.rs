@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use channelgate::proto::InfoRequest;
+use channelgate::proto::{CheckPermissionRequest, InfoRequest};
 use serde_json::{Value, json};
 
 use crate::backend::Backend;
@@ -315,4 +315,127 @@ async fn presence_counts_show_in_info_on_one_node() {
         info.nodes[0].presence_members == 1 && info.nodes[0].presence_spaces == 1
     })
     .await;
+}
+
+/// The backend's `users_removed_from_permission_group` for user 2, narrowed to `group`
+/// when given.
+fn revoke_user_2(permission_group: &str, group: &str) -> CheckPermissionRequest {
+    CheckPermissionRequest {
+        user_ids: vec![2],
+        permission_group: permission_group.into(),
+        group: group.into(),
+        revoke: true,
+        ..Default::default()
+    }
+}
+
+/// Revokes through `node` and returns the revoked subscriptions' `(user_id, page)`,
+/// checking that both nodes answered.
+async fn revoke(node: &TestNode, request: CheckPermissionRequest) -> Vec<(i64, String)> {
+    let answer = node
+        .grpc()
+        .await
+        .check_permission(request)
+        .await
+        .expect("revoke")
+        .into_inner();
+    assert_eq!(answer.nodes, 2, "{answer:?}");
+    answer
+        .revoked
+        .iter()
+        .map(|s| (s.user_id, s.page.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_socket_revoked_from_its_last_page_of_a_space_leaves_the_member_list_on_every_node() {
+    let redis = RedisServer::start();
+    let p = prefix("presence-revoke");
+    let a = presence_node(&redis, &p, "a", "static").await;
+    let b = presence_node(&redis, &p, "b", "static").await;
+    let mut two = a.client(2).await;
+    assert_eq!(join_listing(&mut two, table(1)).await, Vec::<Value>::new());
+    let mut three = b.client(3).await;
+    let listed = join_listing(&mut three, table(1)).await;
+    assert_eq!(users(&listed), vec![2]);
+    let two_id = listed[0]["presence_id"].clone();
+    assert_eq!(next(&mut two, "presence.join").await["user_id"], 3);
+
+    let revoked = revoke(&a, revoke_user_2("permissions-table-1", "")).await;
+    assert_eq!(revoked, vec![(2, "table".to_string())]);
+    assert_eq!(
+        next(&mut two, "page_discard").await,
+        json!({"type": "page_discard", "page": "table", "parameters": {"table_id": 1}})
+    );
+    assert_eq!(
+        next(&mut two, "presence.space_discard").await,
+        json!({"type": "presence.space_discard", "space": "table-1"})
+    );
+    let left = next(&mut three, "presence.leave").await;
+    assert_eq!(
+        left,
+        json!({"type": "presence.leave", "space": "table-1", "user_id": 2, "presence_id": two_id})
+    );
+
+    // A newcomer on b sees user 3 and no ghost of user 2.
+    let mut four = b.client(4).await;
+    assert_eq!(users(&join_listing(&mut four, table(1)).await), vec![3]);
+    assert_eq!(next(&mut three, "presence.join").await["user_id"], 4);
+    nothing_more(&mut two).await;
+    nothing_more(&mut three).await;
+}
+
+#[tokio::test]
+async fn a_revoke_of_one_of_two_pages_of_a_space_keeps_the_member_until_the_last_goes() {
+    let redis = RedisServer::start();
+    let p = prefix("presence-revoke-two");
+    let a = presence_node(&redis, &p, "a", "static").await;
+    let b = presence_node(&redis, &p, "b", "static").await;
+    let row = json!({"page": "row", "table_id": 1, "row_id": 5});
+    let mut two = a.client(2).await;
+    assert_eq!(join_listing(&mut two, table(1)).await, Vec::<Value>::new());
+    two.join(row.clone()).await;
+    let mut three = b.client(3).await;
+    let listed = join_listing(&mut three, table(1)).await;
+    assert_eq!(users(&listed), vec![2]);
+    let two_id = listed[0]["presence_id"].clone();
+    assert_eq!(next(&mut two, "presence.join").await["user_id"], 3);
+
+    // Only the row page goes: user 2 still holds table 1, so it stays a member.
+    let revoked = revoke(&b, revoke_user_2("", "table-1-row-5")).await;
+    assert_eq!(revoked, vec![(2, "row".to_string())]);
+    assert_eq!(
+        next(&mut two, "page_discard").await,
+        json!({"type": "page_discard", "page": "row", "parameters": {"table_id": 1, "row_id": 5}})
+    );
+    nothing_more(&mut two).await;
+    nothing_more(&mut three).await;
+    let mut four = b.client(4).await;
+    assert_eq!(users(&join_listing(&mut four, table(1)).await), vec![2, 3]);
+    for member in [&mut two, &mut three] {
+        assert_eq!(next(member, "presence.join").await["user_id"], 4);
+    }
+
+    // The permission group goes: the last page of the space with it.
+    let revoked = revoke(&b, revoke_user_2("permissions-table-1", "")).await;
+    assert_eq!(revoked, vec![(2, "table".to_string())]);
+    next(&mut two, "page_discard").await;
+    assert_eq!(
+        next(&mut two, "presence.space_discard").await,
+        json!({"type": "presence.space_discard", "space": "table-1"})
+    );
+    for other in [&mut three, &mut four] {
+        assert_eq!(
+            next(other, "presence.leave").await,
+            json!({"type": "presence.leave", "space": "table-1", "user_id": 2, "presence_id": two_id})
+        );
+    }
+    let mut five = a.client(5).await;
+    assert_eq!(users(&join_listing(&mut five, table(1)).await), vec![3, 4]);
+    for member in [&mut three, &mut four] {
+        assert_eq!(next(member, "presence.join").await["user_id"], 5);
+    }
+    nothing_more(&mut two).await;
+    nothing_more(&mut three).await;
+    nothing_more(&mut four).await;
 }
