@@ -471,6 +471,8 @@ async fn a_revoke_that_misses_a_node_fails_naming_it_and_its_retry_reaches_it() 
         revoke: true,
         ..Default::default()
     };
+    // A first request waits until the new registry names every live node.
+    grpc.clone().info(InfoRequest {}).await.expect("info");
     // Node b's pub/sub connection drops; the revoke goes out before b is back.
     kill_pubsub_with(&redis, 4).await;
     let status = grpc
@@ -683,6 +685,16 @@ impl NodeProcess {
             channel,
             ApiKey(Some(API_KEY)),
         )
+    }
+
+    /// Sends a signal to the process (`-STOP`, `-CONT`): a stalled host, and its return.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("a running node").to_string();
+        let status = std::process::Command::new("bash")
+            .args(["-c", &format!("kill {signal} {pid}")])
+            .status()
+            .expect("bash runs");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     pub async fn client(&self, user_id: i64) -> Client {

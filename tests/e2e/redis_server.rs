@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Where an append-only file keeps the data across restarts; `None`: nothing kept.
+    aof_dir: Option<std::path::PathBuf>,
 }
 
 pub fn free_port() -> u16 {
@@ -21,6 +23,22 @@ impl RedisServer {
         let mut server = RedisServer {
             port: free_port(),
             child: None,
+            aof_dir: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// A server that keeps its data in an append-only file (fsync on every write), so a
+    /// restart after a kill finds it again.
+    pub fn start_persistent() -> RedisServer {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("cg-aof-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a folder for the append-only file");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            aof_dir: Some(dir),
         };
         server.restart();
         server
@@ -32,9 +50,23 @@ impl RedisServer {
 
     /// Starts (again) on the same port and waits until it answers.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"]);
+        match &self.aof_dir {
+            Some(dir) => command
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .arg("--dir")
+                .arg(dir),
+            None => command.args(["--save", "", "--appendonly", "no"]),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -95,5 +127,8 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.aof_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -424,7 +424,13 @@ async fn a_stalled_store_and_too_many_replays_ask_to_retry_or_refresh() {
     assert!(node.node.ready(PATIENCE).await);
     let addr = node.node.ws_addr.to_string();
     let mut grpc = node.grpc().await;
+    // The node holds table 1 when it is published to, so it has delivered `e`: the
+    // catch-up after the stall (four seconds is past the node's heartbeat, so it counts
+    // itself gone and catches up) has nothing of table 1 to bring.
+    let mut watcher = Client::authenticated(&addr, 2).await;
+    join_all(&mut watcher, &[TABLE_1]).await;
     let cursor = publish(&mut grpc, group_request("table-1", event("e", 0))).await;
+    assert_eq!(watcher.recv().await["_event_id"], cursor);
     let mut stalled = Client::authenticated(&addr, 1).await;
     join_all(&mut stalled, &[TABLE_1]).await;
     // Redis holds back every script (and write) for four seconds: the replay stalls.

@@ -3,11 +3,16 @@
 //! node whose heartbeat Redis lost is still waited for, and a node that was counted gone
 //! catches up before it serves again.
 
-use channelgate::proto::{CheckPermissionRequest, DisconnectRequest};
+use std::time::{Duration, Instant};
+
+use channelgate::proto::{CheckPermissionRequest, DisconnectRequest, InfoRequest};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tonic::Code;
 
 use crate::backend::Backend;
-use crate::cluster::{Meeting, expect, prefix};
+use crate::cluster::{Meeting, NodeProcess, eventually, expect, node_on, prefix};
 use crate::common::*;
 use crate::connect::token_with;
 use crate::redis_server::RedisServer;
@@ -176,4 +181,154 @@ async fn a_disconnected_users_old_token_is_refused_at_once_on_every_node() {
     }
     let (_, first) = open(&b, &token_with(2, 1_800_000_000, "new")).await;
     assert_eq!(first["success"], true, "a new token is let in: {first}");
+}
+
+/// Revokes user 2's table 1 through `grpc` until it answers OK (retrying `UNAVAILABLE`,
+/// as the backend does); the answer and how long it took.
+async fn revoke_until_ok(grpc: &Grpc, request: CheckPermissionRequest) -> (u32, usize, Duration) {
+    let started = Instant::now();
+    loop {
+        match grpc.clone().check_permission(request.clone()).await {
+            Ok(answer) => {
+                let answer = answer.into_inner();
+                return (answer.nodes, answer.revoked.len(), started.elapsed());
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "no OK within {PATIENCE:?}: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Two nodes on `redis`; Redis is killed and started again, and at once a revoke is sent
+/// through node a: it answers OK only once node b applied it too.
+async fn a_revoke_after_a_redis_restart_reaches_both_nodes(mut redis: RedisServer, test: &str) {
+    let p = prefix(test);
+    let a = node_on(&redis, &p, "a").await;
+    let b = node_on(&redis, &p, "b").await;
+    let grpc = a.grpc().await;
+    eventually("both nodes are live", async || {
+        grpc.clone()
+            .info(InfoRequest {})
+            .await
+            .is_ok_and(|info| info.into_inner().nodes.len() == 2)
+    })
+    .await;
+    let persistent = redis_keeps_data(&redis).await;
+    for round in 0..3 {
+        let mut on_b = b.client(2).await;
+        on_b.join(table(1)).await;
+        redis.kill();
+        redis.restart();
+        let (nodes, revoked, took) = revoke_until_ok(&grpc, revoke_user_2()).await;
+        eprintln!("{test} round {round}: OK after {took:?}, nodes {nodes}, revoked {revoked}");
+        assert_eq!(nodes, 2, "round {round}: node b was not waited for");
+        if persistent {
+            // The history survived, so b's socket stayed, and the revoke reached it.
+            assert_eq!(revoked, 1, "round {round}");
+            expect(&mut on_b, "page_discard").await;
+        } else {
+            // Redis lost the history: b closed its sockets to reconnect, or the revoke
+            // reached the socket first.
+            let first = on_b.ws.next().await;
+            let discarded =
+                matches!(&first, Some(Ok(Message::Text(t))) if t.contains("page_discard"));
+            let closed = matches!(&first, Some(Ok(Message::Close(_))) | None | Some(Err(_)));
+            assert!(discarded || closed, "round {round}: {first:?}");
+        }
+    }
+}
+
+/// Whether `redis` keeps its data across a restart (an append-only file).
+async fn redis_keeps_data(redis: &RedisServer) -> bool {
+    let mut client = redis.client().await;
+    let config: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(&mut client)
+        .await
+        .expect("CONFIG GET");
+    config.get(1).is_some_and(|value| value == "yes")
+}
+
+#[tokio::test]
+async fn a_revoke_right_after_redis_restarted_empty_waits_for_every_live_node() {
+    a_revoke_after_a_redis_restart_reaches_both_nodes(RedisServer::start(), "restart-empty").await;
+}
+
+#[tokio::test]
+async fn a_revoke_right_after_redis_restarted_from_its_append_only_file_reaches_both_nodes() {
+    a_revoke_after_a_redis_restart_reaches_both_nodes(
+        RedisServer::start_persistent(),
+        "restart-aof",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_frozen_past_its_heartbeat_applies_what_it_missed_before_it_delivers_anything() {
+    let redis = RedisServer::start();
+    let p = prefix("frozen-node");
+    let a = node_on(&redis, &p, "a").await;
+    let _b = node_on(&redis, &p, "b").await;
+    let c = NodeProcess::start_with(&redis, &p, "c", &[]).await;
+    let grpc = a.grpc().await;
+    let mut revoked = c.client(5).await;
+    let mut disconnected = c.client(6).await;
+    let mut kept = c.client(7).await;
+    for socket in [&mut revoked, &mut kept] {
+        socket.join(table(1)).await;
+    }
+    eventually("three nodes are live", async || {
+        grpc.clone()
+            .info(InfoRequest {})
+            .await
+            .is_ok_and(|info| info.into_inner().nodes.len() == 3)
+    })
+    .await;
+
+    c.signal("-STOP");
+    // Node c is missing until its heartbeat expires; then the others answer alone.
+    let revoke = CheckPermissionRequest {
+        user_ids: vec![5],
+        ..revoke_user_2()
+    };
+    let (nodes, _, took) = revoke_until_ok(&grpc, revoke).await;
+    eprintln!("revoke answered OK without the frozen node after {took:?}");
+    assert_eq!(nodes, 2);
+    let answer = grpc
+        .clone()
+        .disconnect(DisconnectRequest {
+            user_ids: vec![6],
+            ..Default::default()
+        })
+        .await
+        .expect("Disconnect answers without the frozen node")
+        .into_inner();
+    assert_eq!(answer.nodes, 2);
+    publish(
+        &mut grpc.clone(),
+        group_request("table-1", event("after", 1)),
+    )
+    .await;
+    c.signal("-CONT");
+
+    // Before anything else: the revoked page goes, the disconnected user is thrown out.
+    let first = revoked.recv().await;
+    assert_eq!(first["type"], "page_discard", "{first}");
+    expect(&mut disconnected, "force_disconnect").await;
+    disconnected.recv_close().await;
+    // Nothing lost for the socket that kept its page, and nothing for the revoked one.
+    expect(&mut kept, "after").await;
+    publish(
+        &mut grpc.clone(),
+        group_request("users", event("marker", 2)),
+    )
+    .await;
+    expect(&mut revoked, "marker").await;
 }

@@ -5,12 +5,15 @@
 use std::sync::Arc;
 
 use prost::Message as _;
+use tokio::time::Instant;
 
+use super::control_log::CONTROL_LOG_KEEP;
 use super::link::Shared;
 use super::lock;
 use super::presence::RedisPresence;
 use crate::control::{ControlHandler, Reply, Request};
 use crate::proto;
+use crate::protocol::CloseReason;
 
 /// What a node receives besides events: cluster-wide requests, replies to its own, and
 /// presence changes.
@@ -32,6 +35,52 @@ impl Inbox {
                 "pages re-checked after the Redis reconnect"
             );
         }
+    }
+
+    /// Whether the other nodes may have stopped waiting for this one (its heartbeat
+    /// lapsed): then it must deliver nothing until it has caught up.
+    pub(super) fn is_counted_gone(&self) -> bool {
+        lock(&self.shared.liveness)
+            .counted_gone(Instant::now())
+            .is_some()
+    }
+
+    /// Makes up for what this node may have missed while the others did not wait for it
+    /// (its heartbeat lapsed: Redis was away, or the process stalled), before its listener
+    /// delivers anything again: it forgets every remembered authorizer answer, applies the
+    /// logged revokes and Disconnects since its last heartbeat, and re-checks every page
+    /// with the authorizer. When the log cannot cover the gap (Redis lost its keys, or the
+    /// gap is longer than the log keeps), it closes its sockets with 1012 instead, so
+    /// their clients reconnect through the checks.
+    pub(super) async fn catch_up_if_counted_gone(&self) -> Result<(), String> {
+        let Some(since) = lock(&self.shared.liveness).counted_gone(Instant::now()) else {
+            return Ok(());
+        };
+        tracing::warn!(
+            "this node's heartbeat lapsed, so the other nodes stopped waiting for it: catching up before serving again"
+        );
+        // Live again first: every request from now on waits for this node.
+        let view = self.shared.heartbeat().await.map_err(|e| e.0)?;
+        self.control.authorizer.forget_all();
+        let log_covers =
+            view.born_ms <= since && since + CONTROL_LOG_KEEP.as_millis() as u64 > view.now_ms;
+        if log_covers {
+            let missed = self.shared.logged_since(since).await?;
+            let applied = missed.len();
+            for request in missed {
+                self.control.answer(request).await;
+            }
+            self.revalidate().await;
+            tracing::info!(applied, "missed revokes and Disconnects applied");
+        } else {
+            let closed = self.control.hub.close_connections(CloseReason::Restart);
+            tracing::warn!(
+                closed,
+                "the control log does not reach back to this node's last heartbeat: sockets closed to reconnect"
+            );
+        }
+        lock(&self.shared.liveness).caught_up(since);
+        Ok(())
     }
 
     /// Takes a message of the control, reply or presence channels; `false` for others.

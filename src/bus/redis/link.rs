@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::lock;
 use super::names::Names;
+use super::registry::Liveness;
 use crate::bus::BusUnavailable;
 use crate::control::Reply;
 
@@ -87,6 +88,11 @@ pub(super) struct Shared {
     /// Control requests this node asked, by id, waiting for replies.
     pub(super) asking: Mutex<HashMap<String, mpsc::UnboundedSender<(String, Reply)>>>,
     pub(super) control_timeout: Duration,
+    /// What this node knows of who is live, itself included.
+    pub(super) liveness: Mutex<Liveness>,
+    /// Rung when this node finds its heartbeat lapsed, so its listener catches up even
+    /// when no message comes.
+    pub(super) counted_gone: Notify,
 }
 
 impl Shared {

@@ -85,6 +85,11 @@ impl Listener {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         self.subscriptions.mark_connected(&wanted);
+        // Control before events: no page the backend took away is served what it missed.
+        self.inbox
+            .catch_up_if_counted_gone()
+            .await
+            .map_err(unreachable)?;
         self.catch_up(&wanted).await.map_err(unreachable)?;
         if let Some(presence) = &self.inbox.presence {
             presence.load().await.map_err(unreachable)?;
@@ -97,7 +102,14 @@ impl Listener {
         loop {
             tokio::select! {
                 message = stream.next() => match message {
-                    Some(message) => self.dispatch(message.get_channel_name(), message.get_payload_bytes()),
+                    Some(message) => {
+                        // Counted gone, the node may hold what a revoke took away and
+                        // have missed requests: it catches up as after a lost connection.
+                        if self.inbox.is_counted_gone() {
+                            return Err(Broken::Lost("this node's heartbeat lapsed".into()));
+                        }
+                        self.dispatch(message.get_channel_name(), message.get_payload_bytes())
+                    }
                     None => return Err(Broken::Lost("pub/sub connection closed".into())),
                 },
                 _ = watchdog.tick() => {
@@ -106,6 +118,9 @@ impl Listener {
                         Ok(Err(error)) => return Err(Broken::Lost(format!("ping failed: {error}"))),
                         Err(_) => return Err(Broken::Lost(format!("no answer to a ping within {COMMAND_TIMEOUT:?}"))),
                     }
+                }
+                _ = self.shared.counted_gone.notified() => {
+                    return Err(Broken::Lost("this node's heartbeat lapsed".into()));
                 }
                 command = commands.recv() => match command {
                     Some(command) => self.apply(&mut sink, command).await.map_err(Broken::Lost)?,

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use prost::Message as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// Lua that appends an event to a history stream (`XADD` at `<id>-0`), trims the stream
 /// to `keep` entries remembering the highest id it dropped in `lost`, and lets both expire
@@ -71,6 +71,7 @@ end
 }
 
 mod cluster;
+mod control_log;
 mod history;
 mod inbox;
 mod link;
@@ -184,6 +185,8 @@ impl RedisBus {
             ready: watch::Sender::new(false),
             asking: Mutex::default(),
             control_timeout: settings.control_timeout,
+            liveness: Mutex::default(),
+            counted_gone: Notify::new(),
         });
         let recording = history.is_some();
         let retention = history.map(|h| h.retention).unwrap_or_default();
@@ -307,14 +310,20 @@ impl Bus for RedisBus {
             let (tx, mut replies) = mpsc::unbounded_channel();
             lock(&shared.asking).insert(id.clone(), tx);
             let asked = async {
+                shared.registry_settled().await?;
                 let live = shared.live_nodes().await?;
+                let logged = control_log::must_be_logged(&request);
                 let message = proto::ControlRequest {
                     id: id.clone(),
                     reply_to: shared.names.node_id.clone(),
                     request: Some(request),
-                };
+                }
+                .encode_to_vec();
+                if logged {
+                    shared.log_control(&message).await?;
+                }
                 shared
-                    .publish_bytes(shared.names.control(), message.encode_to_vec())
+                    .publish_bytes(shared.names.control(), message)
                     .await?;
                 Ok::<_, BusUnavailable>(live)
             }
@@ -360,20 +369,7 @@ impl Bus for RedisBus {
             for task in &self.tasks {
                 task.abort();
             }
-            let shared = &self.shared;
-            let node = &shared.names.node_id;
-            if let Ok(mut connection) = shared.publisher().await {
-                let _: Result<(), _> = redis::pipe()
-                    .cmd("DEL")
-                    .arg(shared.names.heartbeat(node))
-                    .ignore()
-                    .cmd("SREM")
-                    .arg(shared.names.nodes())
-                    .arg(node)
-                    .ignore()
-                    .query_async(&mut connection)
-                    .await;
-            }
+            self.shared.leave_registry().await;
         })
     }
 }

@@ -72,6 +72,21 @@ impl Names {
     pub(super) fn nodes(&self) -> String {
         format!("{}:nodes", self.registry)
     }
+    /// When the registry was made: a Redis that lost its keys makes it anew.
+    pub(super) fn registry_born(&self) -> String {
+        format!("{}:registry", self.registry)
+    }
+    /// A node's mark that it left, and the set of nodes with one.
+    pub(super) fn left(&self, node_id: &str) -> String {
+        format!("{}:left:{node_id}", self.registry)
+    }
+    pub(super) fn left_nodes(&self) -> String {
+        format!("{}:left", self.registry)
+    }
+    /// The revokes and Disconnects of the last minutes, for a node that was counted gone.
+    pub(super) fn control_log(&self) -> String {
+        format!("{}:control-log", self.registry)
+    }
     pub(super) fn presence(&self) -> &str {
         &self.presence
     }

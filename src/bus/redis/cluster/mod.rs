@@ -157,6 +157,7 @@ impl Listener {
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) {
         let lanes = self.lanes.clone();
+        let shared = self.inbox.shared.clone();
         let mut out_of_step = true;
         let mut backoff = BACKOFF_MIN;
         let mut watchdog = tokio::time::interval(WATCHDOG_EVERY);
@@ -203,6 +204,13 @@ impl Listener {
             tokio::select! {
                 push = self.pushes.recv() => {
                     let Some(push) = push else { return };
+                    if self.inbox.is_counted_gone() {
+                        // The node may hold what a revoke took away and have missed
+                        // requests: nothing is delivered until it is in step again, which
+                        // catches up with the control log and then with the history.
+                        out_of_step = true;
+                        continue;
+                    }
                     out_of_step |= self.take(push);
                     while let Ok(push) = self.pushes.try_recv() {
                         out_of_step |= self.take(push);
@@ -261,6 +269,7 @@ impl Listener {
                     });
                 }
                 _ = lanes.wake_listener.notified() => {}
+                _ = shared.counted_gone.notified() => out_of_step = true,
             }
             if out_of_step {
                 // Until in step again: not ready, nothing delivered, and a page subscribed
@@ -336,6 +345,8 @@ impl Listener {
         let mut channels = self.fixed_channels();
         channels.extend(wanted.iter().map(|g| self.shared().names.group(g)));
         subscribe(connection, &channels).await?;
+        // Control before events: no page the backend took away is served what it missed.
+        self.inbox.catch_up_if_counted_gone().await?;
         lanes.learn_topology(connection).await?;
         self.subscribed = channels.into_iter().collect();
         self.subscriptions.mark_connected(&wanted);
