@@ -105,7 +105,8 @@ pub struct Options {
     pub authorizer_concurrency: Option<usize>,
 
     /// Milliseconds an answer is reused for the same user, group and page parameters (a
-    /// connect answer: for the same token); 0 keeps none (identical questions in flight
+    /// connect answer: for the same token), unless CheckPermission (or, for connect
+    /// answers, Disconnect) drops it first; 0 keeps none (identical questions in flight
     /// are still merged) [default: 5000]
     #[arg(long, env = "CHANNELGATE_AUTHORIZER_CACHE_MS", value_name = "MS")]
     pub authorizer_cache_ms: Option<u64>,

@@ -15,6 +15,7 @@ use crate::backend::Backend;
 use crate::cluster::{Meeting, NodeProcess, eventually, expect, node_on, prefix};
 use crate::common::*;
 use crate::connect::token_with;
+use crate::redis_cluster::{RedisCluster, slot_of};
 use crate::redis_server::RedisServer;
 
 fn table(id: i64) -> Value {
@@ -331,4 +332,45 @@ async fn a_node_frozen_past_its_heartbeat_applies_what_it_missed_before_it_deliv
     )
     .await;
     expect(&mut revoked, "marker").await;
+}
+
+#[tokio::test]
+async fn a_revoke_through_a_failover_and_a_slot_move_of_the_registry_reaches_both_nodes() {
+    let mut cluster = RedisCluster::start().await;
+    let p = prefix("revoke-failover");
+    let a = node_on(&cluster, &p, "a").await;
+    let b = node_on(&cluster, &p, "b").await;
+    let grpc = a.grpc().await;
+    eventually("both nodes are live", async || {
+        grpc.clone()
+            .info(InfoRequest {})
+            .await
+            .is_ok_and(|info| info.into_inner().nodes.len() == 2)
+    })
+    .await;
+    // The registry, control requests and their log share the slot of `{prefix}`.
+    let registry = slot_of(&format!("{{{p}}}"));
+
+    let mut on_b = b.client(2).await;
+    on_b.join(table(1)).await;
+    let killed = cluster.kill_primary_of_slot(registry).await;
+    let (nodes, revoked, took) = revoke_until_ok(&grpc, revoke_user_2()).await;
+    eprintln!("failover of {killed}: OK after {took:?}, nodes {nodes}, revoked {revoked}");
+    assert_eq!(nodes, 2, "node b was not waited for");
+    expect(&mut on_b, "page_discard").await;
+
+    let mut on_b = b.client(2).await;
+    on_b.join(table(1)).await;
+    let from = cluster.primary_of_slot(registry).await;
+    let to = *cluster
+        .primaries()
+        .await
+        .iter()
+        .find(|p| **p != from)
+        .expect("another primary");
+    cluster.migrate_slot(registry, to).await;
+    let (nodes, revoked, took) = revoke_until_ok(&grpc, revoke_user_2()).await;
+    eprintln!("slot move to {to}: OK after {took:?}, nodes {nodes}, revoked {revoked}");
+    assert_eq!(nodes, 2, "node b was not waited for");
+    expect(&mut on_b, "page_discard").await;
 }

@@ -4,7 +4,10 @@
 //! - `P:g:<group>`: one per channel group; a node subscribes while it has local members;
 //! - `P:broadcast`: user-targeted events and the `users` group, for every node;
 //! - `P:control` and `P:reply:<node id>`: cluster-wide requests and their replies;
-//! - keys `P:node:<node id>` (expiring heartbeats) and the set `P:nodes` name live nodes;
+//! - keys `P:node:<node id>` (expiring heartbeats) and the set `P:nodes` name live nodes,
+//!   `P:registry` holds when that registry was made, `P:left:<node id>` (and the set
+//!   `P:left`) mark nodes that stopped ([`registry`]);
+//! - `P:control-log`: the last minutes' revokes and Disconnects ([`control_log`]);
 //! - `P:h:*`: the event history ([`history`]);
 //! - `P:presence` and `P:presence:members`: presence, when on ([`presence`]).
 //!
@@ -22,7 +25,9 @@
 //! - `subscriptions.rs`: which groups the node subscribes ([`Subscriptions`]);
 //! - `link.rs`: the connection to Redis, its timings, and the state the bus and its tasks
 //!   share;
-//! - `registry.rs`: the node registry (heartbeats, live nodes);
+//! - `registry.rs`: the node registry (heartbeats, live nodes, and what a node remembers of
+//!   them when Redis forgets);
+//! - `control_log.rs`: the revokes and Disconnects a node counted gone catches up with;
 //! - `listener.rs`: one Redis's pub/sub listener, which reconnects and catches up;
 //! - `inbox.rs`: control requests, replies and presence changes a listener takes in;
 //! - [`history`], [`presence`] and [`cluster`] as above.
