@@ -78,17 +78,21 @@ class GatewayServicer(object):
     def CheckPermission(self, request, context):
         """Permissions changed: re-check live subscriptions in scope now. Each subscription that
         is no longer allowed is discarded: its socket gets `page_discard` and stops receiving
-        the group. With `revoke`, subscriptions in scope are discarded without asking.
-        Fails with UNAVAILABLE, naming them, when live nodes did not answer in time: they may
-        not have acted, and the call is safe to repeat.
+        the group. With `revoke`, subscriptions in scope are discarded without asking. Either
+        way every node drops its remembered authorizer answers in scope, so once this answered
+        OK no node admits a revoked page from its cache. OK only once every live node (every
+        node whose heartbeat was alive, even if Redis lost it since) has applied it; fails with
+        UNAVAILABLE, naming them, when live nodes did not answer in time: they may not have
+        acted, and the call is safe to repeat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Disconnect(self, request, context):
-        """Disconnect users: each of their sockets gets {"type":"force_disconnect"} and a close.
-        Fails with UNAVAILABLE, naming them, when live nodes did not answer in time.
+        """Disconnect users: each of their sockets gets {"type":"force_disconnect"} and a close,
+        and every node drops its remembered connect answers of these users, so an old token
+        is asked about again. OK and UNAVAILABLE as for CheckPermission; safe to repeat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
