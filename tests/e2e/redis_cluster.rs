@@ -377,6 +377,17 @@ impl RedisCluster {
         Some(())
     }
 
+    /// A primary other than the one that serves `slot`: where to move it.
+    pub async fn another_primary_than_of(&self, slot: u16) -> u16 {
+        let from = self.primary_of_slot(slot).await;
+        *self
+            .primaries()
+            .await
+            .iter()
+            .find(|p| **p != from)
+            .expect("another primary")
+    }
+
     /// Kills the primary serving `slot` (SIGKILL, as a crash) and waits until another node
     /// serves the slot as primary, every live node agrees and says cluster_state:ok. Returns
     /// the killed port.

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use channelgate::proto::{CheckPermissionRequest, DisconnectRequest, InfoRequest};
+use channelgate::proto::{
+    CheckPermissionRequest, CheckPermissionResponse, DisconnectRequest, InfoRequest,
+};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -30,6 +32,27 @@ fn revoke_user_2() -> CheckPermissionRequest {
         revoke: true,
         ..Default::default()
     }
+}
+
+/// Revokes user 2's table 1 through `node`, which must answer OK.
+async fn revoke_through(node: &TestNode) -> CheckPermissionResponse {
+    node.grpc()
+        .await
+        .check_permission(revoke_user_2())
+        .await
+        .expect("revoke")
+        .into_inner()
+}
+
+/// Waits until `grpc`'s node counts `nodes` live nodes.
+async fn until_live(grpc: &Grpc, nodes: usize) {
+    eventually(&format!("{nodes} nodes are live"), async || {
+        grpc.clone()
+            .info(InfoRequest {})
+            .await
+            .is_ok_and(|info| info.into_inner().nodes.len() == nodes)
+    })
+    .await;
 }
 
 /// A node asking `authorizer` (with the default answer cache), on `redis` when given.
@@ -79,13 +102,7 @@ async fn a_revoked_page_subscribed_again_at_once_is_refused_despite_the_cache() 
     socket.join(table(1)).await;
     // Baserow removes user 2 from the workspace, then tells the gateway.
     backend.set_policy(|user, group| !(user == 2 && group == "table-1"));
-    let revoked = node
-        .grpc()
-        .await
-        .check_permission(revoke_user_2())
-        .await
-        .expect("revoke")
-        .into_inner();
+    let revoked = revoke_through(&node).await;
     assert_eq!(revoked.revoked.len(), 1, "{revoked:?}");
     expect(&mut socket, "page_discard").await;
     assert_eq!(answer(&mut socket, table(1)).await, rejected());
@@ -120,13 +137,7 @@ async fn a_revoke_drops_remembered_answers_on_every_node_not_only_where_the_page
     on_b.join(table(1)).await;
 
     backend.set_policy(|user, group| !(user == 2 && group == "table-1"));
-    let revoked = b
-        .grpc()
-        .await
-        .check_permission(revoke_user_2())
-        .await
-        .expect("revoke")
-        .into_inner();
+    let revoked = revoke_through(&b).await;
     assert_eq!(
         (revoked.nodes, revoked.revoked.len()),
         (2, 1),
@@ -213,13 +224,7 @@ async fn a_revoke_after_a_redis_restart_reaches_both_nodes(mut redis: RedisServe
     let a = node_on(&redis, &p, "a").await;
     let b = node_on(&redis, &p, "b").await;
     let grpc = a.grpc().await;
-    eventually("both nodes are live", async || {
-        grpc.clone()
-            .info(InfoRequest {})
-            .await
-            .is_ok_and(|info| info.into_inner().nodes.len() == 2)
-    })
-    .await;
+    until_live(&grpc, 2).await;
     let persistent = redis_keeps_data(&redis).await;
     for round in 0..3 {
         let mut on_b = b.client(2).await;
@@ -285,13 +290,7 @@ async fn a_node_frozen_past_its_heartbeat_applies_what_it_missed_before_it_deliv
     for socket in [&mut revoked, &mut kept] {
         socket.join(table(1)).await;
     }
-    eventually("three nodes are live", async || {
-        grpc.clone()
-            .info(InfoRequest {})
-            .await
-            .is_ok_and(|info| info.into_inner().nodes.len() == 3)
-    })
-    .await;
+    until_live(&grpc, 3).await;
 
     c.signal("-STOP");
     // Node c is missing until its heartbeat expires; then the others answer alone.
@@ -341,13 +340,7 @@ async fn a_revoke_through_a_failover_and_a_slot_move_of_the_registry_reaches_bot
     let a = node_on(&cluster, &p, "a").await;
     let b = node_on(&cluster, &p, "b").await;
     let grpc = a.grpc().await;
-    eventually("both nodes are live", async || {
-        grpc.clone()
-            .info(InfoRequest {})
-            .await
-            .is_ok_and(|info| info.into_inner().nodes.len() == 2)
-    })
-    .await;
+    until_live(&grpc, 2).await;
     // The registry, control requests and their log share the slot of `{prefix}`.
     let registry = slot_of(&format!("{{{p}}}"));
 
@@ -361,13 +354,7 @@ async fn a_revoke_through_a_failover_and_a_slot_move_of_the_registry_reaches_bot
 
     let mut on_b = b.client(2).await;
     on_b.join(table(1)).await;
-    let from = cluster.primary_of_slot(registry).await;
-    let to = *cluster
-        .primaries()
-        .await
-        .iter()
-        .find(|p| **p != from)
-        .expect("another primary");
+    let to = cluster.another_primary_than_of(registry).await;
     cluster.migrate_slot(registry, to).await;
     let (nodes, revoked, took) = revoke_until_ok(&grpc, revoke_user_2()).await;
     eprintln!("slot move to {to}: OK after {took:?}, nodes {nodes}, revoked {revoked}");

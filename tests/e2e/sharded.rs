@@ -452,13 +452,7 @@ async fn a_slot_moved_while_events_flow_loses_nothing() {
         async |cluster: &mut RedisCluster, channels: &BTreeMap<u16, Vec<String>>| {
             let table_1 = channel_of(channels, "table-1");
             let slot = slot_of(&table_1);
-            let from = cluster.primary_of_slot(slot).await;
-            let to = *cluster
-                .primaries()
-                .await
-                .iter()
-                .find(|p| **p != from)
-                .expect("another primary");
+            let to = cluster.another_primary_than_of(slot).await;
             cluster.migrate_slot(slot, to).await;
             eventually("the slot is served by its new primary", async || {
                 cluster.primary_of_slot(slot).await == to
