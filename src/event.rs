@@ -20,6 +20,9 @@ pub const EVERYONE_GROUP: &str = "users";
 /// Longest accepted group name, in bytes.
 const MAX_GROUP_LEN: usize = 255;
 
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
+
 /// An event ready for delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
@@ -31,6 +34,13 @@ pub struct Event {
     /// Its id in the event history, given when it is recorded; 0 until then, and for ever
     /// when it is not recorded. Delivered payloads carry it as `_event_id`.
     pub id: u64,
+    /// The caller's key for this event: seen again within the idempotency window, the
+    /// publish answers the first id and publishes nothing. Not carried to other nodes.
+    pub idempotency_key: Option<String>,
+    /// Not an event but a mark that events for this target were lost before they reached
+    /// the gateway: its sockets are closed to reconnect and refresh, and the history keeps
+    /// a gap (a replay across it answers `force_refresh`). Its payload is empty.
+    pub lost: bool,
 }
 
 /// Who receives an event, with its payload(s).
@@ -97,8 +107,21 @@ pub fn from_request(
         ignore_web_socket_id,
         exclude_user_ids,
         skip_history,
+        idempotency_key,
+        lost,
     } = request;
-    let checked = |field: &str, payload: String| check_payload(field, payload, max_payload_bytes);
+    let idempotency_key = check_idempotency_key(idempotency_key)?;
+    let checked = |field: &str, payload: String| {
+        if lost {
+            // A mark carries no event.
+            return if payload.is_empty() {
+                Ok(Payload::from(""))
+            } else {
+                Err(InvalidEvent::new(field, "must be empty with lost"))
+            };
+        }
+        check_payload(field, payload, max_payload_bytes)
+    };
     let exclusions_unused = |target: &str| {
         if exclude_user_ids.is_empty() {
             Ok(())
@@ -159,6 +182,12 @@ pub fn from_request(
                 Target::Users { user_ids, payload }
             }
         }
+        Some(publish_request::Target::Individual(_)) if lost => {
+            return Err(InvalidEvent::new(
+                "individual",
+                "a lost mark takes a group or users target",
+            ));
+        }
         Some(publish_request::Target::Individual(individual)) => {
             exclusions_unused("individual")?;
             if individual.payloads.is_empty() {
@@ -184,7 +213,32 @@ pub fn from_request(
         ignore_web_socket_id: Some(ignore_web_socket_id).filter(|id| !id.is_empty()),
         record: !skip_history,
         id: 0,
+        idempotency_key,
+        lost,
     })
+}
+
+/// An idempotency key is 1-128 printable ASCII characters; empty means none.
+fn check_idempotency_key(key: String) -> Result<Option<String>, InvalidEvent> {
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(InvalidEvent::new(
+            "idempotency_key",
+            format!(
+                "is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_LEN}",
+                key.len()
+            ),
+        ));
+    }
+    if !key.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(InvalidEvent::new(
+            "idempotency_key",
+            "must be printable ASCII",
+        ));
+    }
+    Ok(Some(key))
 }
 
 impl Event {
@@ -193,6 +247,7 @@ impl Event {
         let mut request = proto::PublishRequest {
             ignore_web_socket_id: self.ignore_web_socket_id.clone().unwrap_or_default(),
             skip_history: !self.record,
+            lost: self.lost,
             ..Default::default()
         };
         match &self.target {
@@ -329,6 +384,8 @@ impl Event {
             ignore_web_socket_id: Some(request.ignore_web_socket_id).filter(|id| !id.is_empty()),
             record: !request.skip_history,
             id: 0,
+            idempotency_key: None,
+            lost: request.lost,
         })
     }
 }

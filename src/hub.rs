@@ -430,6 +430,9 @@ impl Hub {
 
     /// Delivers an event to this node's recipients; returns how many frames were queued.
     pub fn deliver(&self, event: &Event) -> usize {
+        if event.lost {
+            return self.close_where_events_were_lost(&event.target);
+        }
         let id = event.id;
         let ignore = event.ignore_web_socket_id.as_deref();
         let skip_socket = |conn: &Connection| ignore == Some(conn.web_socket_id.as_ref());
@@ -604,6 +607,29 @@ impl Hub {
         members.len()
     }
 
+    /// A backend lost events for `target` before they reached the gateway: its sockets are
+    /// closed with 1012, so their clients reconnect and refresh instead of living with a
+    /// silent hole. Returns how many.
+    fn close_where_events_were_lost(&self, target: &Target) -> usize {
+        let reason = CloseReason::Restart;
+        match target {
+            Target::Group { group, .. } => self.close_group(group, reason),
+            Target::Everyone { .. } => self.close_connections(reason),
+            Target::Users { user_ids, .. } => user_ids
+                .iter()
+                .map(|user_id| {
+                    let conns = self.users.shard(user_id).get(user_id).cloned();
+                    conns.unwrap_or_default().iter().fold(0, |closed, conn| {
+                        conn.outbox.close(reason);
+                        closed + 1
+                    })
+                })
+                .sum(),
+            // Refused when the mark is made: a mark names a group or users.
+            Target::Individual { .. } => 0,
+        }
+    }
+
     /// Closes every connection with `reason` (connections that join later stay open);
     /// returns how many.
     pub fn close_connections(&self, reason: CloseReason) -> usize {
@@ -669,6 +695,8 @@ mod tests {
             ignore_web_socket_id: None,
             record: true,
             id: 0,
+            idempotency_key: None,
+            lost: false,
         }
     }
 

@@ -188,6 +188,8 @@ mod tests {
             ignore_web_socket_id: None,
             record: true,
             id: n,
+            idempotency_key: None,
+            lost: false,
         })
     }
 

@@ -272,6 +272,8 @@ mod tests {
             ignore_web_socket_id: None,
             record: true,
             id: 0,
+            idempotency_key: None,
+            lost: false,
         }
     }
 

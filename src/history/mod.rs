@@ -322,6 +322,8 @@ mod tests {
             ignore_web_socket_id: ignore.map(String::from),
             record: true,
             id,
+            idempotency_key: None,
+            lost: false,
         })
     }
 

@@ -13,7 +13,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63hannelgate/v1/gateway.proto\x12\x0e\x63hannelgate.v1\"\xef\x01\n\x0ePublishRequest\x12\x0f\n\x05group\x18\x01 \x01(\tH\x00\x12+\n\x05users\x18\x02 \x01(\x0b\x32\x1a.channelgate.v1.UserTargetH\x00\x12\x36\n\nindividual\x18\x03 \x01(\x0b\x32 .channelgate.v1.IndividualTargetH\x00\x12\x0f\n\x07payload\x18\x04 \x01(\t\x12\x1c\n\x14ignore_web_socket_id\x18\x05 \x01(\t\x12\x18\n\x10\x65xclude_user_ids\x18\x06 \x03(\x03\x12\x14\n\x0cskip_history\x18\x07 \x01(\x08\x42\x08\n\x06target\"1\n\nUserTarget\x12\x10\n\x08user_ids\x18\x01 \x03(\x03\x12\x11\n\tall_users\x18\x02 \x01(\x08\"\x85\x01\n\x10IndividualTarget\x12@\n\x08payloads\x18\x01 \x03(\x0b\x32..channelgate.v1.IndividualTarget.PayloadsEntry\x1a/\n\rPayloadsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x0fPublishResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\"E\n\x13PublishBatchRequest\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.channelgate.v1.PublishRequest\")\n\x14PublishBatchResponse\x12\x11\n\tevent_ids\x18\x01 \x03(\x04\"t\n\x16\x43heckPermissionRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\x03\x12\x18\n\x10permission_group\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0e\n\x06revoke\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\"h\n\x17\x43heckPermissionResponse\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\r\x12-\n\x07revoked\x18\x02 \x03(\x0b\x32\x1c.channelgate.v1.Subscription\x12\r\n\x05nodes\x18\x03 \x01(\r\"g\n\x0cSubscription\x12\x15\n\rweb_socket_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0c\n\x04page\x18\x03 \x01(\t\x12\x12\n\nparameters\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\t\"D\n\x11\x44isconnectRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\x03\x12\x1d\n\x15ignore_web_socket_ids\x18\x02 \x03(\t\"9\n\x12\x44isconnectResponse\x12\x14\n\x0c\x64isconnected\x18\x01 \x01(\r\x12\r\n\x05nodes\x18\x02 \x01(\r\"\r\n\x0bInfoRequest\"7\n\x0cInfoResponse\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.channelgate.v1.NodeInfo\"\xc2\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x63onnections\x18\x03 \x01(\x04\x12\r\n\x05users\x18\x04 \x01(\x04\x12\x0e\n\x06groups\x18\x05 \x01(\x04\x12\x15\n\rsubscriptions\x18\x06 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x07 \x01(\x04\x12\x17\n\x0fpresence_spaces\x18\x08 \x01(\x04\x12\x18\n\x10presence_members\x18\t \x01(\x04\x32\xac\x03\n\x07Gateway\x12J\n\x07Publish\x12\x1e.channelgate.v1.PublishRequest\x1a\x1f.channelgate.v1.PublishResponse\x12Y\n\x0cPublishBatch\x12#.channelgate.v1.PublishBatchRequest\x1a$.channelgate.v1.PublishBatchResponse\x12\x62\n\x0f\x43heckPermission\x12&.channelgate.v1.CheckPermissionRequest\x1a\'.channelgate.v1.CheckPermissionResponse\x12S\n\nDisconnect\x12!.channelgate.v1.DisconnectRequest\x1a\".channelgate.v1.DisconnectResponse\x12\x41\n\x04Info\x12\x1b.channelgate.v1.InfoRequest\x1a\x1c.channelgate.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63hannelgate/v1/gateway.proto\x12\x0e\x63hannelgate.v1\"\x96\x02\n\x0ePublishRequest\x12\x0f\n\x05group\x18\x01 \x01(\tH\x00\x12+\n\x05users\x18\x02 \x01(\x0b\x32\x1a.channelgate.v1.UserTargetH\x00\x12\x36\n\nindividual\x18\x03 \x01(\x0b\x32 .channelgate.v1.IndividualTargetH\x00\x12\x0f\n\x07payload\x18\x04 \x01(\t\x12\x1c\n\x14ignore_web_socket_id\x18\x05 \x01(\t\x12\x18\n\x10\x65xclude_user_ids\x18\x06 \x03(\x03\x12\x14\n\x0cskip_history\x18\x07 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x0c\n\x04lost\x18\t \x01(\x08\x42\x08\n\x06target\"1\n\nUserTarget\x12\x10\n\x08user_ids\x18\x01 \x03(\x03\x12\x11\n\tall_users\x18\x02 \x01(\x08\"\x85\x01\n\x10IndividualTarget\x12@\n\x08payloads\x18\x01 \x03(\x0b\x32..channelgate.v1.IndividualTarget.PayloadsEntry\x1a/\n\rPayloadsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x0fPublishResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\"E\n\x13PublishBatchRequest\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.channelgate.v1.PublishRequest\")\n\x14PublishBatchResponse\x12\x11\n\tevent_ids\x18\x01 \x03(\x04\"t\n\x16\x43heckPermissionRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\x03\x12\x18\n\x10permission_group\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0e\n\x06revoke\x18\x04 \x01(\x08\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\"h\n\x17\x43heckPermissionResponse\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\r\x12-\n\x07revoked\x18\x02 \x03(\x0b\x32\x1c.channelgate.v1.Subscription\x12\r\n\x05nodes\x18\x03 \x01(\r\"g\n\x0cSubscription\x12\x15\n\rweb_socket_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\x03\x12\x0c\n\x04page\x18\x03 \x01(\t\x12\x12\n\nparameters\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\t\"D\n\x11\x44isconnectRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\x03\x12\x1d\n\x15ignore_web_socket_ids\x18\x02 \x03(\t\"9\n\x12\x44isconnectResponse\x12\x14\n\x0c\x64isconnected\x18\x01 \x01(\r\x12\r\n\x05nodes\x18\x02 \x01(\r\"\r\n\x0bInfoRequest\"7\n\x0cInfoResponse\x12\'\n\x05nodes\x18\x01 \x03(\x0b\x32\x18.channelgate.v1.NodeInfo\"\xc2\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x63onnections\x18\x03 \x01(\x04\x12\r\n\x05users\x18\x04 \x01(\x04\x12\x0e\n\x06groups\x18\x05 \x01(\x04\x12\x15\n\rsubscriptions\x18\x06 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x07 \x01(\x04\x12\x17\n\x0fpresence_spaces\x18\x08 \x01(\x04\x12\x18\n\x10presence_members\x18\t \x01(\x04\x32\xac\x03\n\x07Gateway\x12J\n\x07Publish\x12\x1e.channelgate.v1.PublishRequest\x1a\x1f.channelgate.v1.PublishResponse\x12Y\n\x0cPublishBatch\x12#.channelgate.v1.PublishBatchRequest\x1a$.channelgate.v1.PublishBatchResponse\x12\x62\n\x0f\x43heckPermission\x12&.channelgate.v1.CheckPermissionRequest\x1a\'.channelgate.v1.CheckPermissionResponse\x12S\n\nDisconnect\x12!.channelgate.v1.DisconnectRequest\x1a\".channelgate.v1.DisconnectResponse\x12\x41\n\x04Info\x12\x1b.channelgate.v1.InfoRequest\x1a\x1c.channelgate.v1.InfoResponseb\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'channelgate.v1.gateway_pb2', globals())
@@ -23,35 +23,35 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _INDIVIDUALTARGET_PAYLOADSENTRY._options = None
   _INDIVIDUALTARGET_PAYLOADSENTRY._serialized_options = b'8\001'
   _PUBLISHREQUEST._serialized_start=49
-  _PUBLISHREQUEST._serialized_end=288
-  _USERTARGET._serialized_start=290
-  _USERTARGET._serialized_end=339
-  _INDIVIDUALTARGET._serialized_start=342
-  _INDIVIDUALTARGET._serialized_end=475
-  _INDIVIDUALTARGET_PAYLOADSENTRY._serialized_start=428
-  _INDIVIDUALTARGET_PAYLOADSENTRY._serialized_end=475
-  _PUBLISHRESPONSE._serialized_start=477
-  _PUBLISHRESPONSE._serialized_end=512
-  _PUBLISHBATCHREQUEST._serialized_start=514
-  _PUBLISHBATCHREQUEST._serialized_end=583
-  _PUBLISHBATCHRESPONSE._serialized_start=585
-  _PUBLISHBATCHRESPONSE._serialized_end=626
-  _CHECKPERMISSIONREQUEST._serialized_start=628
-  _CHECKPERMISSIONREQUEST._serialized_end=744
-  _CHECKPERMISSIONRESPONSE._serialized_start=746
-  _CHECKPERMISSIONRESPONSE._serialized_end=850
-  _SUBSCRIPTION._serialized_start=852
-  _SUBSCRIPTION._serialized_end=955
-  _DISCONNECTREQUEST._serialized_start=957
-  _DISCONNECTREQUEST._serialized_end=1025
-  _DISCONNECTRESPONSE._serialized_start=1027
-  _DISCONNECTRESPONSE._serialized_end=1084
-  _INFOREQUEST._serialized_start=1086
-  _INFOREQUEST._serialized_end=1099
-  _INFORESPONSE._serialized_start=1101
-  _INFORESPONSE._serialized_end=1156
-  _NODEINFO._serialized_start=1159
-  _NODEINFO._serialized_end=1353
-  _GATEWAY._serialized_start=1356
-  _GATEWAY._serialized_end=1784
+  _PUBLISHREQUEST._serialized_end=327
+  _USERTARGET._serialized_start=329
+  _USERTARGET._serialized_end=378
+  _INDIVIDUALTARGET._serialized_start=381
+  _INDIVIDUALTARGET._serialized_end=514
+  _INDIVIDUALTARGET_PAYLOADSENTRY._serialized_start=467
+  _INDIVIDUALTARGET_PAYLOADSENTRY._serialized_end=514
+  _PUBLISHRESPONSE._serialized_start=516
+  _PUBLISHRESPONSE._serialized_end=551
+  _PUBLISHBATCHREQUEST._serialized_start=553
+  _PUBLISHBATCHREQUEST._serialized_end=622
+  _PUBLISHBATCHRESPONSE._serialized_start=624
+  _PUBLISHBATCHRESPONSE._serialized_end=665
+  _CHECKPERMISSIONREQUEST._serialized_start=667
+  _CHECKPERMISSIONREQUEST._serialized_end=783
+  _CHECKPERMISSIONRESPONSE._serialized_start=785
+  _CHECKPERMISSIONRESPONSE._serialized_end=889
+  _SUBSCRIPTION._serialized_start=891
+  _SUBSCRIPTION._serialized_end=994
+  _DISCONNECTREQUEST._serialized_start=996
+  _DISCONNECTREQUEST._serialized_end=1064
+  _DISCONNECTRESPONSE._serialized_start=1066
+  _DISCONNECTRESPONSE._serialized_end=1123
+  _INFOREQUEST._serialized_start=1125
+  _INFOREQUEST._serialized_end=1138
+  _INFORESPONSE._serialized_start=1140
+  _INFORESPONSE._serialized_end=1195
+  _NODEINFO._serialized_start=1198
+  _NODEINFO._serialized_end=1392
+  _GATEWAY._serialized_start=1395
+  _GATEWAY._serialized_end=1823
 # @@protoc_insertion_point(module_scope)

@@ -103,22 +103,26 @@ class PublishBatchResponse(_message.Message):
     def __init__(self, event_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ["exclude_user_ids", "group", "ignore_web_socket_id", "individual", "payload", "skip_history", "users"]
+    __slots__ = ["exclude_user_ids", "group", "idempotency_key", "ignore_web_socket_id", "individual", "lost", "payload", "skip_history", "users"]
     EXCLUDE_USER_IDS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     IGNORE_WEB_SOCKET_ID_FIELD_NUMBER: _ClassVar[int]
     INDIVIDUAL_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SKIP_HISTORY_FIELD_NUMBER: _ClassVar[int]
     USERS_FIELD_NUMBER: _ClassVar[int]
     exclude_user_ids: _containers.RepeatedScalarFieldContainer[int]
     group: str
+    idempotency_key: str
     ignore_web_socket_id: str
     individual: IndividualTarget
+    lost: bool
     payload: str
     skip_history: bool
     users: UserTarget
-    def __init__(self, group: _Optional[str] = ..., users: _Optional[_Union[UserTarget, _Mapping]] = ..., individual: _Optional[_Union[IndividualTarget, _Mapping]] = ..., payload: _Optional[str] = ..., ignore_web_socket_id: _Optional[str] = ..., exclude_user_ids: _Optional[_Iterable[int]] = ..., skip_history: bool = ...) -> None: ...
+    def __init__(self, group: _Optional[str] = ..., users: _Optional[_Union[UserTarget, _Mapping]] = ..., individual: _Optional[_Union[IndividualTarget, _Mapping]] = ..., payload: _Optional[str] = ..., ignore_web_socket_id: _Optional[str] = ..., exclude_user_ids: _Optional[_Iterable[int]] = ..., skip_history: bool = ..., idempotency_key: _Optional[str] = ..., lost: bool = ...) -> None: ...
 
 class PublishResponse(_message.Message):
     __slots__ = ["event_id"]

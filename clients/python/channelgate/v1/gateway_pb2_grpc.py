@@ -49,26 +49,31 @@ class GatewayServicer(object):
     def Publish(self, request, context):
         """Publish one event. Returns once the bus has accepted it for delivery (not after
         sockets wrote it) and, with history on, recorded it for replay: its id, storage and
-        publication are one step. Fails with UNAVAILABLE when the bus is down, never
-        silently. An UNAVAILABLE after Redis took too long to answer (2 s) does not say the
-        event was dropped: a Redis that was only slow or frozen still runs it when it
-        resumes, so a retry may deliver it twice (each with its own `_event_id`).
+        publication are one step. Never silently: the status says what a retry does.
+        - UNAVAILABLE: nothing was published (the bus is down, or refused it before it ran):
+        retry freely.
+        - DEADLINE_EXCEEDED: the gateway gave up waiting and the event may have been
+        published (Redis took longer than 2 s to answer, a Redis Cluster replica did not
+        confirm within a second, the node stopped during the call): retry with the same
+        `idempotency_key`, which publishes it at most once, or accept a possible duplicate.
+        - INVALID_ARGUMENT: bad input, with a message naming the field; a retry fails alike.
         On a Redis Cluster, with history on, it returns once a replica of the shard also
-        holds the event, so a failover cannot lose it; when no replica confirms within a
-        second it fails with UNAVAILABLE, and the event may still be delivered. A primary the
-        nodes see without a live replica answers without waiting.
-        Bad input fails with INVALID_ARGUMENT and a message naming the field.
+        holds the event, so a failover cannot lose it. A primary the nodes see without a live
+        replica answers without waiting.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PublishBatch(self, request, context):
-        """Publish several events in order in one round trip. The batch is validated as a
-        whole first: one invalid event fails the call and nothing is sent. On Redis the
-        batch is published in one atomic step: all of it, or (UNAVAILABLE) none. On a Redis
-        Cluster that holds for each lane's events (a group's, a user's): lanes on different
-        shards are separate steps, so an UNAVAILABLE may follow a partial publish. At most
+        """Publish several events in order in one round trip; their ids increase in request
+        order on every bus, so every socket receives them in that order. The batch is
+        validated as a whole first: one invalid event fails the call and nothing is sent. On
+        one Redis the batch is published in one atomic step: all of it, or (UNAVAILABLE)
+        none. On a Redis Cluster each run of consecutive events on one lane (a group's, a
+        user's) is one atomic step, taken in request order: an UNAVAILABLE or
+        DEADLINE_EXCEEDED may follow a partial publish, and a retry with the events'
+        idempotency keys publishes only what is missing. Statuses as for Publish. At most
         --max-batch-events events and --max-batch-bytes of payloads (INVALID_ARGUMENT beyond).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
