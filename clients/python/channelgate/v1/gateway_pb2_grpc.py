@@ -50,13 +50,12 @@ class GatewayServicer(object):
         """Publish one event. Returns once the bus has accepted it for delivery (not after
         sockets wrote it) and, with history on, recorded it for replay: its id, storage and
         publication are one step. Never silently: the status says what a retry does.
-        - UNAVAILABLE: nothing was published (the bus is down, or refused it before it ran):
-        retry freely.
-        - DEADLINE_EXCEEDED: the gateway gave up waiting and the event may have been
-        published (Redis took longer than 2 s to answer, a Redis Cluster replica did not
-        confirm within a second, the node stopped during the call): retry with the same
+        UNAVAILABLE: nothing was published (the bus is down, or refused it before it ran);
+        retry freely. DEADLINE_EXCEEDED: the gateway gave up waiting and the event may have
+        been published (Redis took longer than 2 s to answer, a Redis Cluster replica did not
+        confirm within a second, the node stopped during the call); retry with the same
         `idempotency_key`, which publishes it at most once, or accept a possible duplicate.
-        - INVALID_ARGUMENT: bad input, with a message naming the field; a retry fails alike.
+        INVALID_ARGUMENT: bad input, with a message naming the field; a retry fails alike.
         On a Redis Cluster, with history on, it returns once a replica of the shard also
         holds the event, so a failover cannot lose it. A primary the nodes see without a live
         replica answers without waiting.
