@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bus::{RedisSettings, RedisTarget};
 use crate::history::{HistorySettings, Retention};
+use crate::idempotency::IdempotencySettings;
 use crate::pages::{PageRegistry, PageSpec};
 use crate::presence::{FocusTypeSpec, FocusTypes, PresenceLimits};
 
@@ -199,6 +200,16 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_MAX_BATCH_BYTES", value_name = "BYTES")]
     pub max_batch_bytes: Option<usize>,
 
+    /// Seconds a publish's idempotency_key is remembered: the same key within it answers
+    /// the first event id and publishes nothing [default: 600]
+    #[arg(long, env = "CHANNELGATE_IDEMPOTENCY_WINDOW", value_name = "SECS")]
+    pub idempotency_window: Option<u64>,
+
+    /// Idempotency keys one node without Redis remembers at most; past it the oldest are
+    /// forgotten before their window ends (on Redis, keys live in Redis) [default: 100000]
+    #[arg(long, env = "CHANNELGATE_IDEMPOTENCY_KEYS", value_name = "N")]
+    pub idempotency_keys: Option<usize>,
+
     /// Pages one connection may hold; more get `too_many_pages` [default: 100]
     #[arg(long, env = "CHANNELGATE_MAX_PAGES", value_name = "N")]
     pub max_pages: Option<usize>,
@@ -376,6 +387,7 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     pub max_batch_events: usize,
     pub max_batch_bytes: usize,
+    pub idempotency: IdempotencySettings,
     pub max_grpc_message_bytes: usize,
     /// The gRPC API's certificate and key, PEM; `None`: plaintext.
     pub grpc_tls: Option<(PathBuf, PathBuf)>,
@@ -577,6 +589,14 @@ impl Settings {
         if inbound_rate == 0 || inbound_burst == 0 {
             return Err("--inbound-rate and --inbound-burst must be at least 1".into());
         }
+        let idempotency = IdempotencySettings {
+            window: Duration::from_secs(positive(
+                "idempotency-window",
+                options.idempotency_window.map(|v| v as usize),
+                600,
+            )? as u64),
+            max_keys: positive("idempotency-keys", options.idempotency_keys, 100_000)?,
+        };
         Ok(Settings {
             dev,
             history,
@@ -611,6 +631,7 @@ impl Settings {
                         options.control_timeout_ms.unwrap_or(2000),
                     ),
                     unsubscribe_delay: Duration::from_secs(1),
+                    idempotency_window: idempotency.window,
                 }
             }),
             node_id: options.node_id.unwrap_or_else(|| {
@@ -624,6 +645,7 @@ impl Settings {
             }),
             max_queue_bytes,
             max_batch_events: positive("max-batch-events", options.max_batch_events, 1000)?,
+            idempotency,
             grpc_tls: match (options.grpc_tls_cert, options.grpc_tls_key) {
                 (Some(cert), Some(key)) => Some((cert, key)),
                 (None, None) => None,

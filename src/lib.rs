@@ -13,6 +13,7 @@ pub mod control;
 pub mod event;
 pub mod history;
 pub mod hub;
+pub mod idempotency;
 pub mod identity;
 pub mod metrics;
 pub mod outbox;
@@ -271,6 +272,7 @@ impl Node {
                 settings
                     .history
                     .map(|history| Arc::new(MemoryHistory::new(history.retention))),
+                settings.idempotency,
             )),
         };
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -1,16 +1,18 @@
 //! The in-memory bus of a node running alone: publishing is delivering to the local hub,
 //! and recording an event in the in-memory history in the same step.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{Bus, BusUnavailable};
+use super::{Bus, BusUnavailable, PublishError};
 use crate::control::{Answers, ControlHandler, Request};
 use crate::event::Event;
 use crate::history::{self, memory::MemoryHistory};
 use crate::hub::Hub;
+use crate::idempotency::{IdempotencySettings, Remembered};
 
 /// One node, no network: an event is in every recipient's queue when `publish` returns,
 /// so sequential publishes keep their order; control requests are answered locally.
@@ -18,6 +20,9 @@ pub struct MemoryBus {
     hub: Arc<Hub>,
     control: Arc<ControlHandler>,
     history: Option<Arc<MemoryHistory>>,
+    /// Idempotency keys published within the window; held while an event with a key is
+    /// published, so a key checked and the event published are one step.
+    keys: Mutex<Remembered>,
     ready: watch::Sender<bool>,
 }
 
@@ -27,13 +32,31 @@ impl MemoryBus {
         hub: Arc<Hub>,
         control: Arc<ControlHandler>,
         history: Option<Arc<MemoryHistory>>,
+        idempotency: IdempotencySettings,
     ) -> Self {
         MemoryBus {
             hub,
             control,
             history,
+            keys: Mutex::new(Remembered::new(idempotency)),
             ready: watch::Sender::new(true),
         }
+    }
+
+    /// Publishes the event unless its idempotency key was published within the window;
+    /// returns its id, or the first one's.
+    fn publish_once(&self, mut event: Event) -> u64 {
+        let Some(key) = event.idempotency_key.take() else {
+            return self.deliver(event);
+        };
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let Some(id) = keys.get(&key, now) {
+            return id;
+        }
+        let id = self.deliver(event);
+        keys.insert(key, id, now);
+        id
     }
 
     fn deliver(&self, event: Event) -> u64 {
@@ -50,14 +73,14 @@ impl MemoryBus {
 }
 
 impl Bus for MemoryBus {
-    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, BusUnavailable>> {
-        Box::pin(std::future::ready(Ok(self.deliver(event))))
+    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, PublishError>> {
+        Box::pin(std::future::ready(Ok(self.publish_once(event))))
     }
 
-    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, BusUnavailable>> {
+    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, PublishError>> {
         Box::pin(std::future::ready(Ok(events
             .into_iter()
-            .map(|event| self.deliver(event))
+            .map(|event| self.publish_once(event))
             .collect())))
     }
 

@@ -32,17 +32,45 @@ impl std::fmt::Display for BusUnavailable {
     }
 }
 
+/// Why a publish failed, as its caller must know it: whether the event may have gone out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishError {
+    /// Certainly not published (the bus is down, or refused it before it ran): a retry is
+    /// safe (`UNAVAILABLE`).
+    Unavailable(String),
+    /// The node gave up waiting, and the event may have been published: a retry with the
+    /// same idempotency key publishes it at most once (`DEADLINE_EXCEEDED`).
+    Unknown(String),
+}
+
+impl From<BusUnavailable> for PublishError {
+    fn from(error: BusUnavailable) -> Self {
+        PublishError::Unavailable(error.0)
+    }
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishError::Unavailable(why) => write!(f, "not published: {why}"),
+            PublishError::Unknown(why) => write!(f, "may have been published: {why}"),
+        }
+    }
+}
+
 /// Moves events and control requests between nodes, and keeps the event history.
 pub trait Bus: Send + Sync + 'static {
     /// Completes once the bus has accepted the event for delivery to every node, and
     /// returns its history id (0: not recorded). With history on, giving the id, storing
     /// the event and publishing it are one step, so a group's live order is its id order.
     /// Events published one after another to one group are delivered in that order
-    /// everywhere.
-    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, BusUnavailable>>;
+    /// everywhere. An event whose idempotency key was published within the window is not
+    /// published again: the first one's id is returned, checked in the same step.
+    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, PublishError>>;
 
-    /// Publishes events in order, as one step where the bus can, and returns their ids.
-    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, BusUnavailable>>;
+    /// Publishes events in order, as one step where the bus can, and returns their ids,
+    /// which increase in request order.
+    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, PublishError>>;
 
     /// Asks every live node, this one included, and returns the replies that arrived
     /// within the bus's deadline, and which live nodes did not answer.

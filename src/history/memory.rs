@@ -157,7 +157,8 @@ impl MemoryHistory {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Gives the event the next id, keeps it and hands it to `deliver`, in one step.
+    /// Gives the event the next id, keeps it and hands it to `deliver`, in one step. A lost
+    /// mark is not kept: its stream counts as lost through its id.
     pub fn record<R>(&self, mut event: Event, deliver: impl FnOnce(&Event) -> R) -> (u64, R) {
         let now = Instant::now();
         let mut state = self.lock();
@@ -174,6 +175,11 @@ impl MemoryHistory {
             // A stream that is new, or was forgotten whole, may have lost what it had.
             lost_through: state.forgotten,
         });
+        if event.lost {
+            // A mark of events lost before they got here: a replay across it refreshes.
+            stream.lost_through = state.latest;
+            return (state.latest, delivered);
+        }
         stream.events.push_back(Kept {
             at: now,
             bytes,

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use tonic::{Request, Response, Status};
 
-use crate::bus::Bus;
+use crate::bus::{Bus, PublishError};
 use crate::control;
 use crate::control::{Answers, Reply as ControlReply, Request as ControlRequest};
 use crate::event::{self, InvalidEvent};
@@ -40,6 +40,17 @@ fn invalid(error: InvalidEvent) -> Status {
     Status::invalid_argument(error.to_string())
 }
 
+/// What a failed publish tells its caller: `UNAVAILABLE` only when nothing was published,
+/// `DEADLINE_EXCEEDED` when it may have been (retry with the same idempotency key).
+fn publish_status(error: PublishError) -> Status {
+    match error {
+        PublishError::Unavailable(_) => Status::unavailable(format!("{error}; retry it")),
+        PublishError::Unknown(_) => Status::deadline_exceeded(format!(
+            "{error}; retry with the same idempotency_key to publish it at most once"
+        )),
+    }
+}
+
 #[tonic::async_trait]
 impl Gateway for GatewayApi {
     async fn publish(
@@ -48,11 +59,7 @@ impl Gateway for GatewayApi {
     ) -> Result<Response<proto::PublishResponse>, Status> {
         let event =
             event::from_request(request.into_inner(), self.max_payload_bytes).map_err(invalid)?;
-        let event_id = self
-            .bus
-            .publish(event)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let event_id = self.bus.publish(event).await.map_err(publish_status)?;
         self.published(1, event_id != 0);
         Ok(Response::new(proto::PublishResponse { event_id }))
     }
@@ -89,13 +96,11 @@ impl Gateway for GatewayApi {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let total = events.len() as u64;
-        let event_ids = self.bus.publish_batch(events).await.map_err(|e| {
-            Status::unavailable(format!(
-                "{e}: a batch is published whole or not at all (on a Redis Cluster: per \
-                     lane, so lanes on other shards may be published); after a timeout it \
-                     may still be published once Redis answers"
-            ))
-        })?;
+        let event_ids = self
+            .bus
+            .publish_batch(events)
+            .await
+            .map_err(publish_status)?;
         let recorded = event_ids.iter().filter(|id| **id != 0).count() as u64;
         let metrics = &self.metrics;
         metrics.events_published.fetch_add(total, Ordering::Relaxed);

@@ -7,6 +7,7 @@ mod cluster;
 mod common;
 mod connect;
 mod delivery;
+mod exactly_once;
 mod grpc_api;
 mod identity;
 mod limits;

@@ -15,11 +15,13 @@
 //! while N is not.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use redis::Script;
 
-use super::link::Shared;
+use super::link::{Shared, publish_failed};
+use crate::bus::PublishError;
 
 /// Lua that starts a fresh store's sequence at the clock's microseconds (KEYS[1] `seq`,
 /// KEYS[2] `floor`): ids stay above those of a store that was lost, and cursors from
@@ -38,11 +40,14 @@ end
 use crate::event::{Event, Target};
 use crate::history::{Retention, Snapshot, Store, StreamKey, StreamRead, Unavailable};
 
-/// Gives each recorded event its id, keeps it and publishes it; publishes the others.
+/// Gives each recorded event its id, keeps it and publishes it; publishes the others. An
+/// event whose idempotency key is known answers the id kept under it and is not published
+/// again; a lost mark moves its stream's lost marker instead of being kept.
 ///
-/// KEYS: seq, floor, clock, then per event its stream and lost-marker keys.
-/// ARGV: the age limit in ms, then per event: channel, bus bytes, events its stream keeps
-/// (0: not recorded). Returns the ids (0 for events not recorded).
+/// KEYS: seq, floor, clock, then per event its stream, lost-marker and idempotency keys.
+/// ARGV: the age limit in ms, the idempotency window in ms, then per event: channel, bus
+/// bytes, events its stream keeps (0: not recorded), 1 for a lost mark (else 0), its
+/// idempotency key ('' for none). Returns the ids (0 for events not recorded).
 const RECORD: &str = concat!(
     start_lua!(),
     append_lua!(),
@@ -50,11 +55,17 @@ const RECORD: &str = concat!(
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1]) + 60000
+local window = tonumber(ARGV[2])
 local step = math.min(1000, math.max(1, math.floor(tonumber(ARGV[1]) / 1000)))
 local ids = {}
-for i = 1, (#ARGV - 1) / 3 do
-  local channel, bytes, keep = ARGV[3 * i - 1], ARGV[3 * i], tonumber(ARGV[3 * i + 1])
-  if keep == 0 then
+for i = 1, (#ARGV - 2) / 5 do
+  local a, k = 5 * i - 2, 3 * i + 1
+  local channel, bytes, keep = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local mark, key = ARGV[a + 3] == '1', ARGV[a + 4]
+  local seen = key ~= '' and redis.call('GET', KEYS[k + 2])
+  if seen then
+    ids[i] = tonumber(seen)
+  elseif keep == 0 then
     redis.call('PUBLISH', channel, bytes)
     ids[i] = 0
   else
@@ -64,13 +75,20 @@ for i = 1, (#ARGV - 1) / 3 do
     local id = redis.call('INCR', KEYS[1])
     local sid = string.format('%.0f', id)
     local message = bytes .. '\16' .. varint(id)
-    append(KEYS[2 * i + 2], KEYS[2 * i + 3], sid, message, keep, ttl)
+    if mark then
+      redis.call('SET', KEYS[k + 1], sid, 'PX', ttl)
+    else
+      append(KEYS[k], KEYS[k + 1], sid, message, keep, ttl)
+    end
     local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
     if #last == 0 or tonumber(string.match(last[1][1], '^%d+')) <= now - step then
       redis.call('XADD', KEYS[3], 'MINID', '~', string.format('%.0f', now - ttl), '*', 'i', sid)
     end
     redis.call('PUBLISH', channel, message)
     ids[i] = id
+  end
+  if key ~= '' and not seen then
+    redis.call('SET', KEYS[k + 2], string.format('%.0f', ids[i]), 'PX', window)
   end
 end
 return ids
@@ -120,16 +138,19 @@ return out
 pub struct RedisHistory {
     shared: Arc<Shared>,
     retention: Retention,
+    /// How long an idempotency key is kept.
+    idempotency_window: Duration,
     record: Script,
     read: Script,
     latest: Script,
 }
 
 impl RedisHistory {
-    pub fn new(shared: Arc<Shared>, retention: Retention) -> Self {
+    pub fn new(shared: Arc<Shared>, retention: Retention, idempotency_window: Duration) -> Self {
         RedisHistory {
             shared,
             retention,
+            idempotency_window,
             record: Script::new(RECORD),
             read: Script::new(READ),
             latest: Script::new(LATEST),
@@ -146,13 +167,14 @@ impl RedisHistory {
 
     /// Publishes events in order in one script, recording those that ask for it; returns
     /// their ids. `record` false: history is off, nothing is recorded.
-    pub async fn publish(&self, events: &[Event], record: bool) -> Result<Vec<u64>, String> {
+    pub async fn publish(&self, events: &[Event], record: bool) -> Result<Vec<u64>, PublishError> {
         let mut invocation = self.record.prepare_invoke();
         invocation
             .key(self.key("seq"))
             .key(self.key("floor"))
             .key(self.key("clock"))
-            .arg(self.retention.max_age.as_millis() as u64);
+            .arg(self.retention.max_age.as_millis() as u64)
+            .arg(self.idempotency_window.as_millis() as u64);
         for event in events {
             let stream = StreamKey::of(event);
             let keep = if record && event.record {
@@ -166,19 +188,28 @@ impl RedisHistory {
             };
             let bytes = prost::Message::encode_to_vec(&event.to_bus());
             let [stream, lost] = self.stream_keys(&stream);
+            let key = event.idempotency_key.as_deref().unwrap_or_default();
             invocation
                 .key(stream)
                 .key(lost)
+                .key(self.key(&idempotency_key_name(key)))
                 .arg(channel)
                 .arg(bytes)
-                .arg(keep);
+                .arg(keep)
+                .arg(u8::from(event.lost))
+                .arg(key);
         }
-        let mut connection = self.shared.publisher().await.map_err(|e| e.0)?;
+        let mut connection = self.shared.publisher().await?;
         invocation
             .invoke_async(&mut connection)
             .await
-            .map_err(|e| format!("Redis publish script failed: {e}"))
+            .map_err(|e| publish_failed(e, "Redis publish script"))
     }
+}
+
+/// The name, under the history's prefix, that keeps an idempotency key's event id.
+pub(super) fn idempotency_key_name(key: &str) -> String {
+    format!("i:{key}")
 }
 
 /// An id as Redis answers it.

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::lock;
 use super::names::Names;
 use super::registry::Liveness;
-use crate::bus::BusUnavailable;
+use crate::bus::{BusUnavailable, PublishError};
 use crate::control::Reply;
 
 /// Reconnect backoff bounds.
@@ -27,6 +27,20 @@ pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// so without it the node would not notice. No pong within `COMMAND_TIMEOUT` breaks the
 /// connection: the node turns not ready and reconnects.
 pub(super) const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
+
+/// What a failed publish command says about the event: a command Redis refused, or that
+/// never reached it, published nothing; one that timed out or lost its connection after
+/// it was sent may have run.
+pub(super) fn publish_failed(error: redis::RedisError, what: &str) -> PublishError {
+    let message = format!("{what} failed: {error}");
+    if !error.is_connection_refusal()
+        && (error.is_timeout() || error.is_io_error() || error.is_connection_dropped())
+    {
+        PublishError::Unknown(message)
+    } else {
+        PublishError::Unavailable(message)
+    }
+}
 
 /// How a node reaches Redis.
 pub(super) enum Link {

@@ -88,7 +88,7 @@ mod subscriptions;
 
 pub use subscriptions::{PendingCommands, Subscriptions, subscriptions};
 
-use super::{Bus, BusUnavailable};
+use super::{Bus, BusUnavailable, PublishError};
 use crate::control::{Answers, ControlHandler, Request};
 use crate::event::{Event, Target};
 use crate::history::{self as event_history, HistorySettings};
@@ -97,7 +97,7 @@ use crate::presence::Presence;
 use crate::proto;
 use history::RedisHistory;
 use inbox::Inbox;
-use link::{Link, Shared};
+use link::{Link, Shared, publish_failed};
 use listener::Listener;
 use names::Names;
 use presence::RedisPresence;
@@ -122,6 +122,8 @@ pub struct RedisSettings {
     /// How long a group stays subscribed after its last local member left, so groups
     /// whose members come and go do not churn Redis.
     pub unsubscribe_delay: Duration,
+    /// How long Redis keeps a publish's idempotency key.
+    pub idempotency_window: Duration,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -208,7 +210,11 @@ impl RedisBus {
         };
         let store = match &settings.target {
             RedisTarget::Url(_) => {
-                let history = Arc::new(RedisHistory::new(shared.clone(), retention));
+                let history = Arc::new(RedisHistory::new(
+                    shared.clone(),
+                    retention,
+                    settings.idempotency_window,
+                ));
                 let listener = Listener {
                     shared: shared.clone(),
                     hub,
@@ -222,7 +228,12 @@ impl RedisBus {
                 Store::Single(history)
             }
             RedisTarget::Cluster(nodes) => {
-                let lanes = Arc::new(cluster::Lanes::new(shared.clone(), retention, recording));
+                let lanes = Arc::new(cluster::Lanes::new(
+                    shared.clone(),
+                    retention,
+                    recording,
+                    settings.idempotency_window,
+                ));
                 let listener = cluster::Listener::new(
                     nodes.clone(),
                     lanes.clone(),
@@ -261,39 +272,45 @@ impl Drop for RedisBus {
 }
 
 impl Bus for RedisBus {
-    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, BusUnavailable>> {
+    fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, PublishError>> {
         Box::pin(async move {
             self.unavailable_unless_ready()?;
             let history = match &self.store {
                 Store::Single(history) => history,
                 Store::Lanes(lanes) => {
-                    let ids = lanes.publish(vec![event]).await.map_err(BusUnavailable)?;
+                    let ids = lanes.publish(vec![event]).await?;
                     return Ok(ids.first().copied().unwrap_or_default());
                 }
             };
-            if self.recording && event.record {
-                let ids = history.publish(&[event], true).await;
-                return ids
-                    .map(|ids| ids.first().copied().unwrap_or_default())
-                    .map_err(BusUnavailable);
+            // The script gives ids, keeps events and checks keys; a plain event without
+            // history needs none of that.
+            if (self.recording && event.record) || event.idempotency_key.is_some() || event.lost {
+                let ids = history.publish(&[event], self.recording).await?;
+                return Ok(ids.first().copied().unwrap_or_default());
             }
             let channel = match &event.target {
                 Target::Group { group, .. } => self.shared.names.group(group),
                 _ => self.shared.names.broadcast(),
             };
             let bytes = event.to_bus().encode_to_vec();
-            self.shared.publish_bytes(&channel, bytes).await.map(|_| 0)
+            let mut connection = self.shared.publisher().await?;
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(bytes)
+                .query_async::<i64>(&mut connection)
+                .await
+                .map_err(|e| publish_failed(e, "Redis PUBLISH"))?;
+            Ok(0)
         })
     }
 
-    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, BusUnavailable>> {
+    fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, PublishError>> {
         Box::pin(async move {
             self.unavailable_unless_ready()?;
             match &self.store {
                 Store::Single(history) => history.publish(&events, self.recording).await,
                 Store::Lanes(lanes) => lanes.publish(events).await,
             }
-            .map_err(BusUnavailable)
         })
     }
 

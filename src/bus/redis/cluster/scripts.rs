@@ -72,35 +72,57 @@ local last = tonumber(redis.call('GET', KEYS[1]))
 "
 }
 
-/// Gives a lane's events their ids, keeps those recorded and publishes them all.
+/// Gives a lane's events their ids, keeps those recorded and publishes them all. An event
+/// whose idempotency key is known answers the id kept under it and is not published again;
+/// a lost mark moves its stream's lost marker instead of being kept.
 ///
-/// KEYS: seq, floor, rec (the last recorded id), then per event its stream and lost-marker
-/// keys.
-/// ARGV: the age limit in ms, the clock the node has seen, the lane, then per event:
-/// channel, bus bytes, events its stream keeps (0: not recorded, published with its
-/// position). Returns the ids (0 for events not recorded).
+/// KEYS: seq, floor, rec (the last recorded id), then per event its stream, lost-marker
+/// and idempotency keys.
+/// ARGV: the age limit in ms, the clock the node has seen, the lane, the idempotency window
+/// in ms, 1 when history is on (else 0: the nodes order nothing, events go without a
+/// position), then per event: channel, bus bytes, events its stream keeps (0: not
+/// recorded, published with its position), 1 for a lost mark (else 0), its idempotency
+/// key ('' for none). Returns the ids (0 for events not recorded).
 pub(super) fn record_lua() -> String {
     lane_clock_lua()
         + append_lua!()
         + &format!(
             r"
 local lanes, age, hint, lane = {LANES}, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local window, ordered = tonumber(ARGV[4]), ARGV[5] == '1'
 local ttl = age + 60000
 local ids = {{}}
-for i = 1, (#ARGV - 3) / 3 do
-  local channel, bytes, keep = ARGV[3 * i + 1], ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
-  last = math.max(now, last + 1, hint + 1)
-  local id = last * lanes + lane
-  local sid = string.format('%.0f', id)
-  if keep == 0 then
-    redis.call('SPUBLISH', channel, bytes .. '\24' .. varint(id))
-    ids[i] = 0
+for i = 1, (#ARGV - 5) / 5 do
+  local a, k = 5 * i + 1, 3 * i + 1
+  local channel, bytes, keep = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local mark, key = ARGV[a + 3] == '1', ARGV[a + 4]
+  local seen = key ~= '' and redis.call('GET', KEYS[k + 2])
+  if seen then
+    ids[i] = tonumber(seen)
   else
-    local message = bytes .. '\16' .. varint(id)
-    append(KEYS[2 * i + 2], KEYS[2 * i + 3], sid, message, keep, ttl)
-    redis.call('SET', KEYS[3], sid)
-    redis.call('SPUBLISH', channel, message)
-    ids[i] = id
+    last = math.max(now, last + 1, hint + 1)
+    local id = last * lanes + lane
+    local sid = string.format('%.0f', id)
+    if not ordered then
+      redis.call('SPUBLISH', channel, bytes)
+      ids[i] = 0
+    elseif keep == 0 then
+      redis.call('SPUBLISH', channel, bytes .. '\24' .. varint(id))
+      ids[i] = 0
+    else
+      local message = bytes .. '\16' .. varint(id)
+      if mark then
+        redis.call('SET', KEYS[k + 1], sid, 'PX', ttl)
+      else
+        append(KEYS[k], KEYS[k + 1], sid, message, keep, ttl)
+      end
+      redis.call('SET', KEYS[3], sid)
+      redis.call('SPUBLISH', channel, message)
+      ids[i] = id
+    end
+    if key ~= '' then
+      redis.call('SET', KEYS[k + 2], string.format('%.0f', ids[i]), 'PX', window)
+    end
   end
 end
 redis.call('SET', KEYS[1], string.format('%.0f', last))

@@ -14,9 +14,10 @@ use redis::{Script, Value};
 use tokio::sync::{Notify, watch};
 
 use super::scripts::{Topology, ensure_lua, read_lua, record_lua, slot, tick_lua, topology};
-use crate::bus::redis::history::{number, stream_key_names, stream_read};
-use crate::bus::redis::link::{COMMAND_TIMEOUT, Connection, Shared};
+use crate::bus::redis::history::{idempotency_key_name, number, stream_key_names, stream_read};
+use crate::bus::redis::link::{COMMAND_TIMEOUT, Connection, Shared, publish_failed};
 use crate::bus::redis::lock;
+use crate::bus::{BusUnavailable, PublishError};
 use crate::event::{Event, Target};
 use crate::history::lanes::{LANES, Reorder, lane_of_event, lanes_of_stream, split, through_clock};
 use crate::history::{Retention, Snapshot, Store, StreamKey, StreamRead, Unavailable};
@@ -32,6 +33,8 @@ pub(crate) struct Lanes {
     pub(super) shared: Arc<Shared>,
     pub(super) retention: Retention,
     pub(super) recording: bool,
+    /// How long an idempotency key is kept.
+    pub(super) idempotency_window: Duration,
     pub(super) order: Mutex<Reorder>,
     /// What the node delivered through, announced for replays that wait for a cursor.
     pub(super) released: watch::Sender<u64>,
@@ -58,12 +61,18 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    pub(crate) fn new(shared: Arc<Shared>, retention: Retention, recording: bool) -> Lanes {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        retention: Retention,
+        recording: bool,
+        idempotency_window: Duration,
+    ) -> Lanes {
         let tick = tick_lua(&shared.names.lanes);
         Lanes {
             shared,
             retention,
             recording,
+            idempotency_window,
             order: Mutex::new(Reorder::default()),
             released: watch::Sender::new(0),
             hint: AtomicU64::new(0),
@@ -110,35 +119,33 @@ impl Lanes {
     }
 
     /// This node's cluster connection: lanes only run on a Redis Cluster.
-    async fn connection(&self) -> Result<ClusterConnection, String> {
-        match self.shared.publisher().await.map_err(|e| e.0)? {
+    async fn connection(&self) -> Result<ClusterConnection, BusUnavailable> {
+        match self.shared.publisher().await? {
             Connection::Cluster(connection) => Ok(connection),
-            Connection::Single(_) => Err("not a Redis Cluster".into()),
+            Connection::Single(_) => Err(BusUnavailable("not a Redis Cluster".into())),
         }
     }
 
-    /// Publishes events, each lane's in order in one script (all lanes at once), and
-    /// returns their ids.
-    pub(crate) async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, String> {
-        let connection = self.connection().await?;
-        let mut by_lane: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (index, event) in events.iter().enumerate() {
-            by_lane.entry(lane_of_event(event)).or_default().push(index);
-        }
-        let events = &events;
-        let work = by_lane.into_iter().map(|(lane, indices)| {
-            let mut connection = connection.clone();
-            async move {
-                let lane_events: Vec<&Event> = indices.iter().map(|i| &events[*i]).collect();
-                let ids = self.publish_lane(&mut connection, lane, &lane_events).await;
-                (indices, ids)
-            }
-        });
-        let mut ids = vec![0; events.len()];
-        for (indices, lane_ids) in join_all(work).await {
-            for (index, id) in indices.into_iter().zip(lane_ids?) {
-                ids[index] = id;
-            }
+    /// Publishes events and returns their ids, which increase in request order: each run
+    /// of consecutive events on one lane is one script, and the runs go one after another,
+    /// each passing on the clock the last one reached (a lane's clock never falls below
+    /// what the node has seen), so ids from different lanes still follow the request.
+    pub(crate) async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, PublishError> {
+        let mut connection = self.connection().await?;
+        let mut ids = Vec::with_capacity(events.len());
+        let mut rest = events.as_slice();
+        while let Some(first) = rest.first() {
+            let lane = lane_of_event(first);
+            let run = rest
+                .iter()
+                .position(|event| lane_of_event(event) != lane)
+                .unwrap_or(rest.len());
+            let run_events: Vec<&Event> = rest[..run].iter().collect();
+            ids.extend(
+                self.publish_lane(&mut connection, lane, &run_events)
+                    .await?,
+            );
+            rest = &rest[run..];
         }
         Ok(ids)
     }
@@ -148,8 +155,9 @@ impl Lanes {
         connection: &mut ClusterConnection,
         lane: usize,
         events: &[&Event],
-    ) -> Result<Vec<u64>, String> {
-        if !self.recording {
+    ) -> Result<Vec<u64>, PublishError> {
+        let plain = |event: &&Event| event.idempotency_key.is_none() && !event.lost;
+        if !self.recording && events.iter().all(plain) {
             // No ids: a group's order is its channel's, nothing to order across lanes.
             let mut pipe = redis::pipe();
             for event in events {
@@ -160,7 +168,7 @@ impl Lanes {
             }
             pipe.query_async::<()>(connection)
                 .await
-                .map_err(|e| format!("Redis SPUBLISH failed: {e}"))?;
+                .map_err(|e| publish_failed(e, "Redis SPUBLISH"))?;
             return Ok(vec![0; events.len()]);
         }
         let mut invocation = self.record.prepare_invoke();
@@ -170,34 +178,42 @@ impl Lanes {
             .key(self.key(lane, "rec"))
             .arg(self.retention.max_age.as_millis() as u64)
             .arg(self.hint.load(Ordering::Acquire))
-            .arg(lane);
+            .arg(lane)
+            .arg(self.idempotency_window.as_millis() as u64)
+            .arg(u8::from(self.recording));
         for event in events {
             let stream = StreamKey::of(event);
-            let keep = if event.record {
+            let keep = if self.recording && event.record {
                 self.retention.events_in(&stream)
             } else {
                 0
             };
             let [stream_key, lost_key] = stream_key_names(&stream);
+            let key = event.idempotency_key.as_deref().unwrap_or_default();
             invocation
                 .key(self.key(lane, &stream_key))
                 .key(self.key(lane, &lost_key))
+                .key(self.key(lane, &idempotency_key_name(key)))
                 .arg(self.channel_of(event, lane))
                 .arg(prost::Message::encode_to_vec(&event.to_bus()))
-                .arg(keep);
+                .arg(keep)
+                .arg(u8::from(event.lost))
+                .arg(key);
         }
         let ids: Vec<u64> = invocation
             .invoke_async(connection)
             .await
-            .map_err(|e| format!("Redis publish script failed: {e}"))?;
+            .map_err(|e| publish_failed(e, "Redis publish script"))?;
         if let Some(t) = ids.iter().map(|id| split(*id).0).max() {
             self.saw(t);
         }
         if !self.published.swap(true, Ordering::AcqRel) {
             self.wake_listener.notify_one();
         }
-        if lock(&self.topology).replicated[lane] {
-            self.confirm(connection, lane).await?;
+        if self.recording && lock(&self.topology).replicated[lane] {
+            self.confirm(connection, lane)
+                .await
+                .map_err(PublishError::Unknown)?;
         }
         Ok(ids)
     }
@@ -346,7 +362,7 @@ impl Lanes {
     /// meet live events exactly (every id made so far, in any lane), and the highest id
     /// recorded or counted as lost.
     pub(super) async fn now(&self) -> Result<(u64, u64), Unavailable> {
-        let connection = self.connection().await.map_err(Unavailable)?;
+        let connection = self.connection().await.map_err(|e| Unavailable(e.0))?;
         let (t, issued) = self.tick(&connection, true).await.map_err(Unavailable)?;
         Ok((through_clock(t), issued))
     }
@@ -433,7 +449,7 @@ impl Lanes {
         after: u64,
         upto: Option<u64>,
     ) -> Result<Vec<StreamRead>, Unavailable> {
-        let connection = self.connection().await.map_err(Unavailable)?;
+        let connection = self.connection().await.map_err(|e| Unavailable(e.0))?;
         let mut by_lane: BTreeMap<usize, Vec<(usize, &StreamKey)>> = BTreeMap::new();
         for (index, key) in keys.iter().enumerate() {
             for lane in lanes_of_stream(key) {
