@@ -28,7 +28,7 @@ pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -95,6 +95,10 @@ fn connection_limit(wanted: usize) -> usize {
     }
     wanted.min(room)
 }
+
+/// How long before the shutdown deadline publishes still waiting are answered, so that
+/// their answers reach the callers before the connections go.
+const CUT_CALLS_BEFORE: Duration = Duration::from_millis(250);
 
 /// Completes once the node's shutdown signal turns true (at once if it already has).
 pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
@@ -183,6 +187,9 @@ pub struct Node {
     bus: Arc<dyn Bus>,
     settings: Settings,
     shutdown: watch::Sender<bool>,
+    /// Ends the publishes still waiting when the shutdown is about to drop them, so they
+    /// answer DEADLINE_EXCEEDED (they may have been published) instead of a broken call.
+    cut_calls: watch::Sender<bool>,
     permits: Arc<Semaphore>,
     /// `--max-connections`, capped below the open-file limit.
     max_connections: usize,
@@ -326,8 +333,10 @@ impl Node {
         let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
         let (health, health_service) = tonic_health::server::health_reporter();
         tokio::spawn(report_health(health, bus.readiness()));
+        let (cut_calls, calls_cut) = watch::channel(false);
         let api = GatewayApi {
             bus: bus.clone(),
+            calls_cut,
             metrics: metrics.clone(),
             max_payload_bytes: settings.max_payload_bytes,
             max_batch_events: settings.max_batch_events,
@@ -375,6 +384,7 @@ impl Node {
             bus,
             settings,
             shutdown,
+            cut_calls,
             permits,
             max_connections,
             ws_ctx,
@@ -385,7 +395,7 @@ impl Node {
 
     /// Completes once the bus works (at once on the in-memory bus; on Redis, once
     /// connected). `false` if `timeout` passed first.
-    pub async fn ready(&self, timeout: std::time::Duration) -> bool {
+    pub async fn ready(&self, timeout: Duration) -> bool {
         let mut ready = self.bus.readiness();
         tokio::time::timeout(timeout, ready.wait_for(|ready| *ready))
             .await
@@ -434,6 +444,12 @@ impl Node {
         self.hub.close_all(protocol::CloseReason::GoingAway);
         let deadline = self.settings.shutdown_timeout;
         let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        // Calls still waiting just before the deadline are answered, not dropped.
+        let cut_calls = self.cut_calls.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(deadline.saturating_sub(CUT_CALLS_BEFORE)).await;
+            let _ = cut_calls.send(true);
+        });
         let drained = tokio::time::timeout(deadline, async {
             let _ = self.ws_task.await;
             // Every connection holds a permit until it ends.

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::bus::{Bus, PublishError};
@@ -16,6 +17,8 @@ use crate::proto::gateway_server::{Gateway, GatewayServer};
 /// The backend-facing API of one node.
 pub struct GatewayApi {
     pub bus: Arc<dyn Bus>,
+    /// Turns true when the node stops and can wait no longer for publishes in flight.
+    pub calls_cut: watch::Receiver<bool>,
     /// The node's counters of what was published.
     pub metrics: Arc<Metrics>,
     pub max_payload_bytes: usize,
@@ -59,7 +62,7 @@ impl Gateway for GatewayApi {
     ) -> Result<Response<proto::PublishResponse>, Status> {
         let event =
             event::from_request(request.into_inner(), self.max_payload_bytes).map_err(invalid)?;
-        let event_id = self.bus.publish(event).await.map_err(publish_status)?;
+        let event_id = self.until_cut(self.bus.publish(event)).await?;
         self.published(1, event_id != 0);
         Ok(Response::new(proto::PublishResponse { event_id }))
     }
@@ -96,11 +99,7 @@ impl Gateway for GatewayApi {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let total = events.len() as u64;
-        let event_ids = self
-            .bus
-            .publish_batch(events)
-            .await
-            .map_err(publish_status)?;
+        let event_ids = self.until_cut(self.bus.publish_batch(events)).await?;
         let recorded = event_ids.iter().filter(|id| **id != 0).count() as u64;
         let metrics = &self.metrics;
         metrics.events_published.fetch_add(total, Ordering::Relaxed);
@@ -158,6 +157,21 @@ impl Gateway for GatewayApi {
 }
 
 impl GatewayApi {
+    /// A publish's answer, or DEADLINE_EXCEEDED when the node stops before it comes: the
+    /// event may have been published.
+    async fn until_cut<T>(
+        &self,
+        publish: impl std::future::Future<Output = Result<T, PublishError>>,
+    ) -> Result<T, Status> {
+        let mut cut = self.calls_cut.clone();
+        tokio::select! {
+            answer = publish => answer.map_err(publish_status),
+            _ = cut.wait_for(|cut| *cut) => Err(publish_status(PublishError::Unknown(
+                "the node stopped before the bus answered".into(),
+            ))),
+        }
+    }
+
     fn published(&self, events: u64, recorded: bool) {
         let metrics = &self.metrics;
         metrics

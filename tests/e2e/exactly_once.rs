@@ -327,3 +327,58 @@ async fn a_mixed_batch_on_a_redis_cluster_gets_ids_and_arrives_in_request_order(
         }
     }
 }
+
+/// A publish still waiting on a frozen Redis when the node stops answers
+/// DEADLINE_EXCEEDED (it may have been published), not a broken call.
+#[tokio::test]
+async fn a_publish_cut_by_a_stopping_node_answers_deadline_exceeded() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let p = prefix("cut-by-shutdown");
+    let args = [
+        "channelgate",
+        "--ws-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        SECRET,
+        "--api-key",
+        API_KEY,
+        "--redis-url",
+        &url,
+        "--redis-prefix",
+        &p,
+        // Shorter than Redis's command timeout, so the stop comes first.
+        "--shutdown-timeout",
+        "1",
+    ];
+    let settings = channelgate::config::Settings::from_args(args).expect("settings");
+    let node = TestNode {
+        node: channelgate::Node::start(settings)
+            .await
+            .expect("node starts"),
+    };
+    assert!(node.node.ready(PATIENCE).await);
+    let mut grpc = node.grpc().await;
+    redis.freeze();
+    let call = tokio::spawn(async move {
+        let answer = grpc.publish(keyed("table-1", 1, "cut")).await;
+        (answer, Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = Instant::now();
+    node.node.shutdown().await;
+    let (answer, answered) = call.await.expect("the call ran");
+    redis.thaw();
+    let status = answer.expect_err("not confirmed");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // Answered by the stop (within its second), not by Redis's command timeout later,
+    // which a process that exits would never send.
+    assert!(
+        answered.duration_since(stopping) < Duration::from_millis(1500),
+        "answered {:?} after the stop began: {status:?}",
+        answered.duration_since(stopping)
+    );
+    assert!(status.message().contains("stopped"), "{status:?}");
+}
