@@ -332,8 +332,7 @@ impl Bus for RedisBus {
             let (tx, mut replies) = mpsc::unbounded_channel();
             lock(&shared.asking).insert(id.clone(), tx);
             let asked = async {
-                shared.registry_settled().await?;
-                let live = shared.live_nodes().await?;
+                let live = shared.settled_live_nodes().await?;
                 let logged = control_log::must_be_logged(&request);
                 let message = proto::ControlRequest {
                     id: id.clone(),

@@ -252,20 +252,20 @@ impl Shared {
         Ok(live)
     }
 
-    /// Waits until the registry names every live node: a registry Redis made anew (it
-    /// lost its keys) does so once each live node had a heartbeat's life to write again;
-    /// a node that could not has counted itself gone.
-    pub(super) async fn registry_settled(&self) -> Result<(), BusUnavailable> {
-        self.registry(false).await?;
-        let young = lock(&self.liveness).young_until(Instant::now());
-        if let Some(until) = young {
-            tracing::info!(
-                wait = ?until.saturating_duration_since(Instant::now()),
-                "the Redis node registry is new: waiting for every live node to write its heartbeat"
-            );
-            tokio::time::sleep_until(until).await;
-        }
-        Ok(())
+    /// The nodes a cluster-wide request must wait for, once the registry names every live
+    /// node: a registry Redis made anew (it lost its keys) does so once each live node had
+    /// a heartbeat's life to write again; a node that could not has counted itself gone.
+    pub(super) async fn settled_live_nodes(&self) -> Result<Vec<String>, BusUnavailable> {
+        let live = self.live_nodes().await?;
+        let Some(until) = lock(&self.liveness).young_until(Instant::now()) else {
+            return Ok(live);
+        };
+        tracing::info!(
+            wait = ?until.saturating_duration_since(Instant::now()),
+            "the Redis node registry is new: waiting for every live node to write its heartbeat"
+        );
+        tokio::time::sleep_until(until).await;
+        self.live_nodes().await
     }
 
     /// This node stops: its heartbeat goes, and a mark tells the others not to wait for it
