@@ -141,10 +141,18 @@ impl Lanes {
                 .position(|event| lane_of_event(event) != lane)
                 .unwrap_or(rest.len());
             let run_events: Vec<&Event> = rest[..run].iter().collect();
-            ids.extend(
-                self.publish_lane(&mut connection, lane, &run_events)
-                    .await?,
-            );
+            let run_ids = match self.publish_lane(&mut connection, lane, &run_events).await {
+                Ok(run_ids) => run_ids,
+                // What went before is out: the batch as a whole may have been published.
+                Err(PublishError::Unavailable(why)) if !ids.is_empty() => {
+                    return Err(PublishError::Unknown(format!(
+                        "the batch's first {} events were published, the rest not: {why}",
+                        ids.len()
+                    )));
+                }
+                Err(error) => return Err(error),
+            };
+            ids.extend(run_ids);
             rest = &rest[run..];
         }
         Ok(ids)
