@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,13 +27,42 @@ Payload = Union[Mapping[str, Any], str, bytes]
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 # Reconnect soon after the gateway comes back: gRPC's own backoff grows to two minutes,
-# and a channel in backoff fails every call at once.
+# and a channel in backoff fails every call at once. Some grpcio versions (1.68, 1.71)
+# keep a channel in failure for 50 s and more whatever these say: `Client` replaces a
+# channel that keeps failing (see `reconnect_interval`).
 _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    # A channel of its own connections: by default channels of one process share them
+    # (with their reconnect backoff), and a replacement would inherit the failing one.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+#: Statuses after which nothing was done (UNAVAILABLE) or the outcome is unknown
+#: (DEADLINE_EXCEEDED): a call is repeated, a publish with the same idempotency key.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+# What grpcio says when the connection, not the gateway, failed; the gateway's own
+# UNAVAILABLE names its bus or a node. A wrong guess only costs a new connection.
+_TRANSPORT_FAILURES = (
+    "failed to connect",
+    "connection refused",
+    "connection reset",
+    "connection attempt timed out",
+    "connections to all backends failing",
+    "socket closed",
+    "broken pipe",
+    "handshake",
+    "goaway",
+    "endpoint closing",
+    "transport closed",
+    "name resolution",
+    "dns resolution",
+    "empty address list",
+    "keepalive",
 )
 
 
@@ -50,6 +82,11 @@ class Event:
     ignore_web_socket_id: str | None = None
     exclude_user_ids: Sequence[int] = ()
     record: bool = True
+    #: Sent with every attempt of this event: the gateway publishes one key once within
+    #: its idempotency window. None: the client makes one for each `publish` call.
+    idempotency_key: str | None = None
+    #: Not an event: a mark that events for this target were lost (see `mark_lost`).
+    lost: bool = False
 
     @classmethod
     def to_group(
@@ -118,8 +155,36 @@ class Event:
             record=record,
         )
 
+    @classmethod
+    def mark_lost(
+        cls,
+        *,
+        group: str | None = None,
+        user_ids: Iterable[int] | None = None,
+        all_users: bool = False,
+    ) -> Event:
+        """A mark that events for a group, for users, or for all users were lost before
+        they reached the gateway: the target's live sockets are closed with 1012 (their
+        clients reconnect and refresh) and a replay across the mark answers
+        `force_refresh`. Exactly one target."""
+        if (group is not None) + (user_ids is not None) + all_users != 1:
+            raise ValueError("a lost mark needs exactly one of group, user_ids, all_users")
+        return cls(
+            group=group,
+            user_ids=None if user_ids is None else tuple(user_ids),
+            all_users=all_users,
+            lost=True,
+        )
+
+    def with_key(self, idempotency_key: str | None = None) -> Event:
+        """This event with an idempotency key (a new random one unless given), to keep
+        across publishes of your own: the gateway publishes it once."""
+        return dataclasses.replace(self, idempotency_key=idempotency_key or new_key())
+
     def describe(self) -> str:
         """Who the event is for, for error messages and logs."""
+        if self.lost:
+            return "lost mark for " + dataclasses.replace(self, lost=False).describe()
         if self.group is not None:
             return f"group {self.group!r}"
         if self.all_users:
@@ -170,6 +235,10 @@ class _Connection:
     pid: int
     channel: grpc.Channel
     stub: pb_grpc.GatewayStub
+    created: float = field(default_factory=time.monotonic)
+    #: Calls running on it; a replaced channel is closed when the last one ends.
+    active: int = 0
+    retired: bool = False
 
 
 class Client:
@@ -177,11 +246,17 @@ class Client:
 
     Safe to share between threads and across `fork`: each process makes its own channel
     on its first call (a Celery worker forked from a parent that published gets a fresh
-    one), never touching the parent's. Every call has a deadline (`timeout` seconds,
-    retries included); Publish and PublishBatch are retried once on UNAVAILABLE after
-    `retry_delay` seconds, unless the previous call already found the gateway
-    unreachable. Failures raise `ChannelgateError` subclasses that name the call, its
-    target and the gateway's reason.
+    one), never touching the parent's.
+
+    Every call has a deadline (`timeout` seconds, for the client or per call) that covers
+    its retries: UNAVAILABLE (nothing was done) and DEADLINE_EXCEEDED (the outcome is
+    unknown) are retried with a jittered backoff from `retry_delay` doubling up to
+    `max_retry_delay`, until the deadline. Every publish carries an idempotency key, made
+    once per event and sent with each retry, so the gateway publishes it once. A channel
+    whose connection fails is replaced by a new one (at most every `reconnect_interval`
+    seconds; None: never), since some grpcio versions keep a failed channel failing for
+    a minute after the gateway is back. Failures raise `ChannelgateError` subclasses that
+    name the call, its target, the gateway's reason and the attempts made.
     """
 
     def __init__(
@@ -189,8 +264,10 @@ class Client:
         target: str = "127.0.0.1:50051",
         *,
         api_key: str | None = None,
-        timeout: float = 5.0,
+        timeout: float = 10.0,
         retry_delay: float = 0.05,
+        max_retry_delay: float = 0.5,
+        reconnect_interval: float | None = 0.5,
         tls: bool = False,
         root_certificates: bytes | None = None,
         json_encoder: type[json.JSONEncoder] | None = None,
@@ -199,6 +276,8 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self.reconnect_interval = reconnect_interval
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._credentials = (
             grpc.ssl_channel_credentials(root_certificates)
@@ -208,8 +287,8 @@ class Client:
         self._json_encoder = json_encoder
         self._options = _CHANNEL_OPTIONS + tuple(options)
         self._connection: _Connection | None = None
-        # The last call found the gateway unreachable (UNAVAILABLE); cleared by an answer.
-        self._unreachable = False
+        #: Channels this process made and replaced after a connection failure.
+        self.channels_replaced = 0
         # Channels inherited from a parent process: kept, never used nor closed here, since
         # closing one would act on the parent's connection.
         self._inherited: list[_Connection] = []
@@ -282,13 +361,15 @@ class Client:
         return self.publish(event, timeout=timeout)
 
     def publish(self, event: Event, *, timeout: float | None = None) -> int | None:
-        """Publish one `Event`; None when it has no recipients (nothing is sent)."""
+        """Publish one `Event`; None when it has no recipients (nothing is sent).
+
+        Its idempotency key (`event.idempotency_key`, else a new one) goes with every
+        attempt, so a retry after UNAVAILABLE or DEADLINE_EXCEEDED publishes it once.
+        """
         request = self._request(event)
         if request is None:
             return None
-        response = self._call(
-            "Publish", request, event.describe(), retry=True, timeout=timeout
-        )
+        response = self._call("Publish", request, event.describe(), timeout=timeout)
         return int(response.event_id)
 
     def publish_batch(
@@ -296,7 +377,8 @@ class Client:
     ) -> list[int | None]:
         """Publish events in order in one call (on Redis: all of them or none).
 
-        Returns one id per event, None for an event without recipients (not sent).
+        Returns one id per event, None for an event without recipients (not sent). Each
+        event has its own idempotency key, kept across the retries of the call.
         """
         events = list(events)
         requests = [self._request(event) for event in events]
@@ -307,7 +389,6 @@ class Client:
             "PublishBatch",
             pb.PublishBatchRequest(events=sent),
             f"batch of {len(sent)} events",
-            retry=True,
             timeout=timeout,
         )
         ids = iter(response.event_ids)
@@ -363,15 +444,13 @@ class Client:
             ignore_web_socket_ids=[i for i in ignore_web_socket_ids if i],
         )
         response = self._call(
-            "Disconnect", request, f"users {_ids(users)}", retry=False, timeout=timeout
+            "Disconnect", request, f"users {_ids(users)}", timeout=timeout
         )
         return int(response.disconnected)
 
     def info(self, *, timeout: float | None = None) -> list[NodeInfo]:
         """The counters of every node that answered."""
-        response = self._call(
-            "Info", pb.InfoRequest(), "info", retry=False, timeout=timeout
-        )
+        response = self._call("Info", pb.InfoRequest(), "info", timeout=timeout)
         return [
             NodeInfo(
                 node_id=node.node_id,
@@ -388,10 +467,15 @@ class Client:
         ]
 
     def close(self) -> None:
-        """Close this process's channel; the next call opens a new one."""
+        """Close this process's channel (once its running calls end); the next call
+        opens a new one."""
         with self._lock:
             connection, self._connection = self._connection, None
-        if connection is not None and connection.pid == os.getpid():
+            if connection is None or connection.pid != os.getpid():
+                return
+            connection.retired = True
+            idle = connection.active == 0
+        if idle:
             connection.channel.close()
 
     def __enter__(self) -> Client:
@@ -426,9 +510,7 @@ class Client:
             scope.append(f"permission group {permission_group!r}")
         if group:
             scope.append(f"group {group!r}")
-        response = self._call(
-            "CheckPermission", request, ", ".join(scope), retry=False, timeout=timeout
-        )
+        response = self._call("CheckPermission", request, ", ".join(scope), timeout=timeout)
         return PermissionCheck(
             checked=response.checked,
             revoked=[
@@ -445,22 +527,25 @@ class Client:
         )
 
     def _request(self, event: Event) -> pb.PublishRequest | None:
-        """The PublishRequest of an event, or None when it has no recipients."""
+        """The PublishRequest of an event, with its idempotency key (the event's, else a
+        new one), or None when it has no recipients."""
         common: dict[str, Any] = {
             "ignore_web_socket_id": event.ignore_web_socket_id or "",
             "skip_history": not event.record,
+            "idempotency_key": event.idempotency_key or new_key(),
+            "lost": event.lost,
         }
         if event.group is not None:
             return pb.PublishRequest(
                 group=event.group,
-                payload=self._encode(event.payload),
+                payload=self._encode(event.payload, event.lost),
                 exclude_user_ids=list(event.exclude_user_ids),
                 **common,
             )
         if event.all_users:
             return pb.PublishRequest(
                 users=pb.UserTarget(all_users=True),
-                payload=self._encode(event.payload),
+                payload=self._encode(event.payload, event.lost),
                 **common,
             )
         if event.payloads is not None:
@@ -475,13 +560,15 @@ class Client:
                 return None
             return pb.PublishRequest(
                 users=pb.UserTarget(user_ids=list(event.user_ids)),
-                payload=self._encode(event.payload),
+                payload=self._encode(event.payload, event.lost),
                 **common,
             )
         raise ValueError("an Event needs a group, user_ids, all_users or payloads")
 
-    def _encode(self, payload: Payload | None) -> str:
+    def _encode(self, payload: Payload | None, lost: bool = False) -> str:
         if payload is None:
+            if lost:
+                return ""
             raise ValueError("the event has no payload")
         if isinstance(payload, bytes):
             return payload.decode("utf-8")
@@ -491,47 +578,55 @@ class Client:
             payload, cls=self._json_encoder, ensure_ascii=False, separators=(",", ":")
         )
 
-    def _call(
-        self,
-        method: str,
-        request: Any,
-        what: str,
-        *,
-        retry: bool,
-        timeout: float | None,
-    ) -> Any:
-        """One call with a deadline over all its attempts; one retry on UNAVAILABLE,
-        unless the gateway was already unreachable on the last call: during an outage
-        each call then fails at once instead of waiting for a retry that fails too."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        call: Callable[..., Any] = getattr(self._stub(), method)
-        retry = retry and not self._unreachable
+    def _call(self, method: str, request: Any, what: str, *, timeout: float | None) -> Any:
+        """One call with a deadline over all its attempts: UNAVAILABLE and
+        DEADLINE_EXCEEDED are retried with a jittered, capped backoff while the deadline
+        allows another attempt; a channel whose connection failed is replaced first."""
+        started = time.monotonic()
+        deadline = started + (self.timeout if timeout is None else timeout)
+        delay = self.retry_delay
+        attempts = 0
         while True:
+            attempts += 1
+            connection = self._acquire()
             try:
-                response = call(
-                    request,
-                    timeout=max(deadline - time.monotonic(), 0.001),
-                    metadata=self._metadata,
-                )
+                call: Callable[..., Any] = getattr(connection.stub, method)
+                with _FORK_GATE:
+                    return call(
+                        request,
+                        timeout=max(deadline - time.monotonic(), 0.001),
+                        metadata=self._metadata,
+                    )
             except grpc.RpcError as error:
-                unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
-                if not (retry and unavailable) or (
-                    time.monotonic() + self.retry_delay >= deadline
-                ):
-                    self._unreachable = unavailable
-                    raise from_rpc_error(method, what, error, self.target) from error
-                retry = False
-                time.sleep(self.retry_delay)
-            else:
-                self._unreachable = False
-                return response
+                code = error.code()
+                replaced = (
+                    code in RETRYABLE
+                    and _connection_failed(error)
+                    and self._replace(connection)
+                )
+                now = time.monotonic()
+                # Half to all of the delay (callers failing together spread out); a new
+                # channel is tried at once.
+                pause = 0.0 if replaced else delay * random.uniform(0.5, 1.0)
+                pause = min(pause, deadline - now - 0.01)
+                if code not in RETRYABLE or pause < 0:
+                    raise from_rpc_error(
+                        method,
+                        what,
+                        error,
+                        self.target,
+                        attempts=attempts,
+                        elapsed=now - started,
+                    ) from error
+                time.sleep(pause)
+                delay = min(delay * 2, self.max_retry_delay)
+            finally:
+                self._release(connection)
 
-    def _stub(self) -> pb_grpc.GatewayStub:
-        """This process's stub, made on first use in each process."""
-        connection = self._connection
+    def _acquire(self) -> _Connection:
+        """This process's connection, made on first use in each process (and after a
+        replacement), counted as in use until `_release`."""
         pid = os.getpid()
-        if connection is not None and connection.pid == pid:
-            return connection.stub
         with self._lock:
             connection = self._connection
             if connection is None or connection.pid != pid:
@@ -545,11 +640,57 @@ class Client:
                 stub = pb_grpc.GatewayStub(channel)  # type: ignore[no-untyped-call]
                 connection = _Connection(pid, channel, stub)
                 self._connection = connection
-            return connection.stub
+            connection.active += 1
+            return connection
+
+    def _release(self, connection: _Connection) -> None:
+        with self._lock:
+            connection.active -= 1
+            close = connection.retired and connection.active == 0
+        if close and connection.pid == os.getpid():
+            connection.channel.close()
+
+    def _replace(self, connection: _Connection) -> bool:
+        """The connection failed: the next call opens a new channel, unless this one is
+        younger than `reconnect_interval`. The old one closes once its calls are done.
+        True if it was replaced."""
+        if self.reconnect_interval is None:
+            return False
+        with self._lock:
+            if (
+                self._connection is not connection
+                or connection.pid != os.getpid()
+                or time.monotonic() - connection.created < self.reconnect_interval
+            ):
+                return False
+            self._connection = None
+            connection.retired = True
+            self.channels_replaced += 1
+            return True
+
+    def _stub(self) -> pb_grpc.GatewayStub:
+        """This process's stub (for callers of their own; not counted as in use)."""
+        connection = self._acquire()
+        self._release(connection)
+        return connection.stub
 
     def _after_fork(self) -> None:
         # A thread of the parent may have held the lock while it forked.
         self._lock = threading.Lock()
+
+
+def new_key() -> str:
+    """A new idempotency key: 32 random hex digits."""
+    return uuid.uuid4().hex
+
+
+def _connection_failed(error: grpc.RpcError) -> bool:
+    """Whether the channel rather than the gateway failed the call: the connection could
+    not be made or broke, or no answer came before the deadline."""
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "deadline exceeded" in (error.details() or "").lower()
+    details = (error.details() or "").lower()
+    return any(marker in details for marker in _TRANSPORT_FAILURES)
 
 
 def _ids(ids: Iterable[Any], shown: int = 5) -> str:
@@ -563,10 +704,64 @@ def _ids(ids: Iterable[Any], shown: int = 5) -> str:
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
+class _ForkGate:
+    """Keeps `fork` from happening while a thread of this process is inside a gRPC call:
+    grpcio prepares a fork only when no thread is calling into it, and a child forked in
+    the middle of a call may abort. Before a fork, new attempts wait and running ones
+    get up to `FORK_WAIT` seconds to end."""
+
+    FORK_WAIT = 2.0
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.active = 0
+        self.forking = False
+
+    def __enter__(self) -> None:
+        with self.cond:
+            while self.forking:
+                self.cond.wait()
+            self.active += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self.cond:
+            self.active -= 1
+            if self.active == 0:
+                self.cond.notify_all()
+
+    def before_fork(self) -> None:
+        with self.cond:
+            self.forking = True
+            self.cond.wait_for(lambda: self.active == 0, self.FORK_WAIT)
+
+    def after_fork_in_parent(self) -> None:
+        with self.cond:
+            self.forking = False
+            self.cond.notify_all()
+
+
+_FORK_GATE = _ForkGate()
+
+
 def _reset_after_fork() -> None:
+    global _FORK_GATE
+    # The parent's calls do not exist here; a thread may have held the lock.
+    _FORK_GATE = _ForkGate()
     for client in list(_CLIENTS):
         client._after_fork()
 
 
+def _before_fork() -> None:
+    _FORK_GATE.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    _FORK_GATE.after_fork_in_parent()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_reset_after_fork,
+    )
