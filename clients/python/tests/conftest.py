@@ -58,10 +58,16 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
                 "BACKEND": LAYER,
                 "CONFIG": {"target": f"127.0.0.1:{grpc_port}", "api_key": API_KEY},
             },
-            # A gateway that is not there.
+            # A gateway that is not there: the layer gives up on a call after a second.
             "down": {
                 "BACKEND": LAYER,
-                "CONFIG": {"target": f"127.0.0.1:{free_port()}", "api_key": API_KEY},
+                "CONFIG": {
+                    "target": f"127.0.0.1:{free_port()}",
+                    "api_key": API_KEY,
+                    "timeout": 0.3,
+                    "give_up_after": 1.0,
+                    "exit_timeout": 0.2,
+                },
             },
         },
         CHANNELGATE_AUTHORIZER_SECRET=AUTHORIZER_SECRET,

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections import Counter
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +18,8 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from helpers import free_port
+
+from channelgate.django.layer import stats
 
 
 def group_send(group: str, message: dict[str, Any], alias: str = "default") -> None:
@@ -123,7 +126,7 @@ def test_broadcast_to_users_reaches_the_listed_users_or_everyone(backend, connec
 
 def test_broadcast_to_no_users_sends_nothing(backend, connect):
     layer = get_channel_layer()
-    sent = layer.stats["sent"]
+    queued = layer.stats["queued"]
     sock = connect(backend.users[0])
     group_send(
         "users",
@@ -144,7 +147,7 @@ def test_broadcast_to_no_users_sends_nothing(backend, connect):
         },
     )
     sock.nothing()
-    assert layer.stats["sent"] == sent
+    assert layer.stats["queued"] == queued
 
 
 def test_individual_payloads_reach_each_user_with_their_own(backend, connect):
@@ -245,7 +248,7 @@ def test_users_removed_from_permission_group_discards_exactly_their_pages(
 
 def test_other_messages_travel_through_the_inner_layer():
     layer = get_channel_layer()
-    sent = layer.stats["sent"]
+    queued = layer.stats["queued"]
 
     async def exchange() -> tuple[dict[str, Any], dict[str, Any]]:
         channel = await layer.new_channel()
@@ -260,7 +263,7 @@ def test_other_messages_travel_through_the_inner_layer():
     through_group, direct = async_to_sync(exchange)()
     assert through_group == {"type": "chat.message", "text": "hi"}
     assert direct == {"type": "export.done", "id": 7}
-    assert layer.stats["sent"] == sent
+    assert layer.stats["queued"] == queued
 
 
 @pytest.fixture
@@ -322,35 +325,67 @@ def test_point_to_point_messages_cross_processes_through_channels_redis(gateway,
     assert message == {"type": "job.finished", "pid": child}
 
 
-def test_a_stopped_gateway_drops_events_quickly_without_raising(caplog):
-    layer = get_channel_layer("down")
+def test_a_stopped_gateway_never_blocks_group_send_nor_drops_silently(backend, caplog):
+    layer = get_channel_layer("down")  # gives up on a call after a second
     caplog.set_level(logging.WARNING, logger="channelgate")
-    before = layer.stats["dropped"]
-    started = time.monotonic()
+    before = Counter(layer.stats)
+    slowest = 0.0
     for _ in range(5):
-        group_send(
-            "table-1",
+        for message in (
             {"type": "broadcast_to_group", "payload": {"type": "rows_updated"}},
-            alias="down",
-        )
-        group_send(
-            "users",
             {
                 "type": "force_disconnect_users",
                 "user_ids": [1],
                 "ignore_web_socket_ids": None,
             },
-            alias="down",
-        )
-    elapsed = time.monotonic() - started
-    assert elapsed < 1, f"10 sends to a stopped gateway took {elapsed:.2f} s"
-    assert layer.stats["dropped"] == before + 10
-    assert layer.stats["dropped:UNAVAILABLE"] >= 10
-    # Rate-limited: one warning for the burst, naming what failed.
-    warnings = [r.getMessage() for r in caplog.records if r.name == "channelgate"]
-    assert len(warnings) == 1, warnings
-    assert "broadcast_to_group dropped" in warnings[0]
-    assert "Publish (group 'table-1')" in warnings[0] and "UNAVAILABLE" in warnings[0]
+        ):
+            started = time.monotonic()
+            group_send("table-1" if "payload" in message else "users", message, "down")
+            slowest = max(slowest, time.monotonic() - started)
+    assert slowest < 0.05, f"a group_send to a stopped gateway took {slowest:.3f} s"
+    assert layer.stats["queued"] == before["queued"] + 10
+
+    # Retried for a second, then given up: counted, logged, and marked lost for the
+    # group and the user (the marks wait for the gateway).
+    assert not layer.drain(3)
+    assert layer.stats["gave_up:too_old"] == before["gave_up:too_old"] + 10
+    assert layer.stats["gave_up"] == before["gave_up"] + 10
+    assert layer.stats["retries"] > before["retries"]
+    assert layer.pending() == 2  # the marks for the group and for user 1
+    assert stats()["pending"] >= 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "channelgate"]
+    assert any("does not take calls" in line and "UNAVAILABLE" in line for line in lines)
+    gave_up = [line for line in lines if line.startswith("gave up on")]
+    # Rate-limited: one line for the burst, naming what was lost.
+    assert len(gave_up) == 1, lines
+    assert "broadcast_to_group (group 'table-1')" in gave_up[0]
+    assert "will be told to refresh" in gave_up[0]
+
+
+def test_a_call_the_gateway_refuses_is_logged_counted_and_dropped(
+    backend, connect, table, caplog
+):
+    layer = get_channel_layer()
+    caplog.set_level(logging.ERROR, logger="channelgate")
+    sock = connect(backend.users[0])
+    sock.subscribe("table", table_id=table)
+    invalid = layer.stats["invalid"]
+    group = f"table-{table}"
+    # Queued together, so the sender may batch them: the batch is refused as a whole,
+    # then its events go one by one.
+    group_send(group, {"type": "broadcast_to_group", "payload": {"type": "first"}})
+    group_send(group, {"type": "broadcast_to_group", "payload": [1, 2]})
+    group_send(group, {"type": "broadcast_to_group", "payload": {"type": "second"}})
+    assert layer.drain(5)
+    assert published(sock.recv()) == {"type": "first"}
+    assert published(sock.recv()) == {"type": "second"}
+    sock.nothing()
+    assert layer.stats["invalid"] == invalid + 1
+    assert any(
+        "dropped, the gateway refuses it" in r.getMessage()
+        and "INVALID_ARGUMENT" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_a_forked_worker_publishes_on_its_own_channel(backend, connect, table):
@@ -369,9 +404,12 @@ def test_a_forked_worker_publishes_on_its_own_channel(backend, connect, table):
             group_send(
                 group, {"type": "broadcast_to_group", "payload": {"type": "from_child"}}
             )
+            drained = layer.drain(5)
             connection = layer.client._connection
             own = connection.pid == os.getpid() and connection.channel is not parent_channel
-            status = 0 if own and layer.stats["dropped"] == 0 else 2
+            # The child counts its own: one queued and sent, nothing of the parent's.
+            counted = layer.stats["queued"] == layer.stats["sent"] == 1
+            status = 0 if own and drained and counted else 2
         finally:
             os._exit(status)
 
