@@ -12,6 +12,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{RedisSettings, RedisTarget};
+use crate::deflate::DeflateSettings;
 use crate::history::{HistorySettings, Retention};
 use crate::idempotency::IdempotencySettings;
 use crate::pages::{PageRegistry, PageSpec};
@@ -311,6 +312,21 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_HISTORY_TIMEOUT_MS", value_name = "MS")]
     pub history_timeout_ms: Option<u64>,
 
+    /// permessage-deflate (`on` or `off`): event frames go compressed to the sockets that
+    /// offer it (every browser does), each event compressed once for all its sockets
+    /// [default: on]
+    #[arg(long, env = "CHANNELGATE_COMPRESSION", value_name = "on|off")]
+    pub compression: Option<String>,
+
+    /// Event payloads shorter than this go plain even to sockets that agreed to
+    /// compression [default: 64]
+    #[arg(long, env = "CHANNELGATE_COMPRESSION_MIN_BYTES", value_name = "BYTES")]
+    pub compression_min_bytes: Option<usize>,
+
+    /// zlib's compression level, 1 (fastest) to 9 [default: 6]
+    #[arg(long, env = "CHANNELGATE_COMPRESSION_LEVEL", value_name = "1-9")]
+    pub compression_level: Option<u32>,
+
     /// Presence (`on` or `off`): who else is in a space (a table and its rows), and which
     /// cell they are in, on every node [default: off]
     #[arg(long, env = "CHANNELGATE_PRESENCE", value_name = "on|off")]
@@ -364,6 +380,8 @@ pub struct Settings {
     pub history: Option<HistorySettings>,
     /// Presence; `None`: off.
     pub presence: Option<PresenceSettings>,
+    /// permessage-deflate; `None`: off.
+    pub deflate: Option<DeflateSettings>,
     pub ws_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
     pub jwt_secret: String,
@@ -475,6 +493,23 @@ fn positive(name: &str, value: Option<usize>, default: usize) -> Result<usize, S
     }
 }
 
+/// `--compression` and its knobs; `None` when it is off.
+fn deflate_settings(options: &Options) -> Result<Option<DeflateSettings>, String> {
+    match options.compression.as_deref().unwrap_or("on") {
+        "on" | "true" | "1" => {}
+        "off" | "false" | "0" => return Ok(None),
+        other => return Err(format!("--compression {other:?}: expected on or off")),
+    }
+    let level = options.compression_level.unwrap_or(6);
+    if !(1..=9).contains(&level) {
+        return Err(format!("--compression-level {level}: expected 1 to 9"));
+    }
+    Ok(Some(DeflateSettings {
+        min_bytes: options.compression_min_bytes.unwrap_or(64),
+        level,
+    }))
+}
+
 /// `--presence` and its bounds; `None` when presence is off.
 fn presence_settings(options: &Options) -> Result<Option<PresenceSettings>, String> {
     match options.presence.as_deref().unwrap_or("off") {
@@ -541,6 +576,7 @@ impl Settings {
         let dev = options.dev.unwrap_or(false);
         let history = history_settings(&options)?;
         let presence = presence_settings(&options)?;
+        let deflate = deflate_settings(&options)?;
         let max_queue_bytes = positive("max-queue-bytes", options.max_queue_bytes, 1 << 20)?;
         let (jwt_secret, jwt_secret_generated) = match options.jwt_secret {
             Some(secret) if secret.is_empty() => return Err("--jwt-secret is empty".into()),
@@ -599,6 +635,7 @@ impl Settings {
         };
         Ok(Settings {
             dev,
+            deflate,
             history,
             presence,
             ws_addr: options.ws_addr.unwrap_or(([127, 0, 0, 1], 8080).into()),

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use futures_util::future::BoxFuture;
 
+use crate::deflate::DeflateSettings;
 use crate::event::{Event, Target};
 use crate::outbox::{Frame, Outbox, Pushed};
 use crate::pages::Page;
@@ -234,6 +235,8 @@ pub struct Hub {
     closing: OnceLock<CloseReason>,
     /// Whether connections keep the ids of their live events, for replays.
     history: bool,
+    /// permessage-deflate for event frames; `None`: off.
+    deflate: Option<DeflateSettings>,
 }
 
 impl Hub {
@@ -255,7 +258,19 @@ impl Hub {
             spaces: Arc::new(NoSpaces),
             closing: OnceLock::new(),
             history: false,
+            deflate: None,
         }
+    }
+
+    /// A hub whose event frames go compressed to the sockets that agreed to it.
+    pub fn with_deflate(mut self, settings: Option<DeflateSettings>) -> Self {
+        self.deflate = settings;
+        self
+    }
+
+    /// An event's frame, ready to go compressed where a socket agreed to it.
+    pub fn event_frame(&self, payload: &str, id: u64) -> Frame {
+        Frame::event(payload, id).deflatable(self.deflate)
     }
 
     /// A hub whose connections can replay: each keeps the ids of its live events, so a
@@ -452,7 +467,7 @@ impl Hub {
                 let Some(members) = members else {
                     return 0;
                 };
-                let frame = &Frame::event(payload, id);
+                let frame = &self.event_frame(payload, id);
                 let members = lock(&members);
                 self.send_all(&members.list, frame, id, |c| {
                     skip_socket(c) || exclude_user_ids.contains(&c.user_id)
@@ -462,7 +477,7 @@ impl Hub {
                 exclude_user_ids,
                 payload,
             } => {
-                let frame = &Frame::event(payload, id);
+                let frame = &self.event_frame(payload, id);
                 self.users
                     .each_shard()
                     .map(|shard| {
@@ -475,7 +490,7 @@ impl Hub {
                     .sum()
             }
             Target::Users { user_ids, payload } => {
-                let frame = &Frame::event(payload, id);
+                let frame = &self.event_frame(payload, id);
                 user_ids
                     .iter()
                     .map(|user_id| self.send_to_user(*user_id, id, || frame.clone(), skip_socket))
@@ -484,7 +499,7 @@ impl Hub {
             Target::Individual { payloads } => payloads
                 .iter()
                 .map(|(user_id, payload)| {
-                    self.send_to_user(*user_id, id, || Frame::event(payload, id), skip_socket)
+                    self.send_to_user(*user_id, id, || self.event_frame(payload, id), skip_socket)
                 })
                 .sum(),
         };

@@ -10,6 +10,7 @@ pub mod authorizer;
 pub mod bus;
 pub mod config;
 pub mod control;
+pub mod deflate;
 pub mod event;
 pub mod history;
 pub mod hub;
@@ -232,7 +233,8 @@ impl Node {
             Some((_, (subscriptions, _))) => subscriptions.clone(),
             None => Arc::new(NoInterest),
         };
-        let hub = Hub::new(settings.max_queue_bytes, settings.max_pages, interest);
+        let hub = Hub::new(settings.max_queue_bytes, settings.max_pages, interest)
+            .with_deflate(settings.deflate);
         let hub = match settings.history {
             Some(_) => hub.with_history(),
             None => hub,
@@ -308,6 +310,7 @@ impl Node {
             .map_err(StartError)?,
             bus: bus.clone(),
             allowed_origins: settings.allowed_origins.clone(),
+            compression: settings.deflate.is_some(),
             max_message_bytes: settings.max_message_bytes,
             connect_check: settings.connect_check,
             handshake_timeout: settings.handshake_timeout,

@@ -6,6 +6,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::deflate;
 use crate::history::RefreshReason;
 use crate::hub::Hub;
 use crate::presence::Presence;
@@ -191,6 +192,26 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
             }
         };
+        let labelled = |out: &mut String, name: &str, help: &str, label: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{label}}} {value}"
+            );
+        };
+        labelled(
+            &mut out,
+            "channelgate_deflate_plain_bytes_total",
+            "Event payload bytes sent compressed (permessage-deflate), before compression, by mode.",
+            "mode=\"shared\"",
+            deflate::PLAIN_BYTES.load(Ordering::Relaxed),
+        );
+        labelled(
+            &mut out,
+            "channelgate_deflate_compressed_bytes_total",
+            "The same payloads' bytes after compression, by mode.",
+            "mode=\"shared\"",
+            deflate::COMPRESSED_BYTES.load(Ordering::Relaxed),
+        );
         by_reason(
             &mut out,
             "channelgate_replay_refreshes_total",

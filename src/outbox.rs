@@ -7,18 +7,44 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
+use crate::deflate::{self, Agreement, DeflateSettings};
 use crate::protocol::CloseReason;
 
 /// One WebSocket frame as it goes on the wire, shared by every recipient (reference
 /// counted, never copied). A server's frames are not masked, so an event is framed once
 /// for all its sockets and a writer only hands the bytes to the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame(Bytes);
+///
+/// An event's frame may also go compressed (permessage-deflate): its compressed form is
+/// made once, by the first socket that agreed to compression, and shared like the frame.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    wire: Bytes,
+    deflatable: Option<Arc<Deflatable>>,
+}
+
+/// The compressed forms of an event's frame, made when first needed: one per window size
+/// (almost always only the full window's, which every client whose window holds the
+/// payload shares).
+#[derive(Debug)]
+struct Deflatable {
+    level: u32,
+    /// The whole compressed frame (RSV1 set) per window, 9 to 15 bits; `None` when
+    /// deflate gains nothing.
+    wire: [OnceLock<Option<Bytes>>; 7],
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.wire == other.wire
+    }
+}
+
+impl Eq for Frame {}
 
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
@@ -66,13 +92,75 @@ impl Frame {
 
     /// Bytes that are frames already (the rest of a frame a write sent only in part).
     pub fn framed(bytes: Bytes) -> Frame {
-        Frame(bytes)
+        Frame {
+            wire: bytes,
+            deflatable: None,
+        }
+    }
+
+    /// This frame, to go compressed to sockets that agreed to it when its payload has at
+    /// least `settings.min_bytes` (`None`: compression is off).
+    pub fn deflatable(mut self, settings: Option<DeflateSettings>) -> Frame {
+        if let Some(settings) = settings
+            && self.payload().len() >= settings.min_bytes
+        {
+            self.deflatable = Some(Arc::new(Deflatable {
+                level: settings.level,
+                wire: Default::default(),
+            }));
+        }
+        self
+    }
+
+    /// The frame as it goes to a socket with this agreement: compressed when it can be
+    /// and gains by it, else as it is.
+    pub fn for_socket(&self, agreement: Option<&Agreement>) -> Frame {
+        let (Some(agreement), Some(deflatable)) = (agreement, &self.deflatable) else {
+            return self.clone();
+        };
+        let payload = self.payload();
+        let Some(window) = agreement.window_for(payload.len()) else {
+            return self.clone();
+        };
+        let Some(slot) = deflatable.wire.get(usize::from(window).saturating_sub(9)) else {
+            return self.clone();
+        };
+        let compressed = slot.get_or_init(|| {
+            deflate::compress(payload, deflatable.level, window)
+                .map(|compressed| Frame::encode_with(0x80 | 0x40 | OP_TEXT, &[&compressed]))
+        });
+        match compressed {
+            Some(wire) => {
+                deflate::count(
+                    payload.len(),
+                    wire.len() - (self.wire.len() - payload.len()),
+                );
+                Frame::framed(wire.clone())
+            }
+            None => self.clone(),
+        }
+    }
+
+    /// The payload: what follows the header (a server's frames carry no mask).
+    fn payload(&self) -> &[u8] {
+        let header = match self.wire.get(1).map(|b| b & 0x7f) {
+            Some(126) => 4,
+            Some(127) => 10,
+            Some(_) => 2,
+            None => return &[],
+        };
+        self.wire.get(header..).unwrap_or_default()
     }
 
     fn encode(opcode: u8, parts: &[&[u8]]) -> Frame {
+        Frame::framed(Frame::encode_with(0x80 | opcode, parts))
+    }
+
+    /// A frame's bytes: the first byte (FIN, RSV and opcode), the length, the parts.
+    fn encode_with(first: u8, parts: &[&[u8]]) -> Bytes {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut wire = Vec::with_capacity(len + 10);
-        wire.push(0x80 | opcode);
+        wire.push(first);
         match len {
             0..=125 => wire.push(len as u8),
             126..=0xffff => {
@@ -87,20 +175,20 @@ impl Frame {
         for part in parts {
             wire.extend_from_slice(part);
         }
-        Frame(wire.into())
+        wire.into()
     }
 
     /// The frame's bytes on the wire.
     pub fn wire(&self) -> &Bytes {
-        &self.0
+        &self.wire
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.wire.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.wire.is_empty()
     }
 }
 
@@ -129,6 +217,8 @@ pub enum Pushed {
 pub struct Outbox {
     state: Mutex<State>,
     limit_bytes: usize,
+    /// permessage-deflate, when the socket agreed to it: event frames go compressed.
+    deflate: OnceLock<Agreement>,
 }
 
 /// Event ids a connection kept of what it got live, so that a replay leaves them out.
@@ -191,6 +281,7 @@ impl Outbox {
         Outbox {
             state: Mutex::default(),
             limit_bytes,
+            deflate: OnceLock::new(),
         }
     }
 
@@ -211,9 +302,16 @@ impl Outbox {
         self.push_event(frame, 0)
     }
 
+    /// Compresses event frames from now on, as the socket agreed at its handshake.
+    pub fn compress(&self, agreement: Agreement) {
+        let _ = self.deflate.set(agreement);
+    }
+
     /// Queues an event's frame (`id` 0: one the history does not keep). While a replay
-    /// runs, the frame waits until the replay is queued.
+    /// runs, the frame waits until the replay is queued. The queue counts the bytes that
+    /// go out: a compressed frame by its compressed size.
     pub fn push_event(&self, frame: Frame, id: u64) -> Pushed {
+        let frame = frame.for_socket(self.deflate.get());
         let mut state = self.lock();
         if state.close.is_some() {
             return Pushed::Closed;
@@ -306,9 +404,10 @@ impl Outbox {
             }
         }
         let was_empty = state.frames.is_empty();
+        let agreement = self.deflate.get();
         for frame in fresh
             .into_iter()
-            .map(|(_, frame)| frame)
+            .map(|(_, frame)| frame.for_socket(agreement))
             .chain([result])
             .chain(held.into_iter().map(|(_, frame)| frame))
         {

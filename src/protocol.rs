@@ -302,6 +302,8 @@ pub enum CloseReason {
     ProtocolError,
     /// 1007: a text frame that is not valid UTF-8.
     InvalidUtf8,
+    /// 1007: a compressed message that does not inflate.
+    InvalidPayload,
     /// 1008: authentication failed.
     AuthenticationFailed,
     /// 1008: more frames than the inbound rate limit allows.
@@ -329,7 +331,7 @@ impl CloseReason {
             CloseReason::Normal | CloseReason::Disconnected => 1000,
             CloseReason::GoingAway | CloseReason::Unresponsive => 1001,
             CloseReason::ProtocolError => 1002,
-            CloseReason::InvalidUtf8 => 1007,
+            CloseReason::InvalidUtf8 | CloseReason::InvalidPayload => 1007,
             CloseReason::AuthenticationFailed
             | CloseReason::RateLimited
             | CloseReason::TooManyConnections
@@ -350,6 +352,7 @@ impl CloseReason {
             CloseReason::Unresponsive => "no answer to pings",
             CloseReason::ProtocolError => "WebSocket protocol error",
             CloseReason::InvalidUtf8 => "invalid UTF-8 in a text frame",
+            CloseReason::InvalidPayload => "a compressed message that does not inflate",
             CloseReason::AuthenticationFailed => "authentication failed",
             CloseReason::RateLimited => "inbound rate limit exceeded",
             CloseReason::TooManyConnections => "too many connections for this user",

@@ -34,6 +34,8 @@ pub enum Message {
 #[derive(Debug)]
 struct Fragments {
     text: bool,
+    /// Sent compressed (permessage-deflate: RSV1 on its first frame).
+    compressed: bool,
     payload: Vec<u8>,
 }
 
@@ -41,6 +43,8 @@ struct Fragments {
 #[derive(Debug)]
 pub struct Decoder {
     max_message: usize,
+    /// Whether the client may send compressed messages (permessage-deflate was agreed).
+    inflate: bool,
     /// The start of a frame whose rest has not arrived yet.
     partial: Vec<u8>,
     message: Option<Fragments>,
@@ -52,6 +56,7 @@ pub struct Decoder {
 struct Header {
     fin: bool,
     opcode: u8,
+    compressed: bool,
     mask: [u8; 4],
     /// Header bytes, mask included.
     len: usize,
@@ -62,10 +67,18 @@ impl Decoder {
     pub fn new(max_message: usize) -> Decoder {
         Decoder {
             max_message,
+            inflate: false,
             partial: Vec::new(),
             message: None,
             closed: false,
         }
+    }
+
+    /// A decoder that takes compressed messages too (permessage-deflate was agreed): each
+    /// is inflated, and its inflated size is held to the message limit.
+    pub fn inflating(mut self) -> Decoder {
+        self.inflate = true;
+        self
     }
 
     /// Decodes `bytes` (what one read brought) into messages, appended to `out`. A broken
@@ -104,7 +117,7 @@ impl Decoder {
                 *byte ^= header.mask[i % 4];
             }
             used = end;
-            if let Some(message) = self.frame(header.fin, header.opcode, payload)? {
+            if let Some(message) = self.frame(&header, payload)? {
                 let close = message == Message::Close;
                 out.push(message);
                 if close {
@@ -122,11 +135,13 @@ impl Decoder {
         let [first, second, ..] = *buf else {
             return Ok(None);
         };
-        if first & 0x70 != 0 {
-            // RSV bits: no extension was agreed.
+        let (fin, opcode, compressed) = (first & 0x80 != 0, first & 0x0f, first & 0x40 != 0);
+        // RSV1 marks a compressed message, on its first frame only, once agreed; the
+        // other RSV bits belong to no extension.
+        let first_of_message = matches!(opcode, OP_TEXT | OP_BINARY);
+        if first & 0x30 != 0 || (compressed && !(self.inflate && first_of_message)) {
             return Err(CloseReason::ProtocolError);
         }
-        let (fin, opcode) = (first & 0x80 != 0, first & 0x0f);
         if second & 0x80 == 0 {
             // Every frame from a client is masked.
             return Err(CloseReason::ProtocolError);
@@ -163,6 +178,7 @@ impl Decoder {
         Ok(Some(Header {
             fin,
             opcode,
+            compressed,
             mask,
             len,
             // Below the message limit, so it fits.
@@ -171,13 +187,9 @@ impl Decoder {
     }
 
     /// One whole frame: a message, a part of one, or a broken rule.
-    fn frame(
-        &mut self,
-        fin: bool,
-        opcode: u8,
-        payload: Vec<u8>,
-    ) -> Result<Option<Message>, CloseReason> {
-        let (text, payload) = match (opcode, self.message.take()) {
+    fn frame(&mut self, header: &Header, payload: Vec<u8>) -> Result<Option<Message>, CloseReason> {
+        let (fin, opcode) = (header.fin, header.opcode);
+        let (text, compressed, payload) = match (opcode, self.message.take()) {
             (OP_PING, message) => {
                 self.message = message;
                 return Ok(Some(Message::Ping(payload)));
@@ -189,19 +201,28 @@ impl Decoder {
             (OP_CLOSE, _) => return Ok(Some(Message::Close)),
             (OP_CONTINUATION, Some(mut message)) => {
                 message.payload.extend_from_slice(&payload);
-                (message.text, message.payload)
+                (message.text, message.compressed, message.payload)
             }
             // A part of no message, or a new message inside a fragmented one.
             (OP_CONTINUATION, None) | (_, Some(_)) => return Err(CloseReason::ProtocolError),
-            (_, None) => (opcode == OP_TEXT, payload),
+            (_, None) => (opcode == OP_TEXT, header.compressed, payload),
         };
         if !fin {
-            self.message = Some(Fragments { text, payload });
+            self.message = Some(Fragments {
+                text,
+                compressed,
+                payload,
+            });
             return Ok(None);
         }
         if !text {
             return Ok(Some(Message::Binary));
         }
+        let payload = if compressed {
+            crate::deflate::inflate(&payload, self.max_message)?
+        } else {
+            payload
+        };
         String::from_utf8(payload)
             .map(|text| Some(Message::Text(text)))
             .map_err(|_| CloseReason::InvalidUtf8)

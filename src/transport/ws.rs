@@ -20,6 +20,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::deflate::{self, Agreement};
+
 use crate::authorizer::ConnectRequest;
 use crate::bus::Bus;
 use crate::identity::{Credentials, IdentityError, TokenVerifier};
@@ -44,6 +46,8 @@ pub struct WsContext {
     pub verifier: TokenVerifier,
     pub bus: Arc<dyn Bus>,
     pub allowed_origins: Option<Vec<String>>,
+    /// Whether permessage-deflate is offered back to clients that ask for it.
+    pub compression: bool,
     pub max_message_bytes: usize,
     /// With `--authorize-connect`, how long the connect check may take; `None`: no check.
     pub connect_check: Option<Duration>,
@@ -67,6 +71,8 @@ pub struct Upgrade {
     on_upgrade: hyper::upgrade::OnUpgrade,
     credentials: Result<Credentials, IdentityError>,
     web_socket_id: Option<String>,
+    /// permessage-deflate, when agreed.
+    deflate: Option<Agreement>,
 }
 
 pub fn is_ws_path(path: &str) -> bool {
@@ -145,10 +151,21 @@ pub fn handshake(
         }
     }
     let credentials = ctx.verifier.verify_credentials(token.as_deref());
+    let offers = request
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|value| value.to_str().ok());
+    let deflate = if ctx.compression {
+        deflate::negotiate(offers)
+    } else {
+        None
+    };
     let upgrade = Upgrade {
         on_upgrade: hyper::upgrade::on(&mut request),
         credentials,
         web_socket_id,
+        deflate: deflate.as_ref().map(|(agreement, _)| *agreement),
     };
     let mut response = plain(StatusCode::SWITCHING_PROTOCOLS, "");
     let response_headers = response.headers_mut();
@@ -159,6 +176,9 @@ pub fn handshake(
     );
     if let Ok(accept) = http::HeaderValue::from_str(&accept) {
         response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(Ok(extension)) = deflate.map(|(_, answer)| http::HeaderValue::from_str(&answer)) {
+        response_headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, extension);
     }
     (response, Some(upgrade))
 }
@@ -211,6 +231,9 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     drop(parts.read_buf);
     let hub = ctx.session.hub.clone();
     let conn = hub.connect(web_socket_id.as_str().into(), identity.user_id);
+    if let Some(agreement) = upgrade.deflate {
+        conn.outbox.compress(agreement);
+    }
     if identity.user_id != crate::identity::ANONYMOUS_USER_ID
         && hub.connections_of(identity.user_id) > ctx.max_connections_per_user
     {
@@ -225,7 +248,11 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
 
     let heard = Heard::new();
     let writer = write_loop(&tcp, &conn.outbox);
-    let reader = read_loop(&tcp, early, &conn.outbox, &session, &ctx, &heard);
+    let mut decoder = Decoder::new(ctx.max_message_bytes);
+    if upgrade.deflate.is_some() {
+        decoder = decoder.inflating();
+    }
+    let reader = read_loop(&tcp, early, decoder, &conn.outbox, &session, &ctx, &heard);
     let pinger = keep_alive(&conn.outbox, &heard, ctx.ping_interval, conn.id);
     tokio::pin!(writer, reader, pinger);
     match race::first(writer.as_mut(), reader.as_mut(), pinger.as_mut()).await {
@@ -491,12 +518,12 @@ const READ_CHUNK: usize = 4096;
 async fn read_loop(
     tcp: &TcpStream,
     early: Bytes,
+    mut decoder: Decoder,
     outbox: &Outbox,
     session: &Session,
     ctx: &WsContext,
     heard: &Heard,
 ) -> CloseReason {
-    let mut decoder = Decoder::new(ctx.max_message_bytes);
     let mut bucket = TokenBucket::new(ctx.inbound_burst, ctx.inbound_rate, Instant::now());
     let mut garbage_in_a_row = 0;
     let mut incoming = Vec::new();

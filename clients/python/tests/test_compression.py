@@ -1,0 +1,191 @@
+"""permessage-deflate (RFC 7692) against a real node, with real `websockets` clients that
+offer it in each form: what the handshake answers, what arrives, and what a compression
+bomb from a client gets."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import API_KEY, Gateway, Socket, token
+from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from websockets.sync.client import connect
+
+from channelgate import Client
+
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = Gateway(
+        "--max-message-bytes",
+        str(MAX_MESSAGE_BYTES),
+        log=tmp_path_factory.mktemp("compression") / "channelgate.log",
+    )
+    yield gateway
+    gateway.stop()
+
+
+def metric(node: Gateway, name: str) -> int:
+    url = f"http://127.0.0.1:{node.ws_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    found = re.search(rf"^{name}(?:{{[^}}]*}})? (\d+)$", text, re.MULTILINE)
+    assert found, f"{name} not in /metrics"
+    return int(found.group(1))
+
+
+def open_socket(
+    node: Gateway, user_id: int, **options: object
+) -> tuple[Socket, str | None]:
+    url = f"ws://127.0.0.1:{node.ws_port}/ws/core/?jwt_token={token(user_id)}"
+    connection = connect(url, open_timeout=5, **options).__enter__()  # type: ignore[arg-type]
+    assert connection.response is not None
+    answered = connection.response.headers.get("Sec-WebSocket-Extensions")
+    socket = Socket(connection, "")
+    first = socket.recv()
+    assert first["type"] == "authentication" and first["success"], first
+    return socket, answered
+
+
+ROWS = {
+    "type": "rows_created",
+    "table_id": 7,
+    "rows": [
+        {
+            "id": i,
+            "order": f"{i}.00000000000000000000",
+            "field_101": f"Row {i}",
+            "field_102": True,
+        }
+        for i in range(40)
+    ],
+}
+OFFERS = {
+    "default (client_max_window_bits)": (
+        ClientPerMessageDeflateFactory(client_max_window_bits=True),
+        "",
+    ),
+    "no context takeover either way": (
+        ClientPerMessageDeflateFactory(
+            server_no_context_takeover=True, client_no_context_takeover=True
+        ),
+        "",
+    ),
+    "server window 10, client window 9": (
+        ClientPerMessageDeflateFactory(server_max_window_bits=10, client_max_window_bits=9),
+        "; server_max_window_bits=10",
+    ),
+}
+
+
+@pytest.mark.parametrize("form", list(OFFERS))
+def test_every_offer_form_gets_frames_that_inflate_to_the_published_payloads(node, form):
+    factory, window = OFFERS[form]
+    socket, answered = open_socket(node, 1, compression=None, extensions=[factory])
+    assert answered == (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        + window
+    )
+    assert socket.subscribe("table", table_id=7)["type"] == "page_add"
+    before = metric(node, "channelgate_deflate_compressed_bytes_total")
+    small = {"type": "ping_like", "n": 1}
+    with Client(node.target, api_key=API_KEY) as client:
+        first = client.publish_to_group("table-7", ROWS)
+        second = client.publish_to_group("table-7", small)
+    assert socket.recv() == {**ROWS, "_event_id": first}
+    assert socket.recv() == {**small, "_event_id": second}
+    grown = metric(node, "channelgate_deflate_compressed_bytes_total") - before
+    plain = len(json.dumps(ROWS))
+    # Only the large one went compressed (the small one is under the 64-byte minimum), and
+    # it went out at a fraction of its size.
+    assert 0 < grown < plain / 3, (grown, plain)
+    # The client's own messages may be compressed too.
+    socket.send({"type": "ping", "padding": "x" * 2000})
+    assert socket.recv() == {"type": "pong"}
+    socket.close()
+
+
+def test_a_client_that_does_not_offer_it_gets_plain_frames(node):
+    socket, answered = open_socket(node, 2, compression=None)
+    assert answered is None
+    assert socket.subscribe("table", table_id=8)["type"] == "page_add"
+    before = metric(node, "channelgate_deflate_plain_bytes_total")
+    with Client(node.target, api_key=API_KEY) as client:
+        event_id = client.publish_to_group("table-8", ROWS)
+    assert socket.recv() == {**ROWS, "_event_id": event_id}
+    assert metric(node, "channelgate_deflate_plain_bytes_total") == before
+    socket.close()
+
+
+def handshake(node: Gateway, offer: str) -> tuple[int, str | None]:
+    connection = http.client.HTTPConnection("127.0.0.1", node.ws_port, timeout=5)
+    connection.request(
+        "GET",
+        f"/ws/core/?jwt_token={token(1)}",
+        headers={
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Extensions": offer,
+        },
+    )
+    response = connection.getresponse()
+    answered = response.getheader("Sec-WebSocket-Extensions")
+    connection.close()
+    return response.status, answered
+
+
+def test_an_offer_the_node_cannot_accept_gets_no_extension_and_still_connects(node):
+    for offer in [
+        "permessage-deflate; server_max_window_bits=16",
+        "permessage-deflate; server_max_window_bits",
+        "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+        "permessage-deflate; unknown_parameter",
+        "x-webkit-deflate-frame",
+    ]:
+        assert handshake(node, offer) == (101, None), offer
+    # A later acceptable offer in the list is taken.
+    status, answered = handshake(
+        node,
+        "permessage-deflate; server_max_window_bits=16, permessage-deflate; "
+        "server_max_window_bits=12",
+    )
+    assert status == 101
+    assert answered is not None and answered.endswith("server_max_window_bits=12")
+
+
+def rss_kib(node: Gateway) -> int:
+    assert node.process is not None
+    status = Path(f"/proc/{node.process.pid}/status").read_text()
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    assert found
+    return int(found.group(1))
+
+
+def test_a_compression_bomb_is_closed_with_1009_and_the_node_does_not_grow(node):
+    before = rss_kib(node)
+    for _ in range(5):
+        socket, _ = open_socket(node, 3)
+        # 32 MiB of one letter compresses to about 32 KiB: under the 64 KiB frame limit,
+        # far over it inflated.
+        bomb = "a" * (32 << 20)
+        try:
+            socket.connection.send(bomb)
+        except ConnectionClosed:
+            pass
+        code = socket.closed()
+        assert code == 1009, code
+    time.sleep(0.2)
+    grown = rss_kib(node) - before
+    # Each bomb was stopped after at most the message limit of inflated bytes.
+    assert grown < 4 * 1024, f"RSS grew by {grown} KiB"
