@@ -312,11 +312,23 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_HISTORY_TIMEOUT_MS", value_name = "MS")]
     pub history_timeout_ms: Option<u64>,
 
-    /// permessage-deflate (`on` or `off`): event frames go compressed to the sockets that
-    /// offer it (every browser does), each event compressed once for all its sockets
-    /// [default: on]
-    #[arg(long, env = "CHANNELGATE_COMPRESSION", value_name = "on|off")]
+    /// permessage-deflate for the sockets that offer it (every browser does): `auto`
+    /// compresses an event that reaches few sockets of the node per socket, with context
+    /// (fewest bytes), and one that reaches many once for all of them (least CPU);
+    /// `shared` always the latter; `off` sends every frame plain [default: auto]
+    #[arg(long, env = "CHANNELGATE_COMPRESSION", value_name = "auto|shared|off")]
     pub compression: Option<String>,
+
+    /// With `--compression auto`: events that reach at most this many sockets of the node
+    /// are compressed per socket [default: 8]
+    #[arg(long, env = "CHANNELGATE_COMPRESSION_CONTEXT_FANOUT", value_name = "N")]
+    pub compression_context_fanout: Option<usize>,
+
+    /// With `--compression auto`: the window of a socket's own deflate stream, 9 to 15
+    /// bits; the stream takes about four times the window while the socket is busy
+    /// [default: 11]
+    #[arg(long, env = "CHANNELGATE_COMPRESSION_WINDOW_BITS", value_name = "BITS")]
+    pub compression_window_bits: Option<u8>,
 
     /// Event payloads shorter than this go plain even to sockets that agreed to
     /// compression [default: 64]
@@ -495,16 +507,29 @@ fn positive(name: &str, value: Option<usize>, default: usize) -> Result<usize, S
 
 /// `--compression` and its knobs; `None` when it is off.
 fn deflate_settings(options: &Options) -> Result<Option<DeflateSettings>, String> {
-    match options.compression.as_deref().unwrap_or("on") {
-        "on" | "true" | "1" => {}
-        "off" | "false" | "0" => return Ok(None),
-        other => return Err(format!("--compression {other:?}: expected on or off")),
-    }
+    let context_fanout = match options.compression.as_deref().unwrap_or("auto") {
+        "auto" | "on" => options.compression_context_fanout.unwrap_or(8),
+        "shared" => 0,
+        "off" => return Ok(None),
+        other => {
+            return Err(format!(
+                "--compression {other:?}: expected auto, shared or off"
+            ));
+        }
+    };
     let level = options.compression_level.unwrap_or(6);
     if !(1..=9).contains(&level) {
         return Err(format!("--compression-level {level}: expected 1 to 9"));
     }
+    let window_bits = options.compression_window_bits.unwrap_or(11);
+    if !(9..=15).contains(&window_bits) {
+        return Err(format!(
+            "--compression-window-bits {window_bits}: expected 9 to 15"
+        ));
+    }
     Ok(Some(DeflateSettings {
+        context_fanout,
+        window_bits,
         min_bytes: options.compression_min_bytes.unwrap_or(64),
         level,
     }))

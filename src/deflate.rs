@@ -1,12 +1,19 @@
 //! permessage-deflate (RFC 7692): what a client offers and what the node answers, the
 //! compression of event frames, and the bounded inflation of client messages.
 //!
-//! Pure (CPU only). The node compresses an event once for all its sockets: one raw deflate
-//! without context per frame, shared like the frame itself, so compressing costs once per
-//! event and not once per delivery, and no socket holds a compressor (an idle socket
-//! costs nothing more). So the node answers every offer with `server_no_context_takeover`,
-//! and asks `client_no_context_takeover` of the client, so that an inflater lives only
-//! while a compressed client message is read.
+//! Pure (CPU only). Two ways to compress an event, chosen per event by how many sockets
+//! of the node it reaches:
+//! - shared: one raw deflate without context, made once and shared by every socket like
+//!   the frame itself, so compressing costs once per event and not once per delivery;
+//! - per socket (`auto`, for events that reach few sockets): each socket's own deflate
+//!   stream with context takeover and a small window, which compresses a session's
+//!   similar events far better (a row update after a row update), at one compression per
+//!   delivery. The stream is made when the socket first needs it and dropped when it
+//!   idles, so an idle socket holds no compressor.
+//!
+//! A shared frame in between resets the socket's stream: the client's window then holds
+//! bytes the stream never saw. The node asks `client_no_context_takeover` of the client, so
+//! that an inflater lives only while a compressed client message is read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -24,6 +31,11 @@ const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// Whether and how the node compresses (`--compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeflateSettings {
+    /// Events that reach at most this many sockets of the node are compressed per socket,
+    /// with context; more, once and shared. 0: always shared (`--compression shared`).
+    pub context_fanout: usize,
+    /// The window of a socket's own stream, in bits (9 to 15): its memory while in use.
+    pub window_bits: u8,
     /// Frames whose payload is shorter go plain: deflate gains little on them.
     pub min_bytes: usize,
     /// zlib's level, 1 (fastest) to 9.
@@ -33,9 +45,11 @@ pub struct DeflateSettings {
 /// What one client agreed to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Agreement {
-    /// The largest window the client lets the node's messages use, in bits: a shared frame
-    /// (compressed with a full window) goes to it compressed only when its payload fits.
+    /// The largest window the client lets the node's messages use, in bits.
     pub server_window_bits: u8,
+    /// Whether the node may keep context across its messages to this client (the client
+    /// did not ask `server_no_context_takeover`, and the node offered context).
+    pub server_context: bool,
 }
 
 impl Agreement {
@@ -56,18 +70,22 @@ impl Agreement {
 
 /// The answer to a client's `Sec-WebSocket-Extensions` offers: the first permessage-deflate
 /// offer the node can accept, with the response header's value. `None`: no extension (an
-/// offer the node cannot accept never fails the handshake).
-pub fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<(Agreement, String)> {
+/// offer the node cannot accept never fails the handshake). `context`: whether the node
+/// compresses with context (per socket) at all.
+pub fn negotiate<'a>(
+    headers: impl IntoIterator<Item = &'a str>,
+    context: bool,
+) -> Option<(Agreement, String)> {
     headers
         .into_iter()
         .flat_map(|header| header.split(','))
-        .find_map(accept)
+        .find_map(|offer| accept(offer, context))
 }
 
 /// One offer (`permessage-deflate; param=value; ...`): accepted, or `None` when it is
 /// another extension or breaks RFC 7692's rules (unknown or repeated parameters, bad
 /// values).
-fn accept(offer: &str) -> Option<(Agreement, String)> {
+fn accept(offer: &str, context: bool) -> Option<(Agreement, String)> {
     let mut parts = offer.split(';').map(str::trim);
     if !parts.next()?.eq_ignore_ascii_case(NAME) {
         return None;
@@ -96,13 +114,23 @@ fn accept(offer: &str) -> Option<(Agreement, String)> {
         }
         seen.push(name);
     }
-    // The node never uses context; it says so, and asks the client not to either.
-    let mut response = format!("{NAME}; server_no_context_takeover; client_no_context_takeover");
+    // Without context the node says so (the client may then free its inflater between
+    // messages); either way it asks the client to keep none.
+    // A socket's own stream needs a window zlib can make (9 bits at least).
+    let server_context = context
+        && !seen.iter().any(|p| p == "server_no_context_takeover")
+        && server_window_bits.unwrap_or(15) >= 9;
+    let mut response = NAME.to_string();
+    if !server_context {
+        response.push_str("; server_no_context_takeover");
+    }
+    response.push_str("; client_no_context_takeover");
     if let Some(bits) = server_window_bits {
         response.push_str(&format!("; server_max_window_bits={bits}"));
     }
     let agreement = Agreement {
         server_window_bits: server_window_bits.unwrap_or(15),
+        server_context,
     };
     Some((agreement, response))
 }
@@ -115,14 +143,34 @@ fn window_bits(value: &str) -> Option<u8> {
     value.parse().ok().filter(|bits| WINDOW_BITS.contains(bits))
 }
 
-/// Bytes of payloads sent compressed, before and after: for `/metrics`.
-pub static PLAIN_BYTES: AtomicU64 = AtomicU64::new(0);
-pub static COMPRESSED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// How a frame went compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Once for every socket, without context.
+    Shared,
+    /// On the socket's own stream, with context.
+    PerSocket,
+}
 
-/// Counts one compressed delivery of `plain` bytes sent as `compressed`.
-pub fn count(plain: usize, compressed: usize) {
-    PLAIN_BYTES.fetch_add(plain as u64, Ordering::Relaxed);
-    COMPRESSED_BYTES.fetch_add(compressed as u64, Ordering::Relaxed);
+impl Mode {
+    pub const ALL: [Mode; 2] = [Mode::Shared, Mode::PerSocket];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Shared => "shared",
+            Mode::PerSocket => "per_socket",
+        }
+    }
+}
+
+/// Bytes of payloads sent compressed, before and after, by mode: for `/metrics`.
+pub static PLAIN_BYTES: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+pub static COMPRESSED_BYTES: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Counts one compressed delivery of `plain` payload bytes sent as `compressed`.
+pub fn count(mode: Mode, plain: usize, compressed: usize) {
+    PLAIN_BYTES[mode as usize].fetch_add(plain as u64, Ordering::Relaxed);
+    COMPRESSED_BYTES[mode as usize].fetch_add(compressed as u64, Ordering::Relaxed);
 }
 
 /// A message's payload compressed on its own (no context, a window of `window_bits`, 9 to
@@ -139,6 +187,60 @@ pub fn compress(payload: &[u8], level: u32, window_bits: u8) -> Option<Vec<u8>> 
     }
     out.truncate(out.len() - TAIL.len());
     (out.len() < payload.len()).then_some(out)
+}
+
+/// One socket's own deflate stream (context takeover): each message may refer back into
+/// the ones before it, within the window.
+pub struct SocketDeflater {
+    stream: zlib_rs::Deflate,
+}
+
+/// The hash table's size, 1 (smallest) to 9: 1 keeps a stream's memory near four times its
+/// window, and costs little ratio on short JSON messages.
+const SOCKET_MEM_LEVEL: i32 = 1;
+
+impl SocketDeflater {
+    /// A stream with a window of `window_bits` (9 to 15).
+    pub fn new(level: u32, window_bits: u8) -> SocketDeflater {
+        let config = zlib_rs::DeflateConfig {
+            level: level.min(9) as i32,
+            window_bits: -i32::from(window_bits.clamp(9, 15)),
+            mem_level: SOCKET_MEM_LEVEL,
+            ..zlib_rs::DeflateConfig::default()
+        };
+        SocketDeflater {
+            stream: zlib_rs::Deflate::new_with_config(config),
+        }
+    }
+
+    /// A message's payload compressed on this stream; `None` when it would not come out
+    /// smaller (it then goes plain, which the client's window does not take in, so the
+    /// stream must forget it: [`SocketDeflater::reset`]).
+    pub fn compress(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; payload.len() + payload.len() / 1024 * 5 + 64];
+        let (before_in, before_out) = (self.stream.total_in(), self.stream.total_out());
+        self.stream
+            .compress(payload, &mut out, zlib_rs::DeflateFlush::SyncFlush)
+            .ok()?;
+        let consumed = (self.stream.total_in() - before_in) as usize;
+        out.truncate((self.stream.total_out() - before_out) as usize);
+        if consumed != payload.len() || !out.ends_with(&TAIL) {
+            self.reset();
+            return None;
+        }
+        out.truncate(out.len() - TAIL.len());
+        if out.len() >= payload.len() {
+            self.reset();
+            return None;
+        }
+        Some(out)
+    }
+
+    /// Forgets the messages so far: the client's window holds bytes this stream did not
+    /// send (a shared frame).
+    pub fn reset(&mut self) {
+        self.stream.reset();
+    }
 }
 
 /// Inflates one compressed client message, stopping with 1009 as soon as it passes
@@ -182,7 +284,7 @@ mod tests {
     use super::*;
 
     fn answer(offer: &str) -> Option<String> {
-        negotiate([offer]).map(|(_, response)| response)
+        negotiate([offer], false).map(|(_, response)| response)
     }
 
     #[test]
@@ -223,19 +325,63 @@ mod tests {
         ] {
             assert_eq!(answer(bad), None, "{bad}");
         }
-        let (agreement, _) = negotiate([
-            "x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=16",
-            "permessage-deflate; server_max_window_bits=12",
-        ])
+        let (agreement, _) = negotiate(
+            [
+                "x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=16",
+                "permessage-deflate; server_max_window_bits=12",
+            ],
+            false,
+        )
         .expect("the last offer is fine");
         assert_eq!(agreement.server_window_bits, 12);
         assert_eq!(agreement.window_for(4096), Some(15));
         assert_eq!(agreement.window_for(4097), Some(12));
         let tiny = Agreement {
             server_window_bits: 8,
+            server_context: false,
         };
         assert_eq!(tiny.window_for(256), Some(15));
         assert_eq!(tiny.window_for(257), None);
+    }
+
+    #[test]
+    fn with_context_the_node_keeps_it_unless_the_client_asks_otherwise() {
+        let context = |offer: &str| negotiate([offer], true).expect("accepted");
+        let (agreement, response) = context("permessage-deflate; client_max_window_bits");
+        assert!(agreement.server_context);
+        assert_eq!(response, "permessage-deflate; client_no_context_takeover");
+        let (agreement, response) = context("permessage-deflate; server_no_context_takeover");
+        assert!(!agreement.server_context);
+        assert_eq!(
+            response,
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        );
+    }
+
+    #[test]
+    fn a_socket_stream_refers_back_to_earlier_messages() {
+        let row = |n: u32| {
+            format!(
+                r#"{{"type":"rows_updated","table_id":7,"rows":[{{"id":{n},"field_1":"same text"}}]}}"#
+            )
+        };
+        let mut stream = SocketDeflater::new(6, 11);
+        let mut inflater = Decompress::new(false);
+        let mut sizes = Vec::new();
+        for n in 0..5 {
+            let plain = row(n);
+            let compressed = stream.compress(plain.as_bytes()).expect("smaller");
+            sizes.push(compressed.len());
+            // The client keeps its inflater across messages (context takeover).
+            let mut out = Vec::with_capacity(4096);
+            let mut input = compressed.clone();
+            input.extend_from_slice(&TAIL);
+            inflater
+                .decompress_vec(&input, &mut out, FlushDecompress::Sync)
+                .expect("inflates");
+            assert_eq!(out, plain.as_bytes());
+        }
+        assert!(sizes[4] < sizes[0] / 2, "{sizes:?}");
     }
 
     #[test]

@@ -268,9 +268,10 @@ impl Hub {
         self
     }
 
-    /// An event's frame, ready to go compressed where a socket agreed to it.
-    pub fn event_frame(&self, payload: &str, id: u64) -> Frame {
-        Frame::event(payload, id).deflatable(self.deflate)
+    /// An event's frame for `recipients` sockets of this node, ready to go compressed
+    /// where a socket agreed to it: per socket when they are few, else once for all.
+    pub fn event_frame(&self, payload: &str, id: u64, recipients: usize) -> Frame {
+        Frame::event(payload, id).deflatable(self.deflate, recipients)
     }
 
     /// A hub whose connections can replay: each keeps the ids of its live events, so a
@@ -467,8 +468,8 @@ impl Hub {
                 let Some(members) = members else {
                     return 0;
                 };
-                let frame = &self.event_frame(payload, id);
                 let members = lock(&members);
+                let frame = &self.event_frame(payload, id, members.list.len());
                 self.send_all(&members.list, frame, id, |c| {
                     skip_socket(c) || exclude_user_ids.contains(&c.user_id)
                 })
@@ -477,7 +478,8 @@ impl Hub {
                 exclude_user_ids,
                 payload,
             } => {
-                let frame = &self.event_frame(payload, id);
+                let everyone = self.connections.load(Ordering::Relaxed) as usize;
+                let frame = &self.event_frame(payload, id, everyone);
                 self.users
                     .each_shard()
                     .map(|shard| {
@@ -490,7 +492,8 @@ impl Hub {
                     .sum()
             }
             Target::Users { user_ids, payload } => {
-                let frame = &self.event_frame(payload, id);
+                // A user has a few tabs at most: a good enough count of its sockets.
+                let frame = &self.event_frame(payload, id, user_ids.len());
                 user_ids
                     .iter()
                     .map(|user_id| self.send_to_user(*user_id, id, || frame.clone(), skip_socket))
@@ -499,7 +502,12 @@ impl Hub {
             Target::Individual { payloads } => payloads
                 .iter()
                 .map(|(user_id, payload)| {
-                    self.send_to_user(*user_id, id, || self.event_frame(payload, id), skip_socket)
+                    self.send_to_user(
+                        *user_id,
+                        id,
+                        || self.event_frame(payload, id, 1),
+                        skip_socket,
+                    )
                 })
                 .sum(),
         };

@@ -310,7 +310,7 @@ impl Node {
             .map_err(StartError)?,
             bus: bus.clone(),
             allowed_origins: settings.allowed_origins.clone(),
-            compression: settings.deflate.is_some(),
+            compression: settings.deflate,
             max_message_bytes: settings.max_message_bytes,
             connect_check: settings.connect_check,
             handshake_timeout: settings.handshake_timeout,

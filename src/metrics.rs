@@ -192,25 +192,24 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
             }
         };
-        let labelled = |out: &mut String, name: &str, help: &str, label: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{{label}}} {value}"
-            );
+        let by_mode = |out: &mut String, name: &str, help: &str, counts: &[AtomicU64; 2]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for mode in deflate::Mode::ALL {
+                let count = counts[mode as usize].load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{mode=\"{}\"}} {count}", mode.as_str());
+            }
         };
-        labelled(
+        by_mode(
             &mut out,
             "channelgate_deflate_plain_bytes_total",
             "Event payload bytes sent compressed (permessage-deflate), before compression, by mode.",
-            "mode=\"shared\"",
-            deflate::PLAIN_BYTES.load(Ordering::Relaxed),
+            &deflate::PLAIN_BYTES,
         );
-        labelled(
+        by_mode(
             &mut out,
             "channelgate_deflate_compressed_bytes_total",
             "The same payloads' bytes after compression, by mode.",
-            "mode=\"shared\"",
-            deflate::COMPRESSED_BYTES.load(Ordering::Relaxed),
+            &deflate::COMPRESSED_BYTES,
         );
         by_reason(
             &mut out,

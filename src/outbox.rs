@@ -12,7 +12,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::deflate::{self, Agreement, DeflateSettings};
+use crate::deflate::{self, Agreement, DeflateSettings, Mode, SocketDeflater};
 use crate::protocol::CloseReason;
 
 /// One WebSocket frame as it goes on the wire, shared by every recipient (reference
@@ -25,6 +25,9 @@ use crate::protocol::CloseReason;
 pub struct Frame {
     wire: Bytes,
     deflatable: Option<Arc<Deflatable>>,
+    /// Few sockets get this event: it goes compressed on each socket's own stream (with
+    /// context), where the socket agreed to that, rather than in the shared form.
+    per_socket: bool,
 }
 
 /// The compressed forms of an event's frame, made when first needed: one per window size
@@ -95,12 +98,14 @@ impl Frame {
         Frame {
             wire: bytes,
             deflatable: None,
+            per_socket: false,
         }
     }
 
     /// This frame, to go compressed to sockets that agreed to it when its payload has at
-    /// least `settings.min_bytes` (`None`: compression is off).
-    pub fn deflatable(mut self, settings: Option<DeflateSettings>) -> Frame {
+    /// least `settings.min_bytes` (`None`: compression is off): per socket when it reaches
+    /// at most `settings.context_fanout` sockets of the node, else in a shared form.
+    pub fn deflatable(mut self, settings: Option<DeflateSettings>, recipients: usize) -> Frame {
         if let Some(settings) = settings
             && self.payload().len() >= settings.min_bytes
         {
@@ -108,16 +113,45 @@ impl Frame {
                 level: settings.level,
                 wire: Default::default(),
             }));
+            self.per_socket = recipients <= settings.context_fanout;
         }
         self
     }
 
-    /// The frame as it goes to a socket with this agreement: compressed when it can be
-    /// and gains by it, else as it is.
+    /// Whether this frame waits for the socket's writer to compress it on the socket's own
+    /// stream (the socket agreed to context, and the event reaches few sockets).
+    pub fn goes_per_socket(&self, agreement: Option<&Agreement>) -> bool {
+        self.per_socket && agreement.is_some_and(|a| a.server_context)
+    }
+
+    /// Whether this is a compressed frame (RSV1).
+    pub fn is_compressed(&self) -> bool {
+        self.wire.first().is_some_and(|first| first & 0x40 != 0)
+    }
+
+    /// The frame compressed on a socket's own stream; itself (plain) when that gains
+    /// nothing.
+    pub fn compressed_on(&self, stream: &mut SocketDeflater) -> Frame {
+        let payload = self.payload();
+        match stream.compress(payload) {
+            Some(compressed) => {
+                let wire = Frame::encode_with(0x80 | 0x40 | OP_TEXT, &[&compressed]);
+                deflate::count(Mode::PerSocket, payload.len(), compressed.len());
+                Frame::framed(wire)
+            }
+            None => Frame::framed(self.wire.clone()),
+        }
+    }
+
+    /// The frame as it goes to a socket with this agreement: compressed in the shared form
+    /// when it can be and gains by it, else as it is.
     pub fn for_socket(&self, agreement: Option<&Agreement>) -> Frame {
         let (Some(agreement), Some(deflatable)) = (agreement, &self.deflatable) else {
             return self.clone();
         };
+        if self.goes_per_socket(Some(agreement)) {
+            return self.clone();
+        }
         let payload = self.payload();
         let Some(window) = agreement.window_for(payload.len()) else {
             return self.clone();
@@ -131,9 +165,11 @@ impl Frame {
         });
         match compressed {
             Some(wire) => {
+                let header = self.wire.len() - payload.len();
                 deflate::count(
+                    Mode::Shared,
                     payload.len(),
-                    wire.len() - (self.wire.len() - payload.len()),
+                    wire.len().saturating_sub(header),
                 );
                 Frame::framed(wire.clone())
             }

@@ -195,7 +195,7 @@ impl Session {
             } => {
                 let frames = events
                     .iter()
-                    .map(|(id, payload)| (*id, self.ctx.hub.event_frame(payload, *id)))
+                    .map(|(id, payload)| (*id, self.ctx.hub.event_frame(payload, *id, 1)))
                     .collect();
                 let result = Frame::from(server::replay_result(false, latest_event_id as i64));
                 let sent = self.conn.outbox.release(frames, result, after);

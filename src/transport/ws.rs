@@ -20,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::deflate::{self, Agreement};
+use crate::deflate::{self, Agreement, DeflateSettings, SocketDeflater};
 
 use crate::authorizer::ConnectRequest;
 use crate::bus::Bus;
@@ -46,8 +46,8 @@ pub struct WsContext {
     pub verifier: TokenVerifier,
     pub bus: Arc<dyn Bus>,
     pub allowed_origins: Option<Vec<String>>,
-    /// Whether permessage-deflate is offered back to clients that ask for it.
-    pub compression: bool,
+    /// permessage-deflate, for the clients that offer it; `None`: off.
+    pub compression: Option<DeflateSettings>,
     pub max_message_bytes: usize,
     /// With `--authorize-connect`, how long the connect check may take; `None`: no check.
     pub connect_check: Option<Duration>,
@@ -156,11 +156,9 @@ pub fn handshake(
         .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
         .iter()
         .filter_map(|value| value.to_str().ok());
-    let deflate = if ctx.compression {
-        deflate::negotiate(offers)
-    } else {
-        None
-    };
+    let deflate = ctx
+        .compression
+        .and_then(|settings| deflate::negotiate(offers, settings.context_fanout > 0));
     let upgrade = Upgrade {
         on_upgrade: hyper::upgrade::on(&mut request),
         credentials,
@@ -247,7 +245,11 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     let session = Session::new(ctx.session.clone(), conn.clone());
 
     let heard = Heard::new();
-    let writer = write_loop(&tcp, &conn.outbox);
+    let own_stream = upgrade
+        .deflate
+        .zip(ctx.compression)
+        .map(|(agreement, settings)| OwnStream::new(agreement, settings));
+    let writer = write_loop(&tcp, &conn.outbox, own_stream);
     let mut decoder = Decoder::new(ctx.max_message_bytes);
     if upgrade.deflate.is_some() {
         decoder = decoder.inflating();
@@ -398,14 +400,74 @@ async fn refuse(upgraded: hyper::upgrade::Upgraded, ctx: &WsContext, reason: Clo
     .await;
 }
 
+/// How long a socket's own deflate stream is kept with nothing to send: then it is
+/// dropped (an idle socket holds no compressor) and the next message starts a new one.
+const OWN_STREAM_IDLE: Duration = Duration::from_secs(10);
+
+/// A socket's own deflate stream (permessage-deflate with context), made when the socket
+/// first needs it and dropped when it idles. Frames are compressed on it in the order they
+/// go on the wire, so the writer does it.
+struct OwnStream {
+    agreement: Agreement,
+    settings: DeflateSettings,
+    stream: Option<SocketDeflater>,
+}
+
+impl OwnStream {
+    fn new(agreement: Agreement, settings: DeflateSettings) -> OwnStream {
+        OwnStream {
+            agreement,
+            settings,
+            stream: None,
+        }
+    }
+
+    /// Compresses the frames meant for this socket's stream; a frame compressed in the
+    /// shared form puts bytes in the client's window that the stream did not send, so the
+    /// stream forgets what it sent before.
+    fn compress(&mut self, batch: &mut [Frame]) {
+        for frame in batch.iter_mut() {
+            if frame.goes_per_socket(Some(&self.agreement)) {
+                let (settings, agreement) = (&self.settings, &self.agreement);
+                let stream = self.stream.get_or_insert_with(|| {
+                    let window = settings.window_bits.min(agreement.server_window_bits);
+                    SocketDeflater::new(settings.level, window)
+                });
+                *frame = frame.compressed_on(stream);
+            } else if frame.is_compressed()
+                && let Some(stream) = &mut self.stream
+            {
+                stream.reset();
+            }
+        }
+    }
+}
+
 /// Writes queued frames, a batch at a time, until a close is requested; then the close
 /// frame. A write stuck on a socket nobody reads is abandoned once the outbox overflows.
-async fn write_loop(tcp: &TcpStream, outbox: &Outbox) -> CloseReason {
+async fn write_loop(tcp: &TcpStream, outbox: &Outbox, mut own: Option<OwnStream>) -> CloseReason {
     let mut batch = Vec::new();
     // The rest of a frame whose beginning is on the wire: it must go out before any other.
     let mut unfinished = None;
     loop {
-        if let Some(reason) = outbox.next_batch(&mut batch).await {
+        let holding_stream = own.as_ref().is_some_and(|own| own.stream.is_some());
+        let next = if holding_stream {
+            match tokio::time::timeout(OWN_STREAM_IDLE, outbox.next_batch(&mut batch)).await {
+                Ok(next) => next,
+                Err(_) => {
+                    if let Some(own) = &mut own {
+                        own.stream = None;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            outbox.next_batch(&mut batch).await
+        };
+        if let Some(own) = &mut own {
+            own.compress(&mut batch);
+        }
+        if let Some(reason) = next {
             let last: Vec<Frame> = unfinished
                 .take()
                 .into_iter()

@@ -38,7 +38,7 @@ def metric(node: Gateway, name: str) -> int:
     url = f"http://127.0.0.1:{node.ws_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as answer:
         text = answer.read().decode()
-    found = re.search(rf"^{name}(?:{{[^}}]*}})? (\d+)$", text, re.MULTILINE)
+    found = re.search(rf"^{re.escape(name)} (\d+)$", text, re.MULTILINE)
     assert found, f"{name} not in /metrics"
     return int(found.group(1))
 
@@ -70,59 +70,123 @@ ROWS = {
     ],
 }
 OFFERS = {
+    # (offer, the node's answer, how it compresses for this client)
     "default (client_max_window_bits)": (
         ClientPerMessageDeflateFactory(client_max_window_bits=True),
-        "",
+        "permessage-deflate; client_no_context_takeover",
+        "per_socket",
     ),
     "no context takeover either way": (
         ClientPerMessageDeflateFactory(
             server_no_context_takeover=True, client_no_context_takeover=True
         ),
-        "",
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        "shared",
     ),
     "server window 10, client window 9": (
         ClientPerMessageDeflateFactory(server_max_window_bits=10, client_max_window_bits=9),
-        "; server_max_window_bits=10",
+        "permessage-deflate; client_no_context_takeover; server_max_window_bits=10",
+        "per_socket",
     ),
 }
 
 
+def row_update(n: int) -> dict[str, object]:
+    return {
+        "type": "rows_updated",
+        "table_id": 7,
+        "rows": [{"id": n, "order": f"{n}.00000000000000000000", "field_101": f"Row {n}"}],
+        "rows_before_update": [{"id": n, "field_101": f"Row {n - 1}"}],
+        "metadata": {},
+    }
+
+
 @pytest.mark.parametrize("form", list(OFFERS))
 def test_every_offer_form_gets_frames_that_inflate_to_the_published_payloads(node, form):
-    factory, window = OFFERS[form]
+    factory, expected, mode = OFFERS[form]
     socket, answered = open_socket(node, 1, compression=None, extensions=[factory])
-    assert answered == (
-        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-        + window
-    )
+    assert answered == expected
     assert socket.subscribe("table", table_id=7)["type"] == "page_add"
-    before = metric(node, "channelgate_deflate_compressed_bytes_total")
+    compressed = f'channelgate_deflate_compressed_bytes_total{{mode="{mode}"}}'
+    plain = f'channelgate_deflate_plain_bytes_total{{mode="{mode}"}}'
+    before = metric(node, compressed), metric(node, plain)
     small = {"type": "ping_like", "n": 1}
+    updates = [row_update(n) for n in range(1, 11)]
     with Client(node.target, api_key=API_KEY) as client:
         first = client.publish_to_group("table-7", ROWS)
         second = client.publish_to_group("table-7", small)
+        ids = [client.publish_to_group("table-7", update) for update in updates]
     assert socket.recv() == {**ROWS, "_event_id": first}
     assert socket.recv() == {**small, "_event_id": second}
-    grown = metric(node, "channelgate_deflate_compressed_bytes_total") - before
-    plain = len(json.dumps(ROWS))
-    # Only the large one went compressed (the small one is under the 64-byte minimum), and
-    # it went out at a fraction of its size.
-    assert 0 < grown < plain / 3, (grown, plain)
+    for update, event_id in zip(updates, ids):
+        assert socket.recv() == {**update, "_event_id": event_id}
+    sent = metric(node, compressed) - before[0]
+    took = metric(node, plain) - before[1]
+    # The small one went plain (under the 64-byte minimum); the rest went compressed, to a
+    # fraction of their size.
+    assert took > len(json.dumps(ROWS)), took
+    assert 0 < sent < took / 3, (sent, took)
     # The client's own messages may be compressed too.
     socket.send({"type": "ping", "padding": "x" * 2000})
     assert socket.recv() == {"type": "pong"}
     socket.close()
 
 
+def test_a_socket_s_own_stream_sends_fewer_bytes_than_the_shared_form(node):
+    """The same row updates to one socket with context and to one without: with context,
+    each update refers back to the ones before."""
+    own, _ = open_socket(node, 1)
+    shared, _ = open_socket(
+        node,
+        2,
+        compression=None,
+        extensions=[ClientPerMessageDeflateFactory(server_no_context_takeover=True)],
+    )
+    sent = {}
+    for name, socket, table in [("per_socket", own, 11), ("shared", shared, 12)]:
+        assert socket.subscribe("table", table_id=table)["type"] == "page_add"
+        counter = f'channelgate_deflate_compressed_bytes_total{{mode="{name}"}}'
+        before = metric(node, counter)
+        with Client(node.target, api_key=API_KEY) as client:
+            for n in range(1, 21):
+                client.publish_to_group(f"table-{table}", row_update(n))
+        for n in range(1, 21):
+            assert socket.recv()["rows"][0]["id"] == n
+        sent[name] = metric(node, counter) - before
+    assert sent["per_socket"] < sent["shared"] * 0.7, sent
+
+
+def test_an_event_for_many_sockets_is_compressed_once_for_all(node):
+    sockets = [open_socket(node, 3)[0] for _ in range(10)]
+    for socket in sockets:
+        assert socket.subscribe("table", table_id=13)["type"] == "page_add"
+    shared = 'channelgate_deflate_compressed_bytes_total{mode="shared"}'
+    own = 'channelgate_deflate_compressed_bytes_total{mode="per_socket"}'
+    before = metric(node, shared), metric(node, own)
+    with Client(node.target, api_key=API_KEY) as client:
+        event_id = client.publish_to_group("table-13", ROWS)
+    for socket in sockets:
+        assert socket.recv() == {**ROWS, "_event_id": event_id}
+    # More sockets than --compression-context-fanout (8): the shared form, ten times.
+    assert metric(node, own) == before[1]
+    assert metric(node, shared) > before[0]
+    for socket in sockets:
+        socket.close()
+
+
 def test_a_client_that_does_not_offer_it_gets_plain_frames(node):
     socket, answered = open_socket(node, 2, compression=None)
     assert answered is None
     assert socket.subscribe("table", table_id=8)["type"] == "page_add"
-    before = metric(node, "channelgate_deflate_plain_bytes_total")
+    counters = [
+        f'channelgate_deflate_plain_bytes_total{{mode="{mode}"}}'
+        for mode in ("shared", "per_socket")
+    ]
+    before = [metric(node, counter) for counter in counters]
     with Client(node.target, api_key=API_KEY) as client:
         event_id = client.publish_to_group("table-8", ROWS)
     assert socket.recv() == {**ROWS, "_event_id": event_id}
-    assert metric(node, "channelgate_deflate_plain_bytes_total") == before
+    assert [metric(node, counter) for counter in counters] == before
     socket.close()
 
 
