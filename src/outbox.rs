@@ -254,7 +254,7 @@ pub struct Outbox {
     state: Mutex<State>,
     limit_bytes: usize,
     /// permessage-deflate, when the socket agreed to it: event frames go compressed.
-    deflate: OnceLock<Agreement>,
+    deflate: OnceLock<(Agreement, DeflateSettings)>,
 }
 
 /// Event ids a connection kept of what it got live, so that a replay leaves them out.
@@ -290,6 +290,10 @@ struct State {
     /// arrives later (its publication reached this node after the history was read, or
     /// the node delivered it late) is one the client has already.
     seen_through: u64,
+    /// The socket's own deflate stream (permessage-deflate with context): frames are
+    /// compressed on it as they are queued, in the order they go on the wire. Made when
+    /// first needed, dropped when the socket idles ([`Outbox::idle`]).
+    own_stream: Option<SocketDeflater>,
 }
 
 impl State {
@@ -339,19 +343,73 @@ impl Outbox {
     }
 
     /// Compresses event frames from now on, as the socket agreed at its handshake.
-    pub fn compress(&self, agreement: Agreement) {
-        let _ = self.deflate.set(agreement);
+    pub fn compress(&self, agreement: Agreement, settings: DeflateSettings) {
+        let _ = self.deflate.set((agreement, settings));
+    }
+
+    /// The frame in its shared compressed form where that is how it goes to this socket
+    /// (made outside the lock: the first socket that needs it compresses it for all).
+    fn shared_form(&self, frame: Frame) -> Frame {
+        match self.deflate.get() {
+            Some((agreement, _)) => frame.for_socket(Some(agreement)),
+            None => frame,
+        }
+    }
+
+    /// The frame as it goes on the wire now, after everything queued before it: compressed
+    /// on the socket's own stream, or, for a frame in the shared form, with the stream
+    /// reset (the client's window then holds bytes the stream did not send).
+    fn wire_form(&self, state: &mut State, frame: Frame) -> Frame {
+        let Some((agreement, settings)) = self.deflate.get() else {
+            return frame;
+        };
+        if frame.goes_per_socket(Some(agreement)) {
+            let stream = state.own_stream.get_or_insert_with(|| {
+                let window = settings.window_bits.min(agreement.server_window_bits);
+                SocketDeflater::new(settings.level, window)
+            });
+            return frame.compressed_on(stream);
+        }
+        if frame.is_compressed()
+            && let Some(stream) = &mut state.own_stream
+        {
+            stream.reset();
+        }
+        frame
+    }
+
+    /// Whether the socket holds its own deflate stream.
+    pub fn holds_stream(&self) -> bool {
+        self.deflate.get().is_some() && self.lock().own_stream.is_some()
+    }
+
+    /// The socket has been idle: its own deflate stream is dropped (the next message
+    /// starts a new one), so an idle socket holds no compressor.
+    pub fn idle(&self) {
+        let mut state = self.lock();
+        if state.frames.is_empty() && state.held.is_none() {
+            state.own_stream = None;
+        }
     }
 
     /// Queues an event's frame (`id` 0: one the history does not keep). While a replay
     /// runs, the frame waits until the replay is queued. The queue counts the bytes that
     /// go out: a compressed frame by its compressed size.
     pub fn push_event(&self, frame: Frame, id: u64) -> Pushed {
-        let frame = frame.for_socket(self.deflate.get());
+        let frame = self.shared_form(frame);
         let mut state = self.lock();
         if state.close.is_some() {
             return Pushed::Closed;
         }
+        if id != 0 && id <= state.seen_through {
+            return Pushed::Queued;
+        }
+        // Held frames take their wire form when the replay is released, in wire order.
+        let frame = if id != 0 && state.held.is_some() {
+            frame
+        } else {
+            self.wire_form(&mut state, frame)
+        };
         if state.bytes + state.held_bytes + frame.len() > self.limit_bytes {
             state.close = Some(CloseReason::SlowConsumer);
             state.frames = VecDeque::new();
@@ -367,9 +425,6 @@ impl Outbox {
         }
         if id != 0 {
             let state = &mut *state;
-            if id <= state.seen_through {
-                return Pushed::Queued;
-            }
             if let Some(held) = &mut state.held {
                 state.held_bytes += frame.len();
                 held.push((id, frame));
@@ -440,13 +495,13 @@ impl Outbox {
             }
         }
         let was_empty = state.frames.is_empty();
-        let agreement = self.deflate.get();
         for frame in fresh
             .into_iter()
-            .map(|(_, frame)| frame.for_socket(agreement))
+            .map(|(_, frame)| self.shared_form(frame))
             .chain([result])
             .chain(held.into_iter().map(|(_, frame)| frame))
         {
+            let frame = self.wire_form(&mut state, frame);
             state.bytes += frame.len();
             state.frames.push_back(frame);
         }
@@ -658,5 +713,69 @@ mod tests {
             outbox.next_batch(&mut batch).await,
             Some(CloseReason::GoingAway)
         );
+    }
+
+    fn compressing(limit_bytes: usize, server_context: bool) -> Outbox {
+        let outbox = Outbox::new(limit_bytes);
+        let settings = DeflateSettings {
+            context_fanout: 8,
+            window_bits: 11,
+            min_bytes: 64,
+            level: 6,
+        };
+        outbox.compress(
+            Agreement {
+                server_window_bits: 15,
+                server_context,
+            },
+            settings,
+        );
+        outbox
+    }
+
+    fn big_event(n: usize, recipients: usize) -> Frame {
+        let settings = DeflateSettings {
+            context_fanout: 8,
+            window_bits: 11,
+            min_bytes: 64,
+            level: 6,
+        };
+        let payload = format!(r#"{{"type":"rows","n":{n},"text":"{}"}}"#, "x".repeat(5000));
+        Frame::event(&payload, 0).deflatable(Some(settings), recipients)
+    }
+
+    #[test]
+    fn the_queue_counts_the_bytes_that_go_out_compressed() {
+        // Twenty 5 KB events where 10 KB fit: compressed, per socket or shared, they do.
+        for (server_context, recipients) in [(true, 1), (false, 1), (true, 100)] {
+            let outbox = compressing(10_000, server_context);
+            for n in 0..20 {
+                assert_eq!(outbox.push(big_event(n, recipients)), Pushed::Queued);
+            }
+            assert!(outbox.lock().bytes < 10_000);
+        }
+        // Plain, the second no longer fits.
+        let plain = Outbox::new(10_000);
+        assert_eq!(plain.push(big_event(0, 1)), Pushed::Queued);
+        assert_eq!(plain.push(big_event(1, 1)), Pushed::Overflowed);
+    }
+
+    #[test]
+    fn a_socket_stream_is_reset_by_a_shared_frame_and_dropped_when_idle() {
+        let outbox = compressing(1 << 20, true);
+        outbox.push(big_event(0, 1));
+        assert!(outbox.holds_stream());
+        // A shared frame between two of the socket's own: the stream must not refer back
+        // past it, so the next frame is compressed as if the stream were new.
+        outbox.push(big_event(1, 100));
+        outbox.push(big_event(2, 1));
+        let frames: Vec<Frame> = outbox.lock().frames.iter().cloned().collect();
+        assert!(frames.iter().all(Frame::is_compressed));
+        assert_eq!(frames[0].len(), frames[2].len(), "a fresh stream each time");
+        outbox.idle();
+        assert!(outbox.holds_stream(), "frames still wait: kept");
+        outbox.lock().frames.clear();
+        outbox.idle();
+        assert!(!outbox.holds_stream());
     }
 }

@@ -20,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::deflate::{self, Agreement, DeflateSettings, SocketDeflater};
+use crate::deflate::{self, Agreement, DeflateSettings};
 
 use crate::authorizer::ConnectRequest;
 use crate::bus::Bus;
@@ -229,8 +229,8 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     drop(parts.read_buf);
     let hub = ctx.session.hub.clone();
     let conn = hub.connect(web_socket_id.as_str().into(), identity.user_id);
-    if let Some(agreement) = upgrade.deflate {
-        conn.outbox.compress(agreement);
+    if let (Some(agreement), Some(settings)) = (upgrade.deflate, ctx.compression) {
+        conn.outbox.compress(agreement, settings);
     }
     if identity.user_id != crate::identity::ANONYMOUS_USER_ID
         && hub.connections_of(identity.user_id) > ctx.max_connections_per_user
@@ -245,11 +245,7 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
     let session = Session::new(ctx.session.clone(), conn.clone());
 
     let heard = Heard::new();
-    let own_stream = upgrade
-        .deflate
-        .zip(ctx.compression)
-        .map(|(agreement, settings)| OwnStream::new(agreement, settings));
-    let writer = write_loop(&tcp, &conn.outbox, own_stream);
+    let writer = write_loop(&tcp, &conn.outbox);
     let mut decoder = Decoder::new(ctx.max_message_bytes);
     if upgrade.deflate.is_some() {
         decoder = decoder.inflating();
@@ -404,69 +400,24 @@ async fn refuse(upgraded: hyper::upgrade::Upgraded, ctx: &WsContext, reason: Clo
 /// dropped (an idle socket holds no compressor) and the next message starts a new one.
 const OWN_STREAM_IDLE: Duration = Duration::from_secs(10);
 
-/// A socket's own deflate stream (permessage-deflate with context), made when the socket
-/// first needs it and dropped when it idles. Frames are compressed on it in the order they
-/// go on the wire, so the writer does it.
-struct OwnStream {
-    agreement: Agreement,
-    settings: DeflateSettings,
-    stream: Option<SocketDeflater>,
-}
-
-impl OwnStream {
-    fn new(agreement: Agreement, settings: DeflateSettings) -> OwnStream {
-        OwnStream {
-            agreement,
-            settings,
-            stream: None,
-        }
-    }
-
-    /// Compresses the frames meant for this socket's stream; a frame compressed in the
-    /// shared form puts bytes in the client's window that the stream did not send, so the
-    /// stream forgets what it sent before.
-    fn compress(&mut self, batch: &mut [Frame]) {
-        for frame in batch.iter_mut() {
-            if frame.goes_per_socket(Some(&self.agreement)) {
-                let (settings, agreement) = (&self.settings, &self.agreement);
-                let stream = self.stream.get_or_insert_with(|| {
-                    let window = settings.window_bits.min(agreement.server_window_bits);
-                    SocketDeflater::new(settings.level, window)
-                });
-                *frame = frame.compressed_on(stream);
-            } else if frame.is_compressed()
-                && let Some(stream) = &mut self.stream
-            {
-                stream.reset();
-            }
-        }
-    }
-}
-
 /// Writes queued frames, a batch at a time, until a close is requested; then the close
 /// frame. A write stuck on a socket nobody reads is abandoned once the outbox overflows.
-async fn write_loop(tcp: &TcpStream, outbox: &Outbox, mut own: Option<OwnStream>) -> CloseReason {
+async fn write_loop(tcp: &TcpStream, outbox: &Outbox) -> CloseReason {
     let mut batch = Vec::new();
     // The rest of a frame whose beginning is on the wire: it must go out before any other.
     let mut unfinished = None;
     loop {
-        let holding_stream = own.as_ref().is_some_and(|own| own.stream.is_some());
-        let next = if holding_stream {
+        let next = if outbox.holds_stream() {
             match tokio::time::timeout(OWN_STREAM_IDLE, outbox.next_batch(&mut batch)).await {
                 Ok(next) => next,
                 Err(_) => {
-                    if let Some(own) = &mut own {
-                        own.stream = None;
-                    }
+                    outbox.idle();
                     continue;
                 }
             }
         } else {
             outbox.next_batch(&mut batch).await
         };
-        if let Some(own) = &mut own {
-            own.compress(&mut batch);
-        }
         if let Some(reason) = next {
             let last: Vec<Frame> = unfinished
                 .take()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import time
 import urllib.request
@@ -253,3 +254,60 @@ def test_a_compression_bomb_is_closed_with_1009_and_the_node_does_not_grow(node)
     grown = rss_kib(node) - before
     # Each bomb was stopped after at most the message limit of inflated bytes.
     assert grown < 4 * 1024, f"RSS grew by {grown} KiB"
+
+
+def test_a_replay_over_a_compressed_socket_gets_every_event_it_missed(node):
+    url_id = "tab-compressed"
+    with Client(node.target, api_key=API_KEY) as client:
+        first = node.socket(token(1), url_id)
+        assert first.subscribe("table", table_id=20)["type"] == "page_add"
+        seen = client.publish_to_group("table-20", row_update(1))
+        assert first.recv()["_event_id"] == seen
+        first.close()
+        missed = [client.publish_to_group("table-20", row_update(n)) for n in range(2, 6)]
+    again = node.socket(token(1), url_id)
+    assert again.subscribe("table", table_id=20)["type"] == "page_add"
+    again.send({"type": "replay_events", "last_seen_id": seen, "supports_retry": True})
+    got = [again.recv() for _ in missed]
+    assert [frame["_event_id"] for frame in got] == missed
+    assert [frame["rows"][0]["id"] for frame in got] == [2, 3, 4, 5]
+    result = again.recv()
+    assert result == {
+        "type": "replay_events_result",
+        "force_refresh": False,
+        "latest_event_id": missed[-1],
+    }
+    again.close()
+
+
+def test_presence_works_over_compressed_sockets(tmp_path):
+    gateway = Gateway("--presence", "on", log=tmp_path / "presence.log")
+    try:
+        one, _ = open_socket(gateway, 1)
+        two, _ = open_socket(gateway, 2)
+        assert one.subscribe("table", table_id=5)["type"] == "page_add"
+        members = one.recv()
+        assert members["type"] == "presence.members" and members["entries"] == []
+        assert two.subscribe("table", table_id=5)["type"] == "page_add"
+        members = two.recv()
+        assert [entry["user_id"] for entry in members["entries"]] == [1]
+        joined = one.recv()
+        assert joined["type"] == "presence.join" and joined["user_id"] == 2
+    finally:
+        gateway.stop()
+
+
+def test_a_compressed_socket_that_does_not_read_is_closed_as_a_slow_consumer(tmp_path):
+    gateway = Gateway("--max-queue-bytes", "262144", log=tmp_path / "slow.log")
+    try:
+        socket, answered = open_socket(gateway, 1)
+        assert answered is not None
+        assert socket.subscribe("table", table_id=6)["type"] == "page_add"
+        # Random text does not compress: it fills the queue as it is.
+        noise = {"type": "noise", "data": os.urandom(45_000).hex()}
+        with Client(gateway.target, api_key=API_KEY) as client:
+            for _ in range(300):
+                client.publish_to_group("table-6", noise)
+        assert socket.closed(within=10) == 4008
+    finally:
+        gateway.stop()
