@@ -470,14 +470,27 @@ def redis_cluster_section(rows, out):
         out.append("")
 
 
+IDEMPOTENCY_MD = "target/bench/idempotency.md"
+
 INGEST_SETUPS = {
-    1: "one node",
-    2: "two nodes through Redis",
+    "memory": "one node",
+    "redis": "two nodes through Redis",
+    "cluster": "two nodes through a Redis Cluster",
 }
 
 
+def ingest_bus(r):
+    """memory, redis or cluster (rows from before the bus was labelled: by their nodes)."""
+    return r.get("bus") or ("memory" if r["nodes"] == 1 else "redis")
+
+
+def ingest_setup(r):
+    return INGEST_SETUPS.get(ingest_bus(r), f"{r['nodes']} nodes")
+
+
 def ingest_section(rows, out):
-    found = [r for r in rows if r.get("scenario") == "S6"]
+    every = [r for r in rows if r.get("scenario") == "S6"]
+    found = [r for r in every if not r.get("keys")]
     if not found:
         return
     first = found[0]
@@ -495,19 +508,23 @@ def ingest_section(rows, out):
         "core 0, the load generator on core 1. Two nodes: node A (published through) and "
         "redis-server on core 0, node B and the load generator on core 1 (there are only two "
         "cores: the generator shares node B's); the sockets alternate between the nodes, so "
-        "half the events reach their socket on the other node through Redis. Server CPU counts "
+        "half the events reach their socket on the other node through Redis (on a Redis "
+        "Cluster, all six redis-servers on core 0 with node A). Server CPU counts "
         "every server process (the nodes and redis-server) and can pass 100 % with two nodes. "
-        "Event history is on (the default), in memory on one node and in Redis streams on two."
+        "Event history is on (the default), in memory on one node and in Redis streams on two. "
+        "No event carries an idempotency key here; the runs with a key per event follow."
     )
     out.append("")
     out.append("| setup | calls | round | accepted events/s | delivered events/s | delivered / accepted | p50 (ms) | p99 (ms) | server CPU | events per server CPU-second | load generator CPU | failed calls |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    buses = list(INGEST_SETUPS)
     def key(r):
-        return (r["nodes"], r["mode"] != "publish", r.get("round", 0))
+        bus = ingest_bus(r)
+        return (buses.index(bus) if bus in buses else len(buses), r["mode"] != "publish", r.get("round", 0))
     for r in sorted(found, key=key):
         calls = (f"Publish, {r['in_flight']} in flight" if r["mode"] == "publish"
                  else f"PublishBatch of {r['batch']}, {r['in_flight']} in flight")
-        setup = INGEST_SETUPS.get(r["nodes"], f"{r['nodes']} nodes")
+        setup = ingest_setup(r)
         out.append(
             f"| {setup} | {calls} | {r.get('round', 1)} | "
             f"{fmt(r['accepted_per_sec'])} | {fmt(r['delivered_per_sec'])} | {fmt(r['delivered'])} / {fmt(r['accepted'])} | "
@@ -516,12 +533,12 @@ def ingest_section(rows, out):
         )
     out.append("")
     lines = []
-    for nodes in sorted({r["nodes"] for r in found}):
+    for bus in sorted({ingest_bus(r) for r in found}, key=lambda b: buses.index(b) if b in buses else len(buses)):
         for mode in ("publish", "batch"):
-            runs = [r for r in found if r["nodes"] == nodes and r["mode"] == mode]
+            runs = [r for r in found if ingest_bus(r) == bus and r["mode"] == mode]
             if runs:
                 lines.append(
-                    f"{INGEST_SETUPS.get(nodes, f'{nodes} nodes')}, {'Publish' if mode == 'publish' else 'PublishBatch'}: "
+                    f"{INGEST_SETUPS.get(bus, bus)}, {'Publish' if mode == 'publish' else 'PublishBatch'}: "
                     f"{fmt(median(runs, 'accepted_per_sec'))} accepted/s"
                     + (f" ({spread([r['accepted_per_sec'] for r in runs])})" if len(runs) > 1 else "")
                     + ", "
@@ -532,22 +549,78 @@ def ingest_section(rows, out):
         out.append("Medians over rounds: " + "; ".join(lines) + ".")
         out.append("")
     bad = [
-        f"{INGEST_SETUPS.get(r['nodes'])} {r['mode']} round {r.get('round')}: "
+        f"{ingest_setup(r)}{' with keys' if r.get('keys') else ''} {r['mode']} round {r.get('round')}: "
         + ", ".join(
             f"{k.replace('_', ' ')} {fmt(r[k])}"
             for k in ("missing", "duplicates", "wrong_socket", "slow_consumer_closes", "failed_calls", "unchecked")
             if r.get(k)
         )
         + (f" (first error: {r['first_error']})" if r.get("first_error") else "")
-        for r in found
+        for r in every
         if any(r.get(k) for k in ("missing", "duplicates", "wrong_socket", "slow_consumer_closes", "failed_calls"))
     ]
+    ingest_keys_section(every, out)
     out.append(
         "Every accepted event must reach its group's socket once (missing: accepted, never "
-        "delivered; duplicates; wrong socket: delivered to another group's socket): "
+        "delivered; duplicates; wrong socket: delivered to another group's socket), with a key "
+        "or without: "
         + ("; ".join(bad) + "." if bad else "all did, in every run.")
     )
     out.append("")
+
+
+def ingest_keys_section(found, out):
+    """S6 without and with an idempotency key on every event, side by side."""
+    if not any(r.get("keys") for r in found):
+        return
+    buses = list(INGEST_SETUPS)
+    out.append("### S6 with an idempotency key on every event\n")
+    out.append(
+        "The same runs with a key of its own on every event (32 hex characters, as a client's "
+        "uuid4 hex), taking turns with the runs without within each setup and round (the order "
+        "swapped every round), each on servers started afresh. With a key, one node checks and "
+        "records it in its map under one lock (at most `--idempotency-keys`, 100,000 by default: "
+        "past it the oldest go first); on Redis the publish script GETs and SETs it (`PX` the "
+        "window). Medians over rounds, with the min–max; key / no key is the ratio of the medians."
+    )
+    out.append("")
+    out.append("| setup | calls | key | rounds | accepted events/s, median (min–max) | events per server CPU-second, median (min–max) | p99 (ms), median | key / no key, events/s | key / no key, per CPU-second |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for bus in sorted({ingest_bus(r) for r in found}, key=lambda b: buses.index(b) if b in buses else len(buses)):
+        for mode in ("publish", "batch"):
+            base = [r for r in found if ingest_bus(r) == bus and r["mode"] == mode and not r.get("keys")]
+            keyed = [r for r in found if ingest_bus(r) == bus and r["mode"] == mode and r.get("keys")]
+            for runs, label in ((base, "none"), (keyed, "one per event")):
+                if not runs:
+                    continue
+                calls = (f"Publish, {runs[0]['in_flight']} in flight" if mode == "publish"
+                         else f"PublishBatch of {runs[0]['batch']}, {runs[0]['in_flight']} in flight")
+                ratio_rate = ratio_cpu = ""
+                if label != "none" and base:
+                    def r_(k):
+                        b = median(base, k)
+                        return f"{median(runs, k) / b:.2f}x" if b else "n/a"
+                    ratio_rate, ratio_cpu = r_("accepted_per_sec"), r_("events_per_cpu_sec")
+                out.append(
+                    f"| {INGEST_SETUPS.get(bus, bus)} | {calls} | {label} | {len(runs)} | "
+                    f"{fmt(median(runs, 'accepted_per_sec'))} ({spread([r['accepted_per_sec'] for r in runs])}) | "
+                    f"{fmt(median(runs, 'events_per_cpu_sec'))} ({spread([r.get('events_per_cpu_sec') for r in runs])}) | "
+                    f"{ms(median(runs, 'p99_ms'))} | {ratio_rate} | {ratio_cpu} |"
+                )
+    out.append("")
+    out.append(
+        "A ratio whose min–max ranges overlap is within this machine's run-to-run noise; "
+        "`bash bench/idempotency.sh` counts instructions per publish with and without a key, "
+        "which noise does not move, redis-server's time per publish script and the memory a "
+        "key takes" + (
+            "; its latest table, not from this run:" if os.path.exists(IDEMPOTENCY_MD) else "."
+        )
+    )
+    out.append("")
+    if os.path.exists(IDEMPOTENCY_MD):
+        with open(IDEMPOTENCY_MD) as f:
+            out.append(f.read().strip())
+        out.append("")
 
 
 def idle_section(rows, out):

@@ -33,6 +33,11 @@
 #   STEP_SECS  seconds of each step of the search for the highest sustained rate [2]
 #   S6_GROUPS S6_SECS S6_ROUNDS  S6, publish ingest: groups (one socket each) [10000],
 #              seconds per phase [5], rounds of one node and two nodes taking turns [2]
+#   S6_KEYS    S6 without an idempotency key ("off") and with one per event ("on", 32 hex
+#              characters each), taking turns within each setup and round ["off on"]
+#   S6_BUSES   S6's setups: memory (one node), redis (two nodes through one redis-server),
+#              cluster (two nodes through a Redis Cluster of three primaries and three
+#              replicas, scripts/redis-cluster.sh) ["memory redis"]
 #   S6_IN_FLIGHT S6_BATCH S6_BATCH_IN_FLIGHT  Publish calls in flight [32], events per
 #              PublishBatch [100], PublishBatch calls in flight [4]
 #   H1_ROUNDS H1_RATE H1_SECS H1_CONNS R1_EVENTS R2_SOCKETS  the history scenarios: H1,
@@ -75,6 +80,8 @@ s6_rounds=${S6_ROUNDS:-2}
 s6_in_flight=${S6_IN_FLIGHT:-32}
 s6_batch=${S6_BATCH:-100}
 s6_batch_in_flight=${S6_BATCH_IN_FLIGHT:-4}
+s6_keys=${S6_KEYS:-"off on"}
+s6_buses=${S6_BUSES:-"memory redis"}
 only=${ONLY:-}
 h1_rounds=${H1_ROUNDS:-3}
 h1_rate=${H1_RATE:-30000}
@@ -299,18 +306,10 @@ if classic && has channelgate; then
   cleanup
 fi
 
-if redis_cluster_runs; then
-  # S5 on one redis-server against S5 on a Redis Cluster: the same two nodes of one worker,
-  # the same sockets and rates, everything server-side (both nodes and every redis-server,
-  # the cluster's replicas too) on core 0 as in S5, the load generator on core 1. Every
-  # server process's CPU counts for deliveries per CPU-second; each redis-server's own CPU
-  # is read from /proc before and after each run, and its role with redis-cli.
-  clk_tck=$(getconf CLK_TCK)
-
-  # A first port of six in a row that are free with their cluster bus ports (+10000),
-  # below the ephemeral range so that no client socket holds one.
-  free_cluster_base() {
-    python3 - <<'PY'
+# A first port of six in a row that are free with their cluster bus ports (+10000),
+# below the ephemeral range so that no client socket holds one.
+free_cluster_base() {
+  python3 - <<'PY'
 import random, socket
 for _ in range(200):
     base = random.randrange(10000, 22000)
@@ -331,7 +330,15 @@ for _ in range(200):
 else:
     raise SystemExit("no six free ports in a row for a Redis Cluster")
 PY
-  }
+}
+
+if redis_cluster_runs; then
+  # S5 on one redis-server against S5 on a Redis Cluster: the same two nodes of one worker,
+  # the same sockets and rates, everything server-side (both nodes and every redis-server,
+  # the cluster's replicas too) on core 0 as in S5, the load generator on core 1. Every
+  # server process's CPU counts for deliveries per CPU-second; each redis-server's own CPU
+  # is read from /proc before and after each run, and its role with redis-cli.
+  clk_tck=$(getconf CLK_TCK)
 
   # CPU ticks (utime + stime, fields 14 and 15 of /proc/PID/stat; the command name may
   # hold spaces, so counted from its closing bracket), or "null" once the process is gone.
@@ -444,27 +451,63 @@ fi
 if ingest_runs; then
   # S6: one socket in each of S6_GROUPS groups, Publish with S6_IN_FLIGHT calls in flight,
   # then PublishBatch. One node: on core 0, the generator on core 1. Two nodes: node A
-  # (which the generator publishes through) and redis-server on core 0, node B with the
-  # generator on core 1; the sockets alternate between the nodes, so half the events cross
-  # Redis to node B. One node and two take turns.
+  # (which the generator publishes through) and redis-server (on a Redis Cluster, all six)
+  # on core 0, node B with the generator on core 1; the sockets alternate between the
+  # nodes, so half the events cross Redis to node B. The setups take turns, and within each
+  # setup runs without and with idempotency keys (S6_KEYS); both orders swap every round.
   s6=(ingest --groups "$s6_groups" --secs "$s6_secs" --in-flight "$s6_in_flight"
     --batch "$s6_batch" --batch-in-flight "$s6_batch_in_flight")
+  reversed() { local out=() i; for (( i = $#; i >= 1; i-- )); do out+=("${!i}"); done; echo "${out[@]}"; }
   for round in $(seq "$s6_rounds"); do
-    order="one two"; if (( round % 2 == 0 )); then order="two one"; fi
-    for nodes in $order; do
-      if [[ $nodes == one ]]; then
-        echo "== channelgate: S6, one node, round $round"
-        start_system channelgate 1 0
-        loadgen_cg --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
-          --server-pid "$server_pid" "${s6[@]}" --round "$round" || true
-      else
-        echo "== channelgate: S6, two nodes through Redis, round $round"
-        start_cluster 0 1
-        loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" \
-          --grpc-addr "127.0.0.1:${grpc_ports[0]}" --server-pid "${node_pids[0]}" \
-          --server-pid "${node_pids[1]}" --server-pid "$redis_pid" "${s6[@]}" --round "$round" || true
-      fi
-      cleanup
+    # shellcheck disable=SC2086
+    buses=$s6_buses keyings=$s6_keys
+    # shellcheck disable=SC2086
+    if (( round % 2 == 0 )); then buses=$(reversed $s6_buses); keyings=$(reversed $s6_keys); fi
+    for bus in $buses; do
+      for keying in $keyings; do
+        key_flags=(); with=""
+        if [[ $keying == on ]]; then key_flags=(--keys); with=", a key per event"; fi
+        case $bus in
+          memory)
+            echo "== channelgate: S6, one node$with, round $round"
+            start_system channelgate 1 0
+            loadgen_cg --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
+              --server-pid "$server_pid" "${s6[@]}" "${key_flags[@]}" --bus memory --round "$round" || true ;;
+          redis)
+            echo "== channelgate: S6, two nodes through Redis$with, round $round"
+            start_cluster 0 1
+            loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" \
+              --grpc-addr "127.0.0.1:${grpc_ports[0]}" --server-pid "${node_pids[0]}" \
+              --server-pid "${node_pids[1]}" --server-pid "$redis_pid" "${s6[@]}" "${key_flags[@]}" \
+              --bus redis --round "$round" || true ;;
+          cluster)
+            echo "== channelgate: S6, two nodes through a Redis Cluster$with, round $round"
+            run_dir=target/bench/s6-cluster/round-$round-keys-$keying
+            rm -rf "$run_dir"; mkdir -p "$run_dir"
+            redis_cluster_dir=$run_dir/redis-cluster
+            # The servers inherit the affinity of the script that starts them.
+            cluster_nodes=$(taskset -c 0 bash scripts/redis-cluster.sh start "$redis_cluster_dir" "$(free_cluster_base)")
+            mapfile -t cluster_pids <"$redis_cluster_dir/pids"
+            ws_ports=("$(free_port)" "$(free_port)")
+            grpc_ports=("$(free_port)" "$(free_port)")
+            node_pids=()
+            for n in 0 1; do
+              taskset -c "$n" ./target/release/channelgate --dev --jwt-secret "$secret" --node-id "node-$n" \
+                --workers 1 --redis-cluster-nodes "$cluster_nodes" \
+                --ws-addr "127.0.0.1:${ws_ports[n]}" --grpc-addr "127.0.0.1:${grpc_ports[n]}" \
+                >"$run_dir/node-$n.log" 2>&1 &
+              node_pids+=($!); pids+=($!)
+            done
+            for n in 0 1; do wait_port "${ws_ports[n]}"; wait_port "${grpc_ports[n]}"; done
+            pid_flags=()
+            for pid in "${node_pids[@]}" "${cluster_pids[@]}"; do pid_flags+=(--server-pid "$pid"); done
+            loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" \
+              --grpc-addr "127.0.0.1:${grpc_ports[0]}" "${pid_flags[@]}" "${s6[@]}" "${key_flags[@]}" \
+              --bus cluster --round "$round" || true ;;
+          *) echo "S6_BUSES holds memory, redis or cluster, not $bus" >&2; exit 2 ;;
+        esac
+        cleanup
+      done
     done
   done
 fi

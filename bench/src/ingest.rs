@@ -12,6 +12,12 @@
 //! event is of its group and times it. An event accepted (the call answered OK) and never
 //! delivered counts as missing, one delivered twice as a duplicate. Prints a JSON line per
 //! phase.
+//!
+//! With `keys`, every event carries an idempotency key of its own (32 hex characters, as a
+//! client's uuid4 hex), so the server checks and records one key per event; without, none.
+//!
+//! [`count`] publishes a fixed number of events instead, for counts that do not depend on
+//! time (instructions under callgrind, Redis memory per key).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -34,6 +40,29 @@ pub struct Plan {
     pub batch_in_flight: usize,
     pub size: usize,
     pub round: u32,
+    /// An idempotency key on every event.
+    pub keys: bool,
+    /// Labels the result: where the events go between nodes (memory, redis, cluster).
+    pub bus: String,
+}
+
+/// A key for event `n` of a run seeded with `seed`: 32 hex characters that look random,
+/// like a client's `uuid.uuid4().hex`, and differ for every event of the run.
+pub(crate) fn idempotency_key(seed: u64, n: u64) -> String {
+    fn mix(mut z: u64) -> u64 {
+        // splitmix64's finaliser: a bijection, so distinct inputs give distinct halves.
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    let high = mix(n ^ seed);
+    format!("{high:016x}{:016x}", mix(high ^ seed.rotate_left(32)))
+}
+
+/// A seed for a run's keys, so that runs against the same Redis never share a key.
+pub(crate) fn key_seed() -> u64 {
+    load::now_micros() ^ (u64::from(std::process::id()) << 40)
 }
 
 /// Event numbers checked for loss and duplicates (two bits each): 16.7 million, far more
@@ -165,6 +194,7 @@ async fn phase(
     let (user_before, kernel_before) = load::proc_times(&setup.server_pids);
     let (own_before, _) = load::proc_sample(&[std::process::id()]);
     let calls = Arc::new(Calls::default());
+    let seed = key_seed();
     let started = Instant::now();
     let started_us = load::now_micros();
     let deadline = started + Duration::from_secs_f64(plan.secs);
@@ -172,14 +202,19 @@ async fn phase(
     for _ in 0..tasks {
         let (mut grpc, next, calls, tally) =
             (grpc.clone(), next.clone(), calls.clone(), tally.clone());
-        let size = plan.size;
+        let (size, keys) = (plan.size, plan.keys);
         callers.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let first = next.fetch_add(batch as u64, Ordering::Relaxed);
                 let mut events: Vec<PublishRequest> = (first..first + batch as u64)
                     .map(|n| {
                         let group = (n % groups) as usize;
-                        load::publish_request(group, load::payload(n, group, size))
+                        let mut request =
+                            load::publish_request(group, load::payload(n, group, size));
+                        if keys {
+                            request.idempotency_key = idempotency_key(seed, n);
+                        }
+                        request
                     })
                     .collect();
                 calls.calls.fetch_add(1, Ordering::Relaxed);
@@ -245,9 +280,11 @@ async fn phase(
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     eprintln!(
-        "S6 {mode} ({} node(s)): {:.0} accepted/s, {delivered} of {accepted} delivered, \
+        "S6 {mode}{} ({} node(s), {}): {:.0} accepted/s, {delivered} of {accepted} delivered, \
          p99 {:.2} ms, server cpu {:.0}%, loadgen cpu {:.0}%",
+        if plan.keys { " with keys" } else { "" },
         setup.ws_addrs.len(),
+        plan.bus,
         per_sec(accepted, publish_secs),
         latency[2],
         cpu_secs / window_secs * 100.0,
@@ -257,6 +294,8 @@ async fn phase(
         "scenario": "S6",
         "system": setup.system.name(),
         "nodes": setup.ws_addrs.len(),
+        "bus": plan.bus,
+        "keys": plan.keys,
         "round": plan.round,
         "mode": mode,
         "batch": batch,
@@ -334,6 +373,154 @@ pub async fn run(setup: Setup, plan: Plan) -> Result<(), String> {
     Ok(())
 }
 
+/// What [`count`] publishes.
+pub struct CountPlan {
+    /// Groups with one socket each (0: no sockets, the events reach nobody).
+    pub groups: usize,
+    pub events: u64,
+    /// Events per call: 1 calls Publish, more PublishBatch.
+    pub batch: usize,
+    pub in_flight: usize,
+    pub size: usize,
+    pub keys: bool,
+    /// Labels the result.
+    pub label: String,
+}
+
+/// UNAVAILABLE answers [`count`] retries, in all, before it counts them as failures.
+const MAX_RETRIES: u64 = 1000;
+
+/// A fixed number of events: `events` published `batch` per call with `in_flight` calls at
+/// once, with or without a key each, then (with sockets) until every accepted event
+/// arrived. For counts that time cannot move: a server's instructions under callgrind for
+/// two event counts, or Redis's memory before and after. Prints one JSON line.
+pub async fn count(setup: Setup, plan: CountPlan) -> Result<(), String> {
+    if plan.batch == 0 || plan.in_flight == 0 {
+        return Err("count needs batches and in-flight calls of at least 1".into());
+    }
+    let setup = Arc::new(setup);
+    let tally = Arc::new(Tally::new());
+    if plan.groups > 0 {
+        load::open(&setup, 0..plan.groups, plan.groups, &tally).await?;
+    }
+    let grpc = GatewayClient::connect(format!("http://{}", setup.grpc_addr))
+        .await
+        .map_err(|e| format!("gRPC connect: {e}"))?;
+    let next = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(Calls::default());
+    let retries = Arc::new(AtomicU64::new(0));
+    let seed = key_seed();
+    let (user_before, kernel_before) = load::proc_times(&setup.server_pids);
+    let started = Instant::now();
+    let mut callers = Vec::with_capacity(plan.in_flight);
+    for _ in 0..plan.in_flight {
+        let (mut grpc, next, calls, retries) =
+            (grpc.clone(), next.clone(), calls.clone(), retries.clone());
+        let (events, batch, size, keys) = (plan.events, plan.batch as u64, plan.size, plan.keys);
+        let groups = plan.groups.max(1) as u64;
+        callers.push(tokio::spawn(async move {
+            loop {
+                let first = next.fetch_add(batch, Ordering::Relaxed);
+                if first >= events {
+                    break;
+                }
+                let last = (first + batch).min(events);
+                let requests: Vec<PublishRequest> = (first..last)
+                    .map(|n| {
+                        let group = (n % groups) as usize;
+                        let mut request =
+                            load::publish_request(group, load::payload(n, group, size));
+                        if keys {
+                            request.idempotency_key = idempotency_key(seed, n);
+                        }
+                        request
+                    })
+                    .collect();
+                // UNAVAILABLE means not published (retry freely): a node under callgrind
+                // can be that slow to find its Redis ready. Retried, the same keys, counted.
+                let answer = loop {
+                    calls.calls.fetch_add(1, Ordering::Relaxed);
+                    let answer = if batch == 1 {
+                        grpc.publish(requests[0].clone()).await.map(|_| ())
+                    } else {
+                        let request = PublishBatchRequest {
+                            events: requests.clone(),
+                        };
+                        grpc.publish_batch(request).await.map(|_| ())
+                    };
+                    match answer {
+                        Err(status)
+                            if status.code() == tonic::Code::Unavailable
+                                && retries.fetch_add(1, Ordering::Relaxed) < MAX_RETRIES =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        answer => break answer,
+                    }
+                };
+                match answer {
+                    Ok(()) => {
+                        calls.accepted.fetch_add(last - first, Ordering::Relaxed);
+                    }
+                    Err(status) => calls.fail(format!("{:?}: {}", status.code(), status.message())),
+                }
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.map_err(|e| format!("publisher task: {e}"))?;
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    let accepted = calls.accepted.load(Ordering::Relaxed);
+    if plan.groups > 0 {
+        load::drain(
+            &tally.received,
+            0,
+            accepted,
+            QUIET,
+            Some(started + DRAIN_MAX),
+        )
+        .await;
+    }
+    let (user_after, kernel_after) = load::proc_times(&setup.server_pids);
+    let cpu_secs = (user_after + kernel_after).saturating_sub(user_before + kernel_before) as f64
+        / load::TICKS_PER_SEC;
+    let first_error = calls
+        .first_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    println!(
+        "{}",
+        json!({
+            "scenario": "count",
+            "label": plan.label,
+            "keys": plan.keys,
+            "events": plan.events,
+            "batch": plan.batch,
+            "in_flight": plan.in_flight,
+            "groups": plan.groups,
+            "calls": calls.calls.load(Ordering::Relaxed),
+            "accepted": accepted,
+            "failed_calls": calls.failed.load(Ordering::Relaxed),
+            "unavailable_retries": retries.load(Ordering::Relaxed),
+            "first_error": first_error,
+            "delivered": tally.received.load(Ordering::Relaxed),
+            "duplicates": tally.duplicates.load(Ordering::Relaxed),
+            "publish_secs": publish_secs,
+            "events_per_sec": (accepted as f64 / publish_secs).round(),
+            "server_cpu_secs": cpu_secs,
+        })
+    );
+    if calls.failed.load(Ordering::Relaxed) > 0 {
+        return Err(format!(
+            "failed calls; the first: {}",
+            first_error.unwrap_or_default()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,5 +541,17 @@ mod tests {
         assert_eq!(tally.duplicates.load(Ordering::Relaxed), 1);
         assert_eq!(tally.wrong_socket.load(Ordering::Relaxed), 1);
         assert!(tally.delivered.get(12));
+    }
+
+    #[test]
+    fn keys_are_32_hex_and_differ() {
+        let seed = key_seed();
+        let keys: std::collections::HashSet<String> =
+            (0..10_000).map(|n| idempotency_key(seed, n)).collect();
+        assert_eq!(keys.len(), 10_000);
+        assert!(
+            keys.iter()
+                .all(|k| k.len() == 32 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+        );
     }
 }

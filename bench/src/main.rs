@@ -227,6 +227,35 @@ enum Scenario {
         /// Labels the result.
         #[arg(long, default_value_t = 1)]
         round: u32,
+        /// Gives every event an idempotency key of its own (32 hex characters, as a
+        /// client's uuid4 hex).
+        #[arg(long)]
+        keys: bool,
+        /// Labels the result: how the nodes share events (memory: one node; redis; cluster).
+        #[arg(long)]
+        bus: Option<String>,
+    },
+    /// A fixed number of events, for counts that time cannot move (instructions under
+    /// callgrind, Redis memory per idempotency key): `groups` groups with one socket each (0:
+    /// none), `events` events round robin over them, `batch` per call (1: Publish, more:
+    /// PublishBatch), `in_flight` calls at once, each event with its own idempotency key
+    /// with `--keys`; waits until every event arrived. Channelgate only.
+    PublishCount {
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
+        #[arg(long, default_value_t = 1000)]
+        events: u64,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 1)]
+        in_flight: usize,
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+        #[arg(long)]
+        keys: bool,
+        /// Labels the result.
+        #[arg(long, default_value = "")]
+        label: String,
     },
 }
 
@@ -429,10 +458,13 @@ async fn main() -> Result<(), String> {
             batch_in_flight,
             size,
             round,
+            keys,
+            bus,
         } => {
             if args.system != load::System::Channelgate {
                 return Err("ingest (S6) drives channelgate only".into());
             }
+            let nodes = args.ws_addr.split(',').count();
             let plan = ingest::Plan {
                 groups: *groups,
                 secs: *secs,
@@ -441,8 +473,35 @@ async fn main() -> Result<(), String> {
                 batch_in_flight: *batch_in_flight,
                 size: *size,
                 round: *round,
+                keys: *keys,
+                bus: bus
+                    .clone()
+                    .unwrap_or_else(|| if nodes == 1 { "memory" } else { "redis" }.into()),
             };
             return ingest::run(setup()?, plan).await;
+        }
+        Scenario::PublishCount {
+            groups,
+            events,
+            batch,
+            in_flight,
+            size,
+            keys,
+            label,
+        } => {
+            if args.system != load::System::Channelgate {
+                return Err("publish-count drives channelgate only".into());
+            }
+            let plan = ingest::CountPlan {
+                groups: *groups,
+                events: *events,
+                batch: *batch,
+                in_flight: *in_flight,
+                size: *size,
+                keys: *keys,
+                label: label.clone(),
+            };
+            return ingest::count(setup()?, plan).await;
         }
         Scenario::PublishCost {
             history,
@@ -535,6 +594,7 @@ async fn main() -> Result<(), String> {
         | Scenario::FanoutSearch { .. }
         | Scenario::Fanout { .. }
         | Scenario::Ingest { .. }
+        | Scenario::PublishCount { .. }
         | Scenario::Idle { .. }
         | Scenario::PublishCost { .. }
         | Scenario::Presence { .. }
