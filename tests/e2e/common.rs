@@ -49,6 +49,11 @@ impl TestNode {
 
     /// A production-like node (secret, API key, static authorizer) plus extra flags.
     pub async fn start_with(extra: &[&str]) -> TestNode {
+        TestNode::start_stopping_within("5", extra).await
+    }
+
+    /// The same, with `--shutdown-timeout` in seconds.
+    pub async fn start_stopping_within(shutdown_timeout: &str, extra: &[&str]) -> TestNode {
         let mut args = vec![
             "channelgate",
             "--ws-addr",
@@ -60,7 +65,7 @@ impl TestNode {
             "--api-key",
             API_KEY,
             "--shutdown-timeout",
-            "5",
+            shutdown_timeout,
         ];
         args.extend_from_slice(extra);
         let settings = Settings::from_args(args).expect("test settings");

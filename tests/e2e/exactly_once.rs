@@ -335,30 +335,9 @@ async fn a_publish_cut_by_a_stopping_node_answers_deadline_exceeded() {
     let redis = RedisServer::start();
     let url = redis.url();
     let p = prefix("cut-by-shutdown");
-    let args = [
-        "channelgate",
-        "--ws-addr",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--jwt-secret",
-        SECRET,
-        "--api-key",
-        API_KEY,
-        "--redis-url",
-        &url,
-        "--redis-prefix",
-        &p,
-        // Shorter than Redis's command timeout, so the stop comes first.
-        "--shutdown-timeout",
-        "1",
-    ];
-    let settings = channelgate::config::Settings::from_args(args).expect("settings");
-    let node = TestNode {
-        node: channelgate::Node::start(settings)
-            .await
-            .expect("node starts"),
-    };
+    // Shorter than Redis's command timeout, so the stop comes first.
+    let node =
+        TestNode::start_stopping_within("1", &["--redis-url", &url, "--redis-prefix", &p]).await;
     assert!(node.node.ready(PATIENCE).await);
     let mut grpc = node.grpc().await;
     redis.freeze();

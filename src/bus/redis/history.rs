@@ -75,11 +75,7 @@ for i = 1, (#ARGV - 2) / 5 do
     local id = redis.call('INCR', KEYS[1])
     local sid = string.format('%.0f', id)
     local message = bytes .. '\16' .. varint(id)
-    if mark then
-      redis.call('SET', KEYS[k + 1], sid, 'PX', ttl)
-    else
-      append(KEYS[k], KEYS[k + 1], sid, message, keep, ttl)
-    end
+    record(KEYS[k], KEYS[k + 1], sid, message, keep, ttl, mark)
     local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
     if #last == 0 or tonumber(string.match(last[1][1], '^%d+')) <= now - step then
       redis.call('XADD', KEYS[3], 'MINID', '~', string.format('%.0f', now - ttl), '*', 'i', sid)

@@ -43,7 +43,8 @@ use tokio::sync::{Notify, mpsc, watch};
 
 /// Lua that appends an event to a history stream (`XADD` at `<id>-0`), trims the stream
 /// to `keep` entries remembering the highest id it dropped in `lost`, and lets both expire
-/// `ttl` ms after the last append; and `varint`, to append an id to protobuf bytes. A
+/// `ttl` ms after the last append; `record`, which does that or, for a lost mark, moves
+/// `lost` to the mark's id; and `varint`, to append an id to protobuf bytes. A
 /// macro, so the scripts of one Redis and of a cluster can `concat!` it.
 macro_rules! append_lua {
     () => {
@@ -70,6 +71,13 @@ local function append(stream, lost, sid, message, keep, ttl)
   end
   redis.call('PEXPIRE', stream, ttl)
   redis.call('PEXPIRE', lost, ttl)
+end
+local function record(stream, lost, sid, message, keep, ttl, mark)
+  if mark then
+    redis.call('SET', lost, sid, 'PX', ttl)
+  else
+    append(stream, lost, sid, message, keep, ttl)
+  end
 end
 "#
     };

@@ -111,11 +111,7 @@ for i = 1, (#ARGV - 5) / 5 do
       ids[i] = 0
     else
       local message = bytes .. '\16' .. varint(id)
-      if mark then
-        redis.call('SET', KEYS[k + 1], sid, 'PX', ttl)
-      else
-        append(KEYS[k], KEYS[k + 1], sid, message, keep, ttl)
-      end
+      record(KEYS[k], KEYS[k + 1], sid, message, keep, ttl, mark)
       redis.call('SET', KEYS[3], sid)
       redis.call('SPUBLISH', channel, message)
       ids[i] = id
