@@ -133,6 +133,7 @@ impl Lanes {
     pub(crate) async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, PublishError> {
         let mut connection = self.connection().await?;
         let mut ids = Vec::with_capacity(events.len());
+        let mut lanes = Vec::new();
         let mut rest = events.as_slice();
         while let Some(first) = rest.first() {
             let lane = lane_of_event(first);
@@ -153,7 +154,24 @@ impl Lanes {
                 Err(error) => return Err(error),
             };
             ids.extend(run_ids);
+            if !lanes.contains(&lane) {
+                lanes.push(lane);
+            }
             rest = &rest[run..];
+        }
+        // One wait per lane for the whole batch, all at once: a replica that confirms the
+        // last write of this connection confirms the ones before it.
+        if self.recording {
+            let waits = lanes
+                .into_iter()
+                .filter(|lane| lock(&self.topology).replicated[*lane])
+                .map(|lane| {
+                    let mut connection = connection.clone();
+                    async move { self.confirm(&mut connection, lane).await }
+                });
+            for confirmed in join_all(waits).await {
+                confirmed.map_err(PublishError::Unknown)?;
+            }
         }
         Ok(ids)
     }
@@ -217,11 +235,6 @@ impl Lanes {
         }
         if !self.published.swap(true, Ordering::AcqRel) {
             self.wake_listener.notify_one();
-        }
-        if self.recording && lock(&self.topology).replicated[lane] {
-            self.confirm(connection, lane)
-                .await
-                .map_err(PublishError::Unknown)?;
         }
         Ok(ids)
     }
