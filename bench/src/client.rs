@@ -5,8 +5,18 @@
 //!
 //! It speaks just what a subscriber needs (RFC 6455): text frames out, masked; unmasked
 //! frames in, of any length; pings answered; a close ends the socket.
+//!
+//! With [`offer_deflate`] every socket of the process offers `permessage-deflate` (RFC
+//! 7692) as a browser does (`permessage-deflate; client_max_window_bits`); when the server
+//! takes it, frames with RSV1 set are inflated by the socket's own inflater, kept across
+//! messages (the server may compress with context), and handed on inflated. Each socket
+//! counts the bytes of the frames it read (headers included: what its TCP socket read after
+//! the handshake) in [`Client::wire_bytes`].
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use flate2::{Decompress, FlushDecompress, Status};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,6 +30,18 @@ const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
+const RSV1: u8 = 0x40;
+/// What a sync flush ends a message with; RFC 7692 leaves it off the wire.
+const DEFLATE_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+static OFFER_DEFLATE: AtomicBool = AtomicBool::new(false);
+
+/// From now on, every socket this process opens offers permessage-deflate (the compression
+/// benchmark's binary does; loadgen's sockets offer nothing).
+#[allow(dead_code)]
+pub fn offer_deflate(on: bool) {
+    OFFER_DEFLATE.store(on, Ordering::Relaxed);
+}
 
 /// One frame from the server, borrowed from the read buffer.
 pub enum Frame<'a> {
@@ -41,6 +63,16 @@ pub struct Client {
     /// A text frame starting with `.0` is answered with the text `.1` (Pusher's
     /// application-level ping), see [`Client::answer_text`].
     auto_reply: Option<(&'static [u8], &'static str)>,
+    /// The inflater, when the server took permessage-deflate, and what it last inflated.
+    inflater: Option<Box<Decompress>>,
+    inflated: Vec<u8>,
+    /// Bytes of the frames read since the handshake (or since the count was last reset),
+    /// headers included, and how many of them were compressed.
+    pub wire_bytes: u64,
+    pub wire_frames: u64,
+    pub compressed_frames: u64,
+    /// The server's `Sec-WebSocket-Extensions` answer, if any.
+    pub extensions: Option<String>,
 }
 
 fn invalid(what: String) -> io::Error {
@@ -50,9 +82,14 @@ fn invalid(what: String) -> io::Error {
 impl Client {
     /// Sends the upgrade request for `path` (with its query) and waits for `101`.
     pub async fn connect(mut stream: TcpStream, host: &str, path: &str) -> io::Result<Client> {
+        let offer = if OFFER_DEFLATE.load(Ordering::Relaxed) {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
+        };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
         stream.write_all(request.as_bytes()).await?;
         let mut client = Client {
@@ -63,6 +100,12 @@ impl Client {
             pongs: Vec::new(),
             mask_seed: 0x9e37_79b9,
             auto_reply: None,
+            inflater: None,
+            inflated: Vec::new(),
+            wire_bytes: 0,
+            wire_frames: 0,
+            compressed_frames: 0,
+            extensions: None,
         };
         loop {
             if let Some(head_end) = find(&client.buf[..client.end], b"\r\n\r\n") {
@@ -70,6 +113,19 @@ impl Client {
                 if !head.starts_with("HTTP/1.1 101") {
                     let status = head.lines().next().unwrap_or("").to_owned();
                     return Err(invalid(format!("upgrade refused: {status}")));
+                }
+                client.extensions = head
+                    .lines()
+                    .filter_map(|line| line.split_once(':'))
+                    .find(|(name, _)| name.trim().eq_ignore_ascii_case("sec-websocket-extensions"))
+                    .map(|(_, value)| value.trim().to_owned());
+                if client
+                    .extensions
+                    .as_deref()
+                    .is_some_and(|e| e.to_ascii_lowercase().contains("permessage-deflate"))
+                {
+                    // Raw deflate with the largest window: it inflates any smaller one.
+                    client.inflater = Some(Box::new(Decompress::new(false)));
                 }
                 client.start = head_end + 4;
                 return Ok(client);
@@ -141,9 +197,28 @@ impl Client {
             }
             self.end += n;
         }
-        while let Some((opcode, payload)) = self.next_frame() {
+        while let Some((first, payload)) = self.next_frame() {
+            self.wire_bytes += (payload.end - self.start) as u64;
+            self.wire_frames += 1;
             self.start = payload.end;
+            let opcode = first & 0x0f;
             match opcode {
+                OP_TEXT if first & RSV1 != 0 => {
+                    self.compressed_frames += 1;
+                    let Some(inflater) = self.inflater.as_mut() else {
+                        return Err(invalid("a compressed frame without the extension".into()));
+                    };
+                    self.inflated.clear();
+                    inflate(inflater, &self.buf[payload.clone()], &mut self.inflated)?;
+                    inflate(inflater, &DEFLATE_TAIL, &mut self.inflated)?;
+                    if let Some((prefix, reply)) = self.auto_reply
+                        && self.inflated.starts_with(prefix)
+                    {
+                        let frame = masked(self.next_mask(), OP_TEXT, reply.as_bytes());
+                        self.pongs.push(frame);
+                    }
+                    each(Frame::Text(&self.inflated));
+                }
                 OP_TEXT => {
                     if let Some((prefix, reply)) = self.auto_reply
                         && self.buf[payload.clone()].starts_with(prefix)
@@ -203,7 +278,8 @@ impl Client {
         answer.unwrap_or(Ok(()))
     }
 
-    /// The next whole frame's opcode and payload range in the buffer, if it is all there.
+    /// The next whole frame's first byte (FIN, RSV and opcode) and payload range in the
+    /// buffer, if it is all there.
     fn next_frame(&self) -> Option<(u8, std::ops::Range<usize>)> {
         let input = &self.buf[self.start..self.end];
         let (&first, &second) = (input.first()?, input.get(1)?);
@@ -222,7 +298,7 @@ impl Client {
             return None;
         }
         let payload = self.start + header..self.start + header + len;
-        Some((first & 0x0f, payload))
+        Some((first, payload))
     }
 
     /// Moves unparsed input to the front, and grows the buffer for a frame that won't fit.
@@ -235,6 +311,30 @@ impl Client {
         if self.end == self.buf.len() {
             let len = self.buf.len() * 2;
             self.buf.resize(len, 0);
+        }
+    }
+}
+
+/// Inflates `input` onto the end of `out`, with the stream's context kept (a server may
+/// compress with context takeover). A stream the server ended (BFINAL) starts over.
+fn inflate(inflater: &mut Decompress, input: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    let mut offset = 0;
+    loop {
+        if out.capacity() - out.len() < 4096 {
+            out.reserve(out.capacity().max(4096));
+        }
+        let before_in = inflater.total_in();
+        let status = inflater
+            .decompress_vec(&input[offset..], out, FlushDecompress::Sync)
+            .map_err(|e| invalid(format!("inflate: {e}")))?;
+        offset += (inflater.total_in() - before_in) as usize;
+        match status {
+            Status::StreamEnd => {
+                inflater.reset(false);
+                return Ok(());
+            }
+            _ if offset >= input.len() && out.len() < out.capacity() => return Ok(()),
+            _ => {}
         }
     }
 }

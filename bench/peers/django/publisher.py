@@ -28,6 +28,12 @@ def parse_args():
     parser.add_argument("--rate", type=float, default=0, help="events per second, 0 = unpaced")
     parser.add_argument("--count", type=int, default=1, help="events in all")
     parser.add_argument("--size", type=int, default=0, help="approximate payload bytes")
+    parser.add_argument(
+        "--file",
+        help="publish these events instead, one JSON line each, "
+        '{"group": G, "payload": "<text>"}: the text goes to table-G as it is (--groups, '
+        "--count and --size are then unused)",
+    )
     args = parser.parse_args()
     if args.groups < 1:
         parser.error("--groups must be at least 1")
@@ -47,7 +53,32 @@ def now_us():
     return time.time_ns() // 1000
 
 
+async def publish_file(args):
+    """The events of --file in order, paced by --rate, each text sent as it is."""
+    from channels.layers import get_channel_layer
+
+    with open(args.file) as f:
+        events = [json.loads(line) for line in f if line.strip()]
+    layer = get_channel_layer()
+    interval = 1 / args.rate if args.rate > 0 else 0
+    start = time.monotonic()
+    try:
+        for n, event in enumerate(events):
+            if interval:
+                delay = start + n * interval - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await layer.group_send(
+                f"table-{event['group']}", {"type": "broadcast_to_group", "text": event["payload"]}
+            )
+        return len(events), time.monotonic() - start
+    finally:
+        await layer.close_pools()
+
+
 async def publish(args):
+    if args.file:
+        return await publish_file(args)
     from channels.layers import get_channel_layer
 
     layer = get_channel_layer()

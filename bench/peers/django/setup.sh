@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates the Django Channels peer's virtualenv at bench/.venv-django and installs its
-# packages. Idempotent: a marker file records the requirements last installed, so a second
-# run with the same requirements does nothing.
+# packages (daphne; uvicorn with websockets for the variant served as Baserow's production
+# is). Idempotent: a marker file records the requirements last installed, so a second run
+# with the same requirements does nothing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../../.." && pwd)"
@@ -14,6 +15,8 @@ requirements=(
   'channels_redis>=4,<5'
   'daphne>=4,<5'
   'pyjwt>=2,<3'
+  'uvicorn>=0.30,<1'
+  'websockets>=13,<16'
 )
 wanted="$(printf '%s\n' "${requirements[@]}")"
 

@@ -8,7 +8,8 @@ Client frames:
 Events come in through the channel layer as
     {"type": "broadcast_to_group", "payload": {...},
      "ignore_web_socket_id": "...", "exclude_user_ids": [...]}
-and the payload is sent to the socket unless it is the ignored one or its user is excluded.
+and the payload is sent to the socket unless it is the ignored one or its user is excluded
+(with "text" in place of "payload", that text is sent as it is).
 """
 
 import json
@@ -171,5 +172,10 @@ class CoreConsumer(AsyncJsonWebsocketConsumer):
         if ignore and ignore == self.web_socket_id:
             return
         if self.user_id in exclude:
+            return
+        # The compression benchmark publishes a frame's text as recorded ("text"), so every
+        # system sends the same bytes; otherwise the payload goes out as compact JSON.
+        if "text" in event:
+            await self.send(text_data=event["text"])
             return
         await self.send_json(event["payload"])
