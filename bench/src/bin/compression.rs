@@ -433,7 +433,7 @@ async fn memory(
         sent += batch.len() as u64;
     }
     let received = &seen.received;
-    load::drain(received, 0, sent, Duration::from_secs(5), None).await;
+    load::drain(received, 0, sent, Duration::from_secs(30), None).await;
     let got = received.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let busy = rss_kib(&setup);
