@@ -110,6 +110,9 @@ enum Scenario {
         events: usize,
         #[arg(long, default_value_t = 12)]
         idle_secs: u64,
+        /// Events a second to the Django peer (channelgate's go as fast as they can).
+        #[arg(long, default_value_t = 500.0)]
+        django_rate: f64,
     },
 }
 
@@ -172,7 +175,8 @@ async fn main() -> Result<(), String> {
             conns,
             events,
             idle_secs,
-        } => memory(&args, setup, *conns, *events, *idle_secs).await,
+            django_rate,
+        } => memory(&args, setup, *conns, *events, *idle_secs, *django_rate).await,
     }
 }
 
@@ -413,6 +417,7 @@ async fn memory(
     conns: usize,
     events: usize,
     idle_secs: u64,
+    django_rate: f64,
 ) -> Result<(), String> {
     let setup = Arc::new(setup);
     let seen = Arc::new(Seen::new());
@@ -429,7 +434,10 @@ async fn memory(
                 payload: row_update(group, n),
             })
             .collect();
-        publish_events(&setup, &batch, 0.0).await?;
+        // Django's layer drops what a process cannot take in time (channels_redis's channel
+        // capacity): its events are paced.
+        let rate = if setup.system == System::Django { django_rate } else { 0.0 };
+        publish_events(&setup, &batch, rate).await?;
         sent += batch.len() as u64;
     }
     let received = &seen.received;
