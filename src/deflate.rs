@@ -195,8 +195,8 @@ pub struct SocketDeflater {
     stream: zlib_rs::Deflate,
 }
 
-/// The hash table's size, 1 (smallest) to 9: 1 keeps a stream's memory near four times its
-/// window, and costs little ratio on short JSON messages.
+/// zlib's memLevel, 1 (smallest) to 9: the buffers of pending output, small for short JSON
+/// messages. (zlib-rs keeps a 128 KiB hash table whatever it is.)
 const SOCKET_MEM_LEVEL: i32 = 1;
 
 impl SocketDeflater {
