@@ -238,7 +238,12 @@ async fn publish_events(setup: &Setup, events: &[Event], rate: f64) -> Result<()
         std::fs::write(&file, lines).map_err(|e| e.to_string())?;
         let status = tokio::process::Command::new(&setup.django_publisher[0])
             .args(&setup.django_publisher[1..])
-            .args(["--file", &file.to_string_lossy(), "--rate", &format!("{rate:.1}")])
+            .args([
+                "--file",
+                &file.to_string_lossy(),
+                "--rate",
+                &format!("{rate:.1}"),
+            ])
             .status()
             .await
             .map_err(|e| format!("publisher: {e}"))?;
@@ -394,7 +399,10 @@ async fn wire(
 fn row_update(group: usize, n: usize) -> String {
     let mut row = serde_json::Map::new();
     row.insert("id".into(), json!(group));
-    row.insert("order".into(), json!(format!("{group}.00000000000000000000")));
+    row.insert(
+        "order".into(),
+        json!(format!("{group}.00000000000000000000")),
+    );
     for f in 1..=20 {
         row.insert(
             format!("field_{f}"),
@@ -436,7 +444,11 @@ async fn memory(
             .collect();
         // Django's layer drops what a process cannot take in time (channels_redis's channel
         // capacity): its events are paced.
-        let rate = if setup.system == System::Django { django_rate } else { 0.0 };
+        let rate = if setup.system == System::Django {
+            django_rate
+        } else {
+            0.0
+        };
         publish_events(&setup, &batch, rate).await?;
         sent += batch.len() as u64;
     }
@@ -447,7 +459,8 @@ async fn memory(
     let busy = rss_kib(&setup);
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let after_idle = rss_kib(&setup);
-    let per = |kib: u64| ((kib.saturating_sub(before)) as f64 / conns as f64 * 100.0).round() / 100.0;
+    let per =
+        |kib: u64| ((kib.saturating_sub(before)) as f64 / conns as f64 * 100.0).round() / 100.0;
     println!(
         "{}",
         json!({
