@@ -53,7 +53,9 @@ cluster: deps
 ## history or cluster (S5 on one Redis against S5 on a Redis Cluster) runs a part, into
 ## target/bench/BENCHMARKS-$$ONLY.md; ONLY=presence runs
 ## bench/presence.sh (presence in one space of 1,000, off / on / two nodes; about two
-## minutes) into target/bench/presence.md; bench/run.sh lists the other knobs.
+## minutes) into target/bench/presence.md; ONLY=compression runs bench/compression.sh
+## (bytes per delivery against Baserow's compressing stack, S1 with deflate, RSS per
+## connection) into target/bench/compression.md; bench/run.sh lists the other knobs.
 ## `bash bench/callgrind.sh` counts instructions per delivery instead (no noise).
 bench: deps
 	bash bench/run.sh

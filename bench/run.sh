@@ -53,9 +53,12 @@
 #              target/bench/s5-cluster/
 #   ONLY       a part: classic (S1..S5), fanout (S1 and S3 only, both tables), ingest (S6),
 #              history (H1, R1, R2), cluster (S5 on one Redis against S5 on a Redis
-#              Cluster, as CLUSTER_ROUNDS says), or presence (bench/presence.sh: P1,
+#              Cluster, as CLUSTER_ROUNDS says), presence (bench/presence.sh: P1,
 #              presence in one space of 1,000, into bench/results/presence.jsonl and
-#              target/bench/presence.md)
+#              target/bench/presence.md), or compression (bench/compression.sh: bytes on
+#              the wire per delivery against Baserow's compressing stack, S1 with
+#              clients offering permessage-deflate, RSS per connection; into
+#              bench/results/compression.jsonl and target/bench/compression.md)
 #   RESULTS REPORT  where the JSON lines and the report go [bench/results/latest.jsonl and
 #              BENCHMARKS.md; with ONLY set, bench/results/$ONLY.jsonl and
 #              target/bench/BENCHMARKS-$ONLY.md]
@@ -65,6 +68,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ${ONLY:-} == presence ]]; then exec bash bench/presence.sh; fi
+if [[ ${ONLY:-} == compression ]]; then exec bash bench/compression.sh; fi
 root=$(pwd)
 systems=${SYSTEMS:-"channelgate raw sockudo django"}
 rounds=${ROUNDS:-3}
@@ -95,7 +99,7 @@ case $only in
   "") results=${RESULTS:-bench/results/latest.jsonl}; report=${REPORT:-BENCHMARKS.md} ;;
   history|classic|fanout|ingest|cluster)
     results=${RESULTS:-bench/results/$only.jsonl}; report=${REPORT:-target/bench/BENCHMARKS-$only.md} ;;
-  *) echo "ONLY is classic, fanout, ingest, history, cluster or presence, not $only" >&2; exit 2 ;;
+  *) echo "ONLY is classic, fanout, ingest, history, cluster, presence or compression, not $only" >&2; exit 2 ;;
 esac
 has() { [[ " $systems " == *" $1 "* ]]; }
 classic() { [[ -z $only || $only == classic ]]; }
