@@ -57,6 +57,34 @@ pub struct Setup {
     pub django_publisher: Vec<String>,
 }
 
+impl Setup {
+    /// The setup as the command line gives it: `ws_addrs` comma-separated, the Django
+    /// publisher's command split at white space.
+    pub fn from_flags(
+        system: System,
+        ws_addrs: &str,
+        grpc_addr: &str,
+        jwt_secret: &str,
+        server_pids: &[u32],
+        django_publisher: &str,
+    ) -> Result<Setup, String> {
+        Ok(Setup {
+            system,
+            ws_addrs: ws_addrs
+                .split(',')
+                .map(|a| a.trim().parse().map_err(|e| format!("--ws-addr {a}: {e}")))
+                .collect::<Result<_, _>>()?,
+            grpc_addr: grpc_addr.to_string(),
+            jwt_secret: jwt_secret.to_string(),
+            server_pids: server_pids.to_vec(),
+            django_publisher: django_publisher
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
+        })
+    }
+}
+
 pub fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

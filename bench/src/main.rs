@@ -386,24 +386,15 @@ async fn serve_authorizer(http_addr: &str, grpc_addr: &str) -> Result<(), String
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = Arc::new(Args::parse());
-    let setup = || -> Result<load::Setup, String> {
-        let ws_addrs = args
-            .ws_addr
-            .split(',')
-            .map(|a| a.trim().parse().map_err(|e| format!("--ws-addr {a}: {e}")))
-            .collect::<Result<_, _>>()?;
-        Ok(load::Setup {
-            system: args.system,
-            ws_addrs,
-            grpc_addr: args.grpc_addr.clone(),
-            jwt_secret: args.jwt_secret.clone(),
-            server_pids: args.server_pids.clone(),
-            django_publisher: args
-                .django_publisher
-                .split_whitespace()
-                .map(String::from)
-                .collect(),
-        })
+    let setup = || {
+        load::Setup::from_flags(
+            args.system,
+            &args.ws_addr,
+            &args.grpc_addr,
+            &args.jwt_secret,
+            &args.server_pids,
+            &args.django_publisher,
+        )
     };
     match &args.scenario {
         Scenario::ServeAuthorizer {

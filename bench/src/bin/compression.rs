@@ -120,22 +120,14 @@ enum Scenario {
 async fn main() -> Result<(), String> {
     let args = Args::parse();
     client::offer_deflate(args.deflate);
-    let setup = Setup {
-        system: args.system,
-        ws_addrs: args
-            .ws_addr
-            .split(',')
-            .map(|a| a.trim().parse().map_err(|e| format!("--ws-addr {a}: {e}")))
-            .collect::<Result<_, _>>()?,
-        grpc_addr: args.grpc_addr.clone(),
-        jwt_secret: args.jwt_secret.clone(),
-        server_pids: args.server_pids.clone(),
-        django_publisher: args
-            .django_publisher
-            .split_whitespace()
-            .map(String::from)
-            .collect(),
-    };
+    let setup = Setup::from_flags(
+        args.system,
+        &args.ws_addr,
+        &args.grpc_addr,
+        &args.jwt_secret,
+        &args.server_pids,
+        &args.django_publisher,
+    )?;
     match &args.scenario {
         Scenario::Wire {
             stream,
