@@ -7,8 +7,6 @@ import asyncio
 import datetime
 import logging
 import os
-import shutil
-import subprocess
 import time
 from collections import Counter
 from decimal import Decimal
@@ -17,7 +15,6 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from helpers import free_port
 
 from channelgate.django.layer import stats
 
@@ -264,31 +261,6 @@ def test_other_messages_travel_through_the_inner_layer():
     assert through_group == {"type": "chat.message", "text": "hi"}
     assert direct == {"type": "export.done", "id": 7}
     assert layer.stats["queued"] == queued
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (make deps installs it)")
-    port = free_port()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            import socket
-
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(5)
 
 
 def test_point_to_point_messages_cross_processes_through_channels_redis(gateway, redis_url):

@@ -7,9 +7,6 @@ meanwhile must reach the sockets once and in order, or, once given up, make them
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,33 +14,9 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from conftest import AUTHORIZER_SECRET
-from helpers import API_KEY, Gateway, free_port, token
+from helpers import API_KEY, Gateway, token
 
 from channelgate.django import ChannelgateLayer
-
-
-@pytest.fixture
-def redis_url(tmp_path) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (make deps installs it)")
-    port = free_port()
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}"
-    server.terminate()
-    server.wait(5)
 
 
 @pytest.fixture
