@@ -6,10 +6,10 @@
 //! - shared: one raw deflate without context, made once and shared by every socket like
 //!   the frame itself, so compressing costs once per event and not once per delivery;
 //! - per socket (`auto`, for events that reach few sockets): each socket's own deflate
-//!   stream with context takeover and a small window, which compresses a session's
-//!   similar events far better (a row update after a row update), at one compression per
-//!   delivery. The stream is made when the socket first needs it and dropped when it
-//!   idles, so an idle socket holds no compressor.
+//!   stream with context takeover (a 15-bit window by default), which compresses a
+//!   session's similar events far better (a row update after a row update), at one
+//!   compression per delivery. The stream is made when the socket first needs it and
+//!   dropped when it idles, so an idle socket holds no compressor.
 //!
 //! A shared frame in between resets the socket's stream: the client's window then holds
 //! bytes the stream never saw. The node asks `client_no_context_takeover` of the client, so
@@ -246,35 +246,36 @@ impl SocketDeflater {
 /// Inflates one compressed client message, stopping with 1009 as soon as it passes
 /// `max_bytes`: a small frame that inflates to gigabytes costs at most that much work.
 pub fn inflate(compressed: &[u8], max_bytes: usize) -> Result<Vec<u8>, CloseReason> {
+    let input = [compressed, &TAIL[..]].concat();
     let mut inflater = Decompress::new(false);
     let mut out: Vec<u8> = Vec::with_capacity((compressed.len() * 4).min(max_bytes + 1).max(64));
-    for input in [compressed, &TAIL[..]] {
-        let mut offset = 0;
-        loop {
-            if out.len() == out.capacity() {
-                if out.len() > max_bytes {
-                    return Err(CloseReason::MessageTooBig);
-                }
-                let more = out.capacity().min(max_bytes + 1 - out.len()).max(64);
-                out.reserve(more);
-            }
-            let before = inflater.total_in();
-            let status = inflater
-                .decompress_vec(&input[offset..], &mut out, FlushDecompress::Sync)
-                .map_err(|_| CloseReason::InvalidPayload)?;
-            offset += (inflater.total_in() - before) as usize;
-            if out.len() > max_bytes {
-                return Err(CloseReason::MessageTooBig);
-            }
-            let done = offset == input.len() && out.len() < out.capacity();
-            if done || status == Status::StreamEnd {
-                break;
-            }
-            if status == Status::BufError && out.len() < out.capacity() {
-                // No progress with room to write: the input is cut short.
-                break;
-            }
+    loop {
+        if out.len() > max_bytes {
+            return Err(CloseReason::MessageTooBig);
         }
+        if out.len() == out.capacity() {
+            out.reserve(out.capacity().min(max_bytes + 1 - out.len()).max(64));
+        }
+        let before = (inflater.total_in(), out.len());
+        let status = inflater
+            .decompress_vec(
+                &input[inflater.total_in() as usize..],
+                &mut out,
+                FlushDecompress::Sync,
+            )
+            .map_err(|_| CloseReason::InvalidPayload)?;
+        let all_in = inflater.total_in() as usize == input.len();
+        // Done once all went in and the output had room to spare; a call that moved
+        // nothing means the input was cut short.
+        if status == Status::StreamEnd
+            || (all_in && out.len() < out.capacity())
+            || before == (inflater.total_in(), out.len())
+        {
+            break;
+        }
+    }
+    if out.len() > max_bytes {
+        return Err(CloseReason::MessageTooBig);
     }
     Ok(out)
 }

@@ -25,16 +25,16 @@ use crate::protocol::CloseReason;
 pub struct Frame {
     wire: Bytes,
     deflatable: Option<Arc<Deflatable>>,
+}
+
+/// How an event's frame goes compressed. Its shared forms are made when first needed:
+/// one per window size (almost always only the full window's, which every client whose
+/// window holds the payload shares).
+#[derive(Debug)]
+struct Deflatable {
     /// Few sockets get this event: it goes compressed on each socket's own stream (with
     /// context), where the socket agreed to that, rather than in the shared form.
     per_socket: bool,
-}
-
-/// The compressed forms of an event's frame, made when first needed: one per window size
-/// (almost always only the full window's, which every client whose window holds the
-/// payload shares).
-#[derive(Debug)]
-struct Deflatable {
     level: u32,
     /// The whole compressed frame (RSV1 set) per window, 9 to 15 bits; `None` when
     /// deflate gains nothing.
@@ -98,7 +98,6 @@ impl Frame {
         Frame {
             wire: bytes,
             deflatable: None,
-            per_socket: false,
         }
     }
 
@@ -110,18 +109,18 @@ impl Frame {
             && self.payload().len() >= settings.min_bytes
         {
             self.deflatable = Some(Arc::new(Deflatable {
+                per_socket: recipients <= settings.context_fanout,
                 level: settings.level,
                 wire: Default::default(),
             }));
-            self.per_socket = recipients <= settings.context_fanout;
         }
         self
     }
 
-    /// Whether this frame waits for the socket's writer to compress it on the socket's own
-    /// stream (the socket agreed to context, and the event reaches few sockets).
-    pub fn goes_per_socket(&self, agreement: Option<&Agreement>) -> bool {
-        self.per_socket && agreement.is_some_and(|a| a.server_context)
+    /// Whether this frame goes compressed on the socket's own stream (the socket agreed
+    /// to context, and the event reaches few sockets).
+    fn goes_per_socket(&self, agreement: &Agreement) -> bool {
+        agreement.server_context && self.deflatable.as_ref().is_some_and(|d| d.per_socket)
     }
 
     /// Whether this is a compressed frame (RSV1).
@@ -144,20 +143,20 @@ impl Frame {
     }
 
     /// The frame as it goes to a socket with this agreement: compressed in the shared form
-    /// when it can be and gains by it, else as it is.
-    pub fn for_socket(&self, agreement: Option<&Agreement>) -> Frame {
-        let (Some(agreement), Some(deflatable)) = (agreement, &self.deflatable) else {
-            return self.clone();
+    /// when it can be and gains by it, else as it is (or left for the socket's own stream).
+    fn for_socket(self, agreement: &Agreement) -> Frame {
+        let Some(deflatable) = &self.deflatable else {
+            return self;
         };
-        if self.goes_per_socket(Some(agreement)) {
-            return self.clone();
+        if self.goes_per_socket(agreement) {
+            return self;
         }
         let payload = self.payload();
         let Some(window) = agreement.window_for(payload.len()) else {
-            return self.clone();
+            return self;
         };
         let Some(slot) = deflatable.wire.get(usize::from(window).saturating_sub(9)) else {
-            return self.clone();
+            return self;
         };
         let compressed = slot.get_or_init(|| {
             deflate::compress(payload, deflatable.level, window)
@@ -173,7 +172,7 @@ impl Frame {
                 );
                 Frame::framed(wire.clone())
             }
-            None => self.clone(),
+            None => self,
         }
     }
 
@@ -351,7 +350,7 @@ impl Outbox {
     /// (made outside the lock: the first socket that needs it compresses it for all).
     fn shared_form(&self, frame: Frame) -> Frame {
         match self.deflate.get() {
-            Some((agreement, _)) => frame.for_socket(Some(agreement)),
+            Some((agreement, _)) => frame.for_socket(agreement),
             None => frame,
         }
     }
@@ -363,7 +362,7 @@ impl Outbox {
         let Some((agreement, settings)) = self.deflate.get() else {
             return frame;
         };
-        if frame.goes_per_socket(Some(agreement)) {
+        if frame.goes_per_socket(agreement) {
             let stream = state.own_stream.get_or_insert_with(|| {
                 let window = settings.window_bits.min(agreement.server_window_bits);
                 SocketDeflater::new(settings.level, window)
