@@ -326,7 +326,7 @@ pub struct Options {
 
     /// With `--compression auto`: the window of a socket's own deflate stream, 9 to 15
     /// bits. A 15-bit window sends about half the bytes of an 11-bit one on row updates;
-    /// a stream takes 128 KiB plus four times the window while its socket is busy
+    /// a stream takes about 128 KiB plus four times the window while its socket is busy
     /// [default: 15]
     #[arg(long, env = "CHANNELGATE_COMPRESSION_WINDOW_BITS", value_name = "BITS")]
     pub compression_window_bits: Option<u8>,
