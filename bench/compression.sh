@@ -91,8 +91,7 @@ start() {
       pids+=($!)
       wait_port "$redis_port"
       export REDIS_URL="redis://127.0.0.1:$redis_port/0" JWT_SECRET="$secret"
-      local script=run.sh; [[ $system == uvicorn ]] && script=run-uvicorn.sh
-      taskset -c 0 bash "bench/peers/django/$script" "$ws_port" >"target/bench/$system.log" 2>&1 &
+      taskset -c 0 bash bench/peers/django/run.sh "$ws_port" "$system" >"target/bench/$system.log" 2>&1 &
       server_pid=$!; pids+=("$server_pid"); gen_system=django
       wait_port "$ws_port" ;;
     *) echo "unknown system $system" >&2; exit 2 ;;

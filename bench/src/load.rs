@@ -57,27 +57,46 @@ pub struct Setup {
     pub django_publisher: Vec<String>,
 }
 
-impl Setup {
-    /// The setup as the command line gives it: `ws_addrs` comma-separated, the Django
-    /// publisher's command split at white space.
-    pub fn from_flags(
-        system: System,
-        ws_addrs: &str,
-        grpc_addr: &str,
-        jwt_secret: &str,
-        server_pids: &[u32],
-        django_publisher: &str,
-    ) -> Result<Setup, String> {
+/// The flags every load generator takes: where the system under test is, and how to
+/// reach it.
+#[derive(clap::Args)]
+pub struct Target {
+    /// The node's WebSocket address; several nodes comma-separated (S5).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub ws_addr: String,
+    /// The node's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub grpc_addr: String,
+    /// The node's --jwt-secret, to sign client tokens.
+    #[arg(long)]
+    pub jwt_secret: String,
+    /// The system under test (the scenarios differ in how they publish, and sockudo's
+    /// sockets speak the Pusher protocol).
+    #[arg(long, value_enum, default_value = "channelgate")]
+    pub system: System,
+    /// Server processes whose CPU and RSS are read from /proc (repeatable).
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
+    /// Command running the Django publisher, whitespace-separated (system django).
+    #[arg(long, default_value = "")]
+    pub django_publisher: String,
+}
+
+impl Target {
+    /// The setup these flags name.
+    pub fn setup(&self) -> Result<Setup, String> {
         Ok(Setup {
-            system,
-            ws_addrs: ws_addrs
+            system: self.system,
+            ws_addrs: self
+                .ws_addr
                 .split(',')
                 .map(|a| a.trim().parse().map_err(|e| format!("--ws-addr {a}: {e}")))
                 .collect::<Result<_, _>>()?,
-            grpc_addr: grpc_addr.to_string(),
-            jwt_secret: jwt_secret.to_string(),
-            server_pids: server_pids.to_vec(),
-            django_publisher: django_publisher
+            grpc_addr: self.grpc_addr.clone(),
+            jwt_secret: self.jwt_secret.clone(),
+            server_pids: self.server_pids.clone(),
+            django_publisher: self
+                .django_publisher
                 .split_whitespace()
                 .map(String::from)
                 .collect(),

@@ -28,25 +28,8 @@ use load::now_micros;
 #[derive(Parser)]
 #[command(about = "Load generator for channelgate")]
 struct Args {
-    /// The node's WebSocket address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    ws_addr: String,
-    /// The node's gRPC address.
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    grpc_addr: String,
-    /// The node's --jwt-secret, to sign client tokens.
-    #[arg(long)]
-    jwt_secret: String,
-    /// The system under test (the scenarios differ in how they publish, and sockudo's sockets
-    /// speak the Pusher protocol).
-    #[arg(long, value_enum, default_value = "channelgate")]
-    system: load::System,
-    /// Server processes whose CPU and RSS are read from /proc (repeatable).
-    #[arg(long = "server-pid")]
-    server_pids: Vec<u32>,
-    /// Command running the Django publisher, whitespace-separated (system django).
-    #[arg(long, default_value = "")]
-    django_publisher: String,
+    #[command(flatten)]
+    target: load::Target,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -271,14 +254,14 @@ async fn subscriber(
     user_id: i64,
     tx: mpsc::UnboundedSender<Received>,
 ) -> Result<(), String> {
-    let token = sign_access_token(args.jwt_secret.as_bytes(), "user_id", user_id, 3600)
+    let token = sign_access_token(args.target.jwt_secret.as_bytes(), "user_id", user_id, 3600)
         .map_err(|e| e.to_string())?;
-    let stream = tokio::net::TcpStream::connect(&args.ws_addr)
+    let stream = tokio::net::TcpStream::connect(&args.target.ws_addr)
         .await
-        .map_err(|e| format!("connect {}: {e}", args.ws_addr))?;
+        .map_err(|e| format!("connect {}: {e}", args.target.ws_addr))?;
     let _ = stream.set_nodelay(true);
     let path = format!("/ws/core/?jwt_token={token}");
-    let mut ws = Client::connect(stream, &args.ws_addr, &path)
+    let mut ws = Client::connect(stream, &args.target.ws_addr, &path)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     ws.subscribe_table(1).await?;
@@ -386,16 +369,7 @@ async fn serve_authorizer(http_addr: &str, grpc_addr: &str) -> Result<(), String
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = Arc::new(Args::parse());
-    let setup = || {
-        load::Setup::from_flags(
-            args.system,
-            &args.ws_addr,
-            &args.grpc_addr,
-            &args.jwt_secret,
-            &args.server_pids,
-            &args.django_publisher,
-        )
-    };
+    let setup = || args.target.setup();
     match &args.scenario {
         Scenario::ServeAuthorizer {
             http_addr,
@@ -452,10 +426,10 @@ async fn main() -> Result<(), String> {
             keys,
             bus,
         } => {
-            if args.system != load::System::Channelgate {
+            if args.target.system != load::System::Channelgate {
                 return Err("ingest (S6) drives channelgate only".into());
             }
-            let nodes = args.ws_addr.split(',').count();
+            let nodes = args.target.ws_addr.split(',').count();
             let plan = ingest::Plan {
                 groups: *groups,
                 secs: *secs,
@@ -480,7 +454,7 @@ async fn main() -> Result<(), String> {
             keys,
             label,
         } => {
-            if args.system != load::System::Channelgate {
+            if args.target.system != load::System::Channelgate {
                 return Err("publish-count drives channelgate only".into());
             }
             let plan = ingest::CountPlan {
@@ -558,7 +532,7 @@ async fn main() -> Result<(), String> {
         Scenario::Storm { conns } => return load::storm(setup()?, *conns).await,
         _ => {}
     }
-    let mut grpc = GatewayClient::connect(format!("http://{}", args.grpc_addr))
+    let mut grpc = GatewayClient::connect(format!("http://{}", args.target.grpc_addr))
         .await
         .map_err(|e| format!("gRPC connect: {e}"))?;
     let publish = |n: u64| PublishRequest {
@@ -593,9 +567,9 @@ async fn main() -> Result<(), String> {
         | Scenario::ReplayStorm { .. }
         | Scenario::Storm { .. } => unreachable!("handled above"),
         Scenario::Subscribe { count } => {
-            let token = sign_access_token(args.jwt_secret.as_bytes(), "user_id", 1, 3600)
+            let token = sign_access_token(args.target.jwt_secret.as_bytes(), "user_id", 1, 3600)
                 .map_err(|e| e.to_string())?;
-            let url = format!("ws://{}/ws/core/?jwt_token={token}", args.ws_addr);
+            let url = format!("ws://{}/ws/core/?jwt_token={token}", args.target.ws_addr);
             let (mut ws, _) = tokio_tungstenite::connect_async(url)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Serves the Django Channels peer with daphne on 127.0.0.1:PORT, in the foreground.
+# Serves the Django Channels peer on 127.0.0.1:PORT, in the foreground, with SERVER:
+# daphne (the default; no compression), or uvicorn as Baserow's production runs it
+# (gunicorn's uvicorn worker there, one process here) with the `websockets` protocol
+# implementation, which accepts permessage-deflate with context takeover (uvicorn's
+# default --ws-per-message-deflate true: zlib's level 6, a 15-bit window, memLevel 8).
 # Needs JWT_SECRET and REDIS_URL in the environment and the venv made by setup.sh.
-# The script execs daphne, so its pid is daphne's: killing it stops the server.
+# The script execs the server, so its pid is the server's: killing it stops it.
 set -euo pipefail
-port="${1:?usage: run.sh PORT}"
+port="${1:?usage: run.sh PORT [daphne|uvicorn]}"
+server="${2:-daphne}"
 : "${JWT_SECRET:?JWT_SECRET must be set}"
 : "${REDIS_URL:?REDIS_URL must be set, e.g. redis://127.0.0.1:6391/0}"
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="$(cd "$here/../.." && pwd)/.venv-django"
-if [[ ! -x "$venv/bin/daphne" ]]; then
-  echo "run.sh: no daphne in $venv; run $here/setup.sh first" >&2
+if [[ $server != daphne && $server != uvicorn ]]; then
+  echo "run.sh: SERVER is daphne or uvicorn, not $server" >&2
+  exit 2
+fi
+if [[ ! -x "$venv/bin/$server" ]]; then
+  echo "run.sh: no $server in $venv; run $here/setup.sh first" >&2
   exit 1
 fi
 export JWT_SECRET REDIS_URL DJANGO_SETTINGS_MODULE=benchpeer.settings
@@ -20,6 +29,12 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 want=20000 soft=$(ulimit -Sn) hard=$(ulimit -Hn)
 if [[ $hard != unlimited ]] && ((hard < want)); then want=$hard; fi
 if [[ $soft != unlimited ]] && ((soft < want)); then ulimit -Sn "$want"; fi
+if [[ $server == uvicorn ]]; then
+  # --backlog 1024 as channelgate's; warnings and errors only, no access log.
+  exec "$venv/bin/uvicorn" benchpeer.asgi:application --host 127.0.0.1 --port "$port" \
+    --ws websockets --ws-per-message-deflate true --backlog 1024 --log-level warning \
+    --no-access-log
+fi
 # Listen backlog 1024 as tokio's (channelgate's) default, instead of Twisted's 50, so a
 # connection storm measures the server rather than SYN retries. -v 0: warnings and errors
 # only, no access log line per connection.

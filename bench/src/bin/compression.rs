@@ -35,23 +35,11 @@ use load::{Publisher, Seen, Setup, System};
 #[derive(Parser)]
 #[command(about = "Compression benchmark: wire bytes, S1 with deflate, memory")]
 struct Args {
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    ws_addr: String,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    grpc_addr: String,
-    #[arg(long)]
-    jwt_secret: String,
-    /// channelgate (gRPC Publish) or django (the peer's publisher.py, daphne or uvicorn).
-    #[arg(long, value_enum, default_value = "channelgate")]
-    system: System,
+    #[command(flatten)]
+    target: load::Target,
     /// Labels the result: the system as run (e.g. channelgate-auto, uvicorn).
     #[arg(long)]
     label: String,
-    #[arg(long = "server-pid")]
-    server_pids: Vec<u32>,
-    /// Command running the Django publisher, whitespace-separated.
-    #[arg(long, default_value = "")]
-    django_publisher: String,
     /// Offer permessage-deflate (on by default: a browser does).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     deflate: bool,
@@ -120,14 +108,7 @@ enum Scenario {
 async fn main() -> Result<(), String> {
     let args = Args::parse();
     client::offer_deflate(args.deflate);
-    let setup = Setup::from_flags(
-        args.system,
-        &args.ws_addr,
-        &args.grpc_addr,
-        &args.jwt_secret,
-        &args.server_pids,
-        &args.django_publisher,
-    )?;
+    let setup = args.target.setup()?;
     match &args.scenario {
         Scenario::Wire {
             stream,
