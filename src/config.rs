@@ -12,6 +12,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{RedisSettings, RedisTarget};
+use crate::console::ConsoleAccess;
 use crate::deflate::DeflateSettings;
 use crate::history::{HistorySettings, Retention};
 use crate::idempotency::IdempotencySettings;
@@ -35,7 +36,8 @@ pub struct Options {
     pub config: Option<PathBuf>,
 
     /// Development mode: a generated JWT secret printed with a sample token, no API key,
-    /// the static authorizer, loud warnings. Never in production.
+    /// the static authorizer, the web console (/console/) open without a token, loud
+    /// warnings. Never in production.
     #[arg(long, env = "CHANNELGATE_DEV", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub dev: Option<bool>,
 
@@ -79,6 +81,18 @@ pub struct Options {
         hide_env_values = true
     )]
     pub api_key: Option<String>,
+
+    /// Token that opens the web console (/console/ on --ws-addr) outside --dev: every
+    /// console request must carry it (its login form sets an HttpOnly, SameSite=Strict
+    /// cookie; scripts send `authorization: Bearer <token>`). At least 16 characters.
+    /// Unset: the console is open under --dev and not served otherwise (404)
+    #[arg(
+        long,
+        env = "CHANNELGATE_CONSOLE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub console_token: Option<String>,
 
     /// Who decides subscriptions: `static` allows every authenticated user every page
     /// (anonymous users only anonymous-ok pages); `http://HOST[:PORT]/PATH` POSTs each
@@ -402,6 +416,8 @@ pub struct Settings {
     pub jwt_secret_generated: bool,
     pub jwt_user_id_claim: String,
     pub api_key: Option<String>,
+    /// Who may use the web console.
+    pub console: ConsoleAccess,
     pub authorizer: AuthorizerKind,
     pub authorizer_secret: Option<String>,
     pub authorizer_timeout: Duration,
@@ -672,6 +688,7 @@ impl Settings {
                 .jwt_user_id_claim
                 .unwrap_or_else(|| "user_id".into()),
             api_key,
+            console: ConsoleAccess::resolve(options.console_token, dev)?,
             authorizer,
             authorizer_secret: options.authorizer_secret.filter(|s| !s.is_empty()),
             authorizer_timeout: Duration::from_millis(positive(

@@ -666,6 +666,29 @@ impl Hub {
         closed
     }
 
+    /// The `limit` groups with the most members on this node, most first, for the
+    /// console. Each shard's groups are copied out, then each group's lock is taken for a
+    /// moment, one at a time, so a fan-out in progress never holds up a shard.
+    pub fn busiest_groups(&self, limit: usize) -> Vec<(Arc<str>, usize)> {
+        use std::cmp::Reverse;
+        let mut top = std::collections::BinaryHeap::with_capacity(limit + 1);
+        for index in 0..SHARDS {
+            let groups: Vec<_> = lock(&self.groups.shards[index])
+                .iter()
+                .map(|(name, members)| (name.clone(), members.clone()))
+                .collect();
+            for (name, members) in groups {
+                top.push(Reverse((lock(&members).list.len(), name)));
+                if top.len() > limit {
+                    top.pop();
+                }
+            }
+        }
+        let mut busiest: Vec<_> = top.into_iter().map(|Reverse((n, g))| (g, n)).collect();
+        busiest.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        busiest
+    }
+
     pub fn stats(&self) -> HubStats {
         let users = self
             .users
@@ -749,6 +772,23 @@ mod tests {
         assert_eq!(hub.stats().groups, 0);
         hub.disconnect(&conn);
         assert_eq!(hub.stats(), HubStats::default());
+    }
+
+    #[test]
+    fn busiest_groups_are_listed_most_members_first() {
+        let hub = hub();
+        let conns: Vec<_> = (0..4)
+            .map(|i| hub.connect(i.to_string().into(), i))
+            .collect();
+        for (n, conn) in conns.iter().enumerate() {
+            for id in 0..=n as i64 {
+                assert!(added(hub.subscribe(conn, table(id))));
+            }
+        }
+        let busiest = hub.busiest_groups(2);
+        let named: Vec<_> = busiest.iter().map(|(g, n)| (g.as_ref(), *n)).collect();
+        assert_eq!(named, [("table-0", 4), ("table-1", 3)]);
+        assert_eq!(hub.busiest_groups(10).len(), 4);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod authorizer;
 pub mod bus;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod deflate;
 pub mod event;
@@ -36,10 +37,13 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::authorizer::{
-    Authorizer, CachedAuthorizer, GrpcAuthorizer, HttpAuthorizer, StaticAuthorizer,
+    Authorizer, CachedAuthorizer, CountedAuthorizer, GrpcAuthorizer, HttpAuthorizer,
+    StaticAuthorizer,
 };
 use crate::bus::{Bus, MemoryBus, Receivers, RedisBus};
 use crate::config::{AuthorizerKind, Settings};
+use crate::console::Console;
+use crate::console::recent::Recent;
 use crate::control::ControlHandler;
 use crate::history::memory::MemoryHistory;
 use crate::hub::{GroupInterest, Hub, NoInterest};
@@ -134,8 +138,12 @@ async fn report_health(
 /// Answers cached at most, whatever the TTL: bounds memory under many users and groups.
 const AUTHORIZER_CACHE_ENTRIES: usize = 100_000;
 
-/// The authorizer `--authorizer` names; the backend kinds behind the cache.
-fn build_authorizer(settings: &Settings) -> Result<Arc<dyn Authorizer>, String> {
+/// The authorizer `--authorizer` names; the backend kinds behind the cache, their calls
+/// counted.
+fn build_authorizer(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Authorizer>, String> {
     let secret = settings.authorizer_secret.as_deref();
     let (timeout, concurrency) = (settings.authorizer_timeout, settings.authorizer_concurrency);
     let backend: Arc<dyn Authorizer> = match &settings.authorizer {
@@ -147,6 +155,7 @@ fn build_authorizer(settings: &Settings) -> Result<Arc<dyn Authorizer>, String> 
             Arc::new(GrpcAuthorizer::new(url, secret, timeout, concurrency)?)
         }
     };
+    let backend = Arc::new(CountedAuthorizer::new(backend, metrics.clone()));
     Ok(Arc::new(CachedAuthorizer::new(
         backend,
         settings.authorizer_cache,
@@ -224,7 +233,7 @@ impl Node {
         let pages = PageRegistry::new(&settings.pages)
             .map_err(|e| StartError(format!("page table: {e}")))?;
         let metrics = Arc::new(Metrics::default());
-        let authorizer = build_authorizer(&settings).map_err(StartError)?;
+        let authorizer = build_authorizer(&settings, &metrics).map_err(StartError)?;
         let redis = settings
             .redis
             .as_ref()
@@ -321,11 +330,45 @@ impl Node {
             max_connections_per_user: settings.max_connections_per_user,
             max_connections_per_ip: settings.max_connections_per_ip,
         });
+        let (cut_calls, calls_cut) = watch::channel(false);
+        // What was published lately, for the console; not kept when it is off.
+        let recent = settings
+            .console
+            .is_on()
+            .then(|| Arc::new(Recent::default()));
+        let api = Arc::new(GatewayApi {
+            bus: bus.clone(),
+            calls_cut,
+            metrics: metrics.clone(),
+            max_payload_bytes: settings.max_payload_bytes,
+            max_batch_events: settings.max_batch_events,
+            max_batch_bytes: settings.max_batch_bytes,
+            recent: recent.clone(),
+        });
+        let console = match recent {
+            Some(recent) => Console::new(
+                &settings,
+                console::Parts {
+                    api: api.clone(),
+                    bus: bus.clone(),
+                    hub: hub.clone(),
+                    presence: presence.clone(),
+                    metrics: metrics.clone(),
+                    recent,
+                },
+            )
+            .map_err(|e| StartError(format!("console: {e}")))?,
+            None => None,
+        };
+        if let Some(console) = &console {
+            tokio::spawn(console.sample(shutdown_rx.clone()));
+        }
         let max_connections = connection_limit(settings.max_connections);
         let permits = Arc::new(Semaphore::new(max_connections));
         let ws_task = tokio::spawn(transport::http::serve(
             ws_listener,
             ws_ctx.clone(),
+            console,
             permits.clone(),
             shutdown_rx.clone(),
         ));
@@ -336,15 +379,6 @@ impl Node {
         let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
         let (health, health_service) = tonic_health::server::health_reporter();
         tokio::spawn(report_health(health, bus.readiness()));
-        let (cut_calls, calls_cut) = watch::channel(false);
-        let api = GatewayApi {
-            bus: bus.clone(),
-            calls_cut,
-            metrics: metrics.clone(),
-            max_payload_bytes: settings.max_payload_bytes,
-            max_batch_events: settings.max_batch_events,
-            max_batch_bytes: settings.max_batch_bytes,
-        };
         let mut grpc_shutdown = shutdown_rx;
         let mut grpc_server = tonic::transport::Server::builder();
         if let Some((cert, key)) = &settings.grpc_tls {

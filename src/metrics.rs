@@ -30,6 +30,14 @@ pub struct Metrics {
     pub replay_refreshes: [AtomicU64; RefreshReason::ALL.len()],
     /// Replays told to come back later (`replay_events_retry`).
     pub replay_retries: AtomicU64,
+    /// Questions that reached the backend authorizer (answers from its cache not counted).
+    pub authorizer_calls: AtomicU64,
+    /// Of those, the ones it failed to answer (timeout, error, unreadable answer).
+    pub authorizer_failures: AtomicU64,
+    /// Console requests served (pages and API calls).
+    pub console_requests: AtomicU64,
+    /// Console requests refused for want of the console token (401).
+    pub console_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -159,6 +167,30 @@ impl Metrics {
             "counter",
             "Replays told to retry later (replay_events_retry).",
             counter(&self.replay_retries),
+        );
+        line(
+            "channelgate_authorizer_calls_total",
+            "counter",
+            "Questions that reached the backend authorizer (cached answers not counted).",
+            counter(&self.authorizer_calls),
+        );
+        line(
+            "channelgate_authorizer_failures_total",
+            "counter",
+            "Authorizer calls that got no answer (timeout, error, unreadable answer).",
+            counter(&self.authorizer_failures),
+        );
+        line(
+            "channelgate_console_requests_total",
+            "counter",
+            "Console pages and API calls served.",
+            counter(&self.console_requests),
+        );
+        line(
+            "channelgate_console_refused_total",
+            "counter",
+            "Console requests refused without the console token (401).",
+            counter(&self.console_refused),
         );
         if let Some(presence) = presence {
             line(

@@ -6,10 +6,12 @@
 //! denial (`authorizer_unavailable`, or a refused connection), never as permission.
 
 mod cache;
+mod counted;
 mod grpc;
 mod http;
 
 pub use cache::CachedAuthorizer;
+pub use counted::CountedAuthorizer;
 pub use grpc::GrpcAuthorizer;
 pub use http::{HttpAuthorizer, SECRET_HEADER};
 

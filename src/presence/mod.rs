@@ -554,6 +554,21 @@ impl Presence {
             .collect()
     }
 
+    /// The `limit` spaces with the most members, most first: (space, members on every
+    /// node, members on this node), for the console.
+    pub fn busiest_spaces(&self, limit: usize) -> Vec<(Arc<str>, usize, usize)> {
+        let state = lock(&self.state);
+        let mut spaces: Vec<_> = state
+            .spaces
+            .iter()
+            .map(|(name, s)| (name.clone(), s.members.len(), s.local.len()))
+            .collect();
+        drop(state);
+        spaces.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        spaces.truncate(limit);
+        spaces
+    }
+
     pub fn stats(&self) -> PresenceStats {
         let state = lock(&self.state);
         let spaces = state.spaces.values().filter(|s| !s.local.is_empty());

@@ -7,6 +7,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::bus::{Bus, PublishError};
+use crate::console::recent::{Noted, Recent, Via};
 use crate::control;
 use crate::control::{Answers, Reply as ControlReply, Request as ControlRequest};
 use crate::event::{self, InvalidEvent};
@@ -26,6 +27,8 @@ pub struct GatewayApi {
     pub max_batch_events: usize,
     /// Payload bytes one `PublishBatch` may carry.
     pub max_batch_bytes: usize,
+    /// The console's list of recent publishes; `None` when the console is off.
+    pub recent: Option<Arc<Recent>>,
 }
 
 /// The payload bytes a publish request carries.
@@ -60,10 +63,16 @@ impl Gateway for GatewayApi {
         &self,
         request: Request<proto::PublishRequest>,
     ) -> Result<Response<proto::PublishResponse>, Status> {
+        // The console calls this too, marking its requests.
+        let via = request.extensions().get::<Via>().copied();
         let event =
             event::from_request(request.into_inner(), self.max_payload_bytes).map_err(invalid)?;
+        let noted = self.recent.as_ref().map(|_| Noted::of(&event));
         let event_id = self.until_cut(self.bus.publish(event)).await?;
         self.published(1, event_id != 0);
+        if let (Some(recent), Some(noted)) = (&self.recent, noted) {
+            recent.push(noted, event_id, via.unwrap_or(Via::Grpc));
+        }
         Ok(Response::new(proto::PublishResponse { event_id }))
     }
 
@@ -99,7 +108,18 @@ impl Gateway for GatewayApi {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let total = events.len() as u64;
+        // Only the last ones would stay in the list.
+        let listed = events.len().saturating_sub(crate::console::recent::KEEP);
+        let noted: Option<Vec<Noted>> = self
+            .recent
+            .as_ref()
+            .map(|_| events[listed..].iter().map(Noted::of).collect());
         let event_ids = self.until_cut(self.bus.publish_batch(events)).await?;
+        if let (Some(recent), Some(noted)) = (&self.recent, noted) {
+            for (noted, id) in noted.into_iter().zip(event_ids.iter().skip(listed)) {
+                recent.push(noted, *id, Via::Grpc);
+            }
+        }
         let recorded = event_ids.iter().filter(|id| **id != 0).count() as u64;
         let metrics = &self.metrics;
         metrics.events_published.fetch_add(total, Ordering::Relaxed);
@@ -310,11 +330,11 @@ impl<B: http_body::Body + Unpin> http_body::Body for OversizeCode<B> {
 
 /// The Gateway service behind the API key check, with message limits set.
 pub fn gateway_service(
-    api: GatewayApi,
+    api: Arc<GatewayApi>,
     api_key: Option<&str>,
     max_message_bytes: usize,
 ) -> tonic::service::interceptor::InterceptedService<GatewayServer<GatewayApi>, ApiKeyCheck> {
-    let server = GatewayServer::new(api)
+    let server = GatewayServer::from_arc(api)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     tonic::service::interceptor::InterceptedService::new(server, ApiKeyCheck::new(api_key))

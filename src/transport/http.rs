@@ -1,5 +1,5 @@
 //! The HTTP listener: `/ws/core/` upgrades are taken here, everything else is routed by warp
-//! (`/healthz`, `/readyz`, `/metrics`).
+//! (`/healthz`, `/readyz`, `/metrics`, and the console's `/console/` when it is on).
 //!
 //! warp's own `ws()` filter keeps tungstenite's 128 KiB read buffer, about 137 KiB per idle
 //! socket. So upgrades of `/ws/core/` are answered by [`super::ws`], which decodes client
@@ -25,6 +25,7 @@ use tokio::sync::{Semaphore, watch};
 use warp::Filter;
 
 use super::ws::{self, Upgrade, WsContext};
+use crate::console::{self, Console};
 use crate::session::SessionContext;
 
 /// Serves HTTP and WebSocket connections until `shutdown` turns true.
@@ -34,10 +35,11 @@ use crate::session::SessionContext;
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<WsContext>,
+    console: Option<Arc<Console>>,
     permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let routes = warp::service(routes(ctx.clone()));
+    let routes = warp::service(routes(ctx.clone(), console));
     let per_ip = Arc::new(PerIp {
         open: Mutex::default(),
         limit: ctx.max_connections_per_ip,
@@ -217,9 +219,10 @@ pub fn metrics_text(session: &SessionContext) -> String {
         .render(&session.hub, session.presence.as_deref(), history_bytes)
 }
 
-/// The plain HTTP endpoints.
+/// The plain HTTP endpoints, and the console's.
 fn routes(
     ctx: Arc<WsContext>,
+    console: Option<Arc<Console>>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone + Send + Sync + 'static
 {
     use warp::Reply;
@@ -246,6 +249,8 @@ fn routes(
     });
     warp::get()
         .and(healthz.or(readyz).unify().or(metrics).unify())
+        .or(console::routes(console))
+        .unify()
         .recover(|_rejection: warp::Rejection| async {
             Ok::<_, Infallible>(
                 warp::reply::with_status("not found\n", http::StatusCode::NOT_FOUND)
