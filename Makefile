@@ -5,8 +5,8 @@ CARGO ?= cargo
 
 .PHONY: run test lint deps build release cluster bench fuzz
 
-## The gateway on the embedded default: in-memory bus, dev settings, presence on, sample
-## token printed.
+## The gateway on the embedded default: in-memory bus, dev settings, presence on; prints
+## the console's URL and a sample token.
 run:
 	$(CARGO) run --release -- --dev --presence on
 
@@ -21,8 +21,8 @@ lint: deps
 
 ## What the checks need: rustfmt and clippy, redis-server and redis-cli for the cluster
 ## tests (each test starts its own servers on free ports, a Redis Cluster with
-## redis-cli), and python3 with venv for the Python package's tests
-## (scripts/test-python.sh makes their venv).
+## redis-cli), chromium for the console tests (run headless), and python3 with venv for
+## the Python package's tests (scripts/test-python.sh makes their venv).
 deps:
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
@@ -31,6 +31,10 @@ deps:
 	  echo "installing redis-server and redis-cli"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server redis-tools >/dev/null; }
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium (the console tests drive it headless)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 	@python3 -c 'import venv, ensurepip' 2>/dev/null || { \
 	  echo "installing python3 with venv"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \

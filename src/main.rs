@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use channelgate::Node;
 use channelgate::config::{Options, Settings};
+use channelgate::console::ConsoleAccess;
 use channelgate::identity::sign_access_token;
 use clap::Parser;
 
@@ -74,6 +75,17 @@ fn warn_about_unsafe_settings(node: &Node) {
             "static authorizer: every authenticated user may subscribe to every page; set --authorizer for production"
         );
     }
+    match settings.console {
+        ConsoleAccess::Open => tracing::warn!(
+            "the console at http://{}/console/ is open to anyone who reaches the port (--dev)",
+            node.ws_addr
+        ),
+        ConsoleAccess::Token(_) => tracing::info!(
+            "console at http://{}/console/ (sign in with --console-token)",
+            node.ws_addr
+        ),
+        ConsoleAccess::Off => {}
+    }
     if settings.allowed_origins.is_none() {
         tracing::warn!("any browser Origin may open /ws/core/; set --allowed-origins to restrict");
     }
@@ -89,6 +101,12 @@ fn print_dev_banner(node: &Node) {
         24 * 3600,
     )
     .unwrap_or_else(|e| format!("<cannot sign a token: {e}>"));
+    if settings.console.is_on() {
+        println!(
+            "Console (open it in a browser):\n  http://{}/console/",
+            node.ws_addr
+        );
+    }
     if settings.jwt_secret_generated {
         println!("JWT secret (generated):  {}", settings.jwt_secret);
     }

@@ -675,7 +675,7 @@ impl NodeProcess {
         process
     }
 
-    async fn grpc(&self) -> Grpc {
+    pub async fn grpc(&self) -> Grpc {
         let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc_addr))
             .expect("uri")
             .connect()

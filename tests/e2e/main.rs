@@ -3,9 +3,11 @@
 mod authorizer;
 mod backend;
 mod backpressure;
+mod browser;
 mod cluster;
 mod common;
 mod connect;
+mod console;
 mod delivery;
 mod exactly_once;
 mod grpc_api;
