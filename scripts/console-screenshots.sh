@@ -5,5 +5,5 @@
 # Needs redis-server and chromium (`make deps` installs both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --test e2e console::screenshots -- --ignored --exact
+cargo test --test e2e console_browser::screenshots -- --ignored --exact
 ls -l docs/console-*.png

@@ -8,6 +8,7 @@ mod cluster;
 mod common;
 mod connect;
 mod console;
+mod console_browser;
 mod delivery;
 mod exactly_once;
 mod grpc_api;
