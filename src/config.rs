@@ -41,8 +41,8 @@ pub struct Options {
     #[arg(long, env = "CHANNELGATE_DEV", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub dev: Option<bool>,
 
-    /// Address of the WebSocket and HTTP listener (/ws/core/, /metrics, /healthz, /readyz)
-    /// [default: 127.0.0.1:8080]
+    /// Address of the WebSocket and HTTP listener (/ws/core/, /metrics, /healthz, /readyz,
+    /// and the console's /console/) [default: 127.0.0.1:8080]
     #[arg(long, env = "CHANNELGATE_WS_ADDR", value_name = "ADDR")]
     pub ws_addr: Option<SocketAddr>,
 
