@@ -11,11 +11,15 @@
 #           streams of bench/compression_streams.py: the recorded Baserow session once
 #           (session-1) and 20 times with other ids (session-20), each of its sockets' events
 #           to a socket of its own; and `rows_updated` of rows with 20 fields (rows) to a table
-#           watched by 1, 4 and 16 sockets. Besides the three modes, auto with a 15-bit
-#           window (auto15) and auto with --history off (auto-nohistory) say where the
-#           difference to uvicorn comes from. WIRE_ROUNDS rounds [2]; each system is started
-#           afresh for each round, one worker on core 0 (daphne and uvicorn: one process,
-#           with a redis-server), the generator on core 1.
+#           watched by 1, 4 and 16 sockets. Baserow's stack twice: as the session was
+#           recorded (uvicorn), and with the event id Baserow's backend appends to every
+#           payload it records for replay (uvicorn-ids, `,"_event_id":N` from one sequence,
+#           as channelgate does with history on, its default). Besides the three modes,
+#           auto at zlib level 6 (auto-level6) and auto with --history off
+#           (auto-nohistory, to compare with uvicorn) say what the defaults buy.
+#           WIRE_ROUNDS rounds [2]; each system is started afresh for each round, one
+#           worker on core 0 (daphne and uvicorn: one process, with a redis-server), the
+#           generator on core 1. WIRE_SYSTEMS names fewer.
 #   s1      S1 (10,000 sockets in 100 groups of 100, one worker pinned to core 0, fixed rates
 #           S1_RATES for RATE_SECS each, then the highest sustained rate) with compression
 #           off, shared and auto; S1_ROUNDS rounds [3]. An S1 event reaches 100 sockets, so
@@ -39,6 +43,8 @@ mem_conns=${MEM_CONNS:-5000}
 mem_events=${MEM_EVENTS:-3}
 mem_rounds=${MEM_ROUNDS:-2}
 mem_uvicorn=${MEM_UVICORN:-1}
+wire_systems=${WIRE_SYSTEMS:-"channelgate-off channelgate-shared channelgate-auto uvicorn-ids
+  channelgate-auto-level6 channelgate-auto-nohistory uvicorn daphne"}
 results=${RESULTS:-bench/results/compression.jsonl}
 report=${REPORT:-target/bench/compression.md}
 session_file=${SESSION_FILE:-../shared/data/baserow-session-frames.json}
@@ -55,6 +61,7 @@ bash bench/peers/django/setup.sh
 python3 bench/compression_streams.py "$session_file" "$streams"
 
 pids=()
+publisher_flags=()
 cleanup() {
   kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
@@ -74,9 +81,9 @@ start() {
       local flags
       case ${system#channelgate-} in
         off|shared|auto) flags=(--compression "${system#channelgate-}") ;;
-        # auto with zlib's largest window (15 bits, as uvicorn's), and auto without the
+        # auto at zlib's default level rather than its best, and auto without the
         # history ids that channelgate appends to every payload by default.
-        auto15) flags=(--compression auto --compression-window-bits 15) ;;
+        auto-level6) flags=(--compression auto --compression-level 6) ;;
         auto-nohistory) flags=(--compression auto --history off) ;;
         *) echo "unknown system $system" >&2; exit 2 ;;
       esac
@@ -85,13 +92,16 @@ start() {
         >target/bench/channelgate-compression.log 2>&1 &
       server_pid=$!; pids+=("$server_pid"); gen_system=channelgate
       wait_port "$ws_port"; wait_port "$grpc_port" ;;
-    uvicorn|daphne)
+    uvicorn|uvicorn-ids|daphne)
       local redis_port; redis_port=$(free_port)
       taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
       pids+=($!)
       wait_port "$redis_port"
       export REDIS_URL="redis://127.0.0.1:$redis_port/0" JWT_SECRET="$secret"
-      taskset -c 0 bash bench/peers/django/run.sh "$ws_port" "$system" >"target/bench/$system.log" 2>&1 &
+      local server=${system%-ids}
+      publisher_flags=()
+      [[ $system == *-ids ]] && publisher_flags=(--event-ids)
+      taskset -c 0 bash bench/peers/django/run.sh "$ws_port" "$server" >"target/bench/$system.log" 2>&1 &
       server_pid=$!; pids+=("$server_pid"); gen_system=django
       wait_port "$ws_port" ;;
     *) echo "unknown system $system" >&2; exit 2 ;;
@@ -103,7 +113,7 @@ gen() { # label round args...
   timeout 600 taskset -c 1 ./target/release/compression --system "$gen_system" --label "$label" \
     --round "$round" --jwt-secret "$secret" --ws-addr "127.0.0.1:$ws_port" \
     --grpc-addr "127.0.0.1:$grpc_port" --server-pid "$server_pid" \
-    --django-publisher "$root/bench/.venv-django/bin/python $root/bench/peers/django/publisher.py" \
+    --django-publisher "$root/bench/.venv-django/bin/python $root/bench/peers/django/publisher.py ${publisher_flags[*]}" \
     "$@" | tee -a "$results"
 }
 
@@ -116,15 +126,20 @@ rotate() { # round items...
 
 if [[ " $parts " == *" wire "* ]]; then
   for round in $(seq "$wire_rounds"); do
-    for system in $(rotate "$round" channelgate-off channelgate-shared channelgate-auto uvicorn \
-      channelgate-auto15 channelgate-auto-nohistory daphne); do
+    for system in $(rotate "$round" $wire_systems); do
       echo "== $system: wire bytes, round $round"
       start "$system"
-      gen "$system" "$round" wire --stream "$streams/session-1.jsonl" --stream-name session-1 || true
-      gen "$system" "$round" wire --stream "$streams/session-20.jsonl" --stream-name session-20 || true
+      # Sockets ask for the replay baseline where the server keeps a history, as Baserow's
+      # browser client does on connecting (the Django peer has no replay to ask).
+      baseline=()
+      [[ $system == channelgate-* && $system != *nohistory ]] && baseline=(--baseline)
+      gen "$system" "$round" wire --stream "$streams/session-1.jsonl" --stream-name session-1 \
+        "${baseline[@]}" || true
+      gen "$system" "$round" wire --stream "$streams/session-20.jsonl" --stream-name session-20 \
+        "${baseline[@]}" || true
       for watchers in 1 4 16; do
         gen "$system" "$round" wire --stream "$streams/rows.jsonl" --stream-name rows \
-          --watchers "$watchers" || true
+          --watchers "$watchers" "${baseline[@]}" || true
       done
       cleanup
     done

@@ -13,11 +13,16 @@ SYSTEMS = [
     ("channelgate-off", "channelgate `--compression off`"),
     ("channelgate-shared", "channelgate `--compression shared`"),
     ("channelgate-auto", "channelgate `--compression auto` (default)"),
+    ("channelgate-auto-level6", "channelgate auto, `--compression-level 6`"),
     ("channelgate-auto15", "channelgate auto, `--compression-window-bits 15`"),
     ("channelgate-auto-nohistory", "channelgate auto, `--history off`"),
-    ("uvicorn", "Baserow's stack: Channels + uvicorn + websockets"),
+    ("uvicorn-ids", "Baserow's stack with replay: Channels + uvicorn + websockets, `_event_id` in each payload"),
+    ("uvicorn", "Baserow's stack as recorded: Channels + uvicorn + websockets, no event ids"),
     ("daphne", "Channels + daphne (no compression)"),
 ]
+# What each channelgate system is compared with: Baserow's stack with the same payloads
+# (event ids in each, or none).
+BASELINE = {"channelgate-auto-nohistory": "uvicorn"}
 NAMES = dict(SYSTEMS)
 CASES = [
     ("session-1", 1, "session once (23 events, 3 sockets)"),
@@ -71,28 +76,28 @@ def main():
         print("| published payload, bytes per event | " + " | ".join(
             f"{plain.get((s, w), 0):,.1f}" for s, w, _ in CASES) + " |")
         print()
-        base = {}
-        for stream, watchers, _ in CASES:
-            got = [r["wire_bytes_per_delivery"] for r in wire if r["label"] == "uvicorn"
+        def median(label, stream, watchers):
+            got = [r["wire_bytes_per_delivery"] for r in wire if r["label"] == label
                    and r["stream"] == stream and r["watchers"] == watchers]
-            if got:
-                base[(stream, watchers)] = statistics.median(got)
-        if base:
-            print("Against Baserow's stack (medians):\n")
-            print("| system | " + " | ".join(c[2] for c in CASES) + " |")
-            print("|---" * (len(CASES) + 1) + "|")
-            for key, name in SYSTEMS:
-                if key == "uvicorn":
-                    continue
-                cells = []
-                for stream, watchers, _ in CASES:
-                    got = [r["wire_bytes_per_delivery"] for r in wire if r["label"] == key
-                           and r["stream"] == stream and r["watchers"] == watchers]
-                    b = base.get((stream, watchers))
-                    cells.append(f"{statistics.median(got) / b:.2f}x" if got and b else "n/a")
-                if any(c != "n/a" for c in cells):
-                    print(f"| {name} | " + " | ".join(cells) + " |")
-            print()
+            return statistics.median(got) if got else None
+
+        print("Against Baserow's stack with the same payloads (medians; channelgate with "
+              "history, its default, against Baserow's with replay, whose backend appends "
+              "`_event_id` to each payload; `--history off` against the session as "
+              "recorded, without ids):\n")
+        print("| system | against | " + " | ".join(c[2] for c in CASES) + " |")
+        print("|---" * (len(CASES) + 2) + "|")
+        for key, name in SYSTEMS:
+            if not key.startswith("channelgate"):
+                continue
+            baseline = BASELINE.get(key, "uvicorn-ids")
+            cells = []
+            for stream, watchers, _ in CASES:
+                got, b = median(key, stream, watchers), median(baseline, stream, watchers)
+                cells.append(f"{got / b:.3f}x" if got and b else "n/a")
+            if any(c != "n/a" for c in cells):
+                print(f"| {name} | `{baseline}` | " + " | ".join(cells) + " |")
+        print()
         ext = {}
         for r in wire:
             ext.setdefault(r["label"], r.get("extensions"))

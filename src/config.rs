@@ -340,17 +340,19 @@ pub struct Options {
 
     /// With `--compression auto`: the window of a socket's own deflate stream, 9 to 15
     /// bits. A 15-bit window sends about half the bytes of an 11-bit one on row updates;
-    /// a stream takes about 128 KiB plus four times the window while its socket is busy
+    /// a stream takes about 128 KiB plus six times the window while its socket is busy
     /// [default: 15]
     #[arg(long, env = "CHANNELGATE_COMPRESSION_WINDOW_BITS", value_name = "BITS")]
     pub compression_window_bits: Option<u8>,
 
-    /// Event payloads shorter than this go plain even to sockets that agreed to
-    /// compression [default: 64]
+    /// Event payloads shorter than this go plain where they would be compressed without
+    /// context (an event for many sockets, or a socket that keeps no context); with
+    /// context every frame is compressed [default: 64]
     #[arg(long, env = "CHANNELGATE_COMPRESSION_MIN_BYTES", value_name = "BYTES")]
     pub compression_min_bytes: Option<usize>,
 
-    /// zlib's compression level, 1 (fastest) to 9 [default: 6]
+    /// zlib's compression level, 1 (fastest) to 9. 9 sends 4 % fewer bytes than 6 on row
+    /// updates with context, for about 1.4x the CPU of each compression [default: 9]
     #[arg(long, env = "CHANNELGATE_COMPRESSION_LEVEL", value_name = "1-9")]
     pub compression_level: Option<u32>,
 
@@ -534,7 +536,7 @@ fn deflate_settings(options: &Options) -> Result<Option<DeflateSettings>, String
             ));
         }
     };
-    let level = options.compression_level.unwrap_or(6);
+    let level = options.compression_level.unwrap_or(9);
     if !(1..=9).contains(&level) {
         return Err(format!("--compression-level {level}: expected 1 to 9"));
     }

@@ -397,7 +397,7 @@ impl Hub {
             })
             .cloned();
         drop(pages);
-        conn.outbox.push(Frame::from(server::page_discard(
+        conn.outbox.push(Frame::reply(&server::page_discard(
             &page.page,
             &page.parameters,
         )));

@@ -7,39 +7,67 @@
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::deflate::{self, Agreement, DeflateSettings, Mode, SocketDeflater};
+use crate::deflate::{self, Agreement, DeflateSettings, Mode, SocketContext};
 use crate::protocol::CloseReason;
 
 /// One WebSocket frame as it goes on the wire, shared by every recipient (reference
 /// counted, never copied). A server's frames are not masked, so an event is framed once
 /// for all its sockets and a writer only hands the bytes to the kernel.
 ///
-/// An event's frame may also go compressed (permessage-deflate): its compressed form is
-/// made once, by the first socket that agreed to compression, and shared like the frame.
+/// An event's frame may also go compressed (permessage-deflate): on each socket's own
+/// stream when it reaches few sockets, else in a form made once, by the first socket that
+/// agreed to compression, and shared like the frame.
 #[derive(Clone, Debug)]
 pub struct Frame {
     wire: Bytes,
     deflatable: Option<Arc<Deflatable>>,
 }
 
-/// How an event's frame goes compressed. Its shared forms are made when first needed:
-/// one per window size (almost always only the full window's, which every client whose
-/// window holds the payload shares).
+/// How a frame goes compressed. Its shared forms are made when first needed: one per
+/// window size (almost always only the full window's, which every client whose window
+/// holds the payload shares).
 #[derive(Debug)]
 struct Deflatable {
-    /// Few sockets get this event: it goes compressed on each socket's own stream (with
-    /// context), where the socket agreed to that, rather than in the shared form.
-    per_socket: bool,
+    route: Route,
+    /// Whether the payload is long enough to go compressed without context.
+    alone: bool,
     level: u32,
+    /// The frame as it is, for its text (it enters the window of every client that gets
+    /// a compressed form).
+    plain: Bytes,
     /// The whole compressed frame (RSV1 set) per window, 9 to 15 bits; `None` when
     /// deflate gains nothing.
     wire: [OnceLock<Option<Bytes>>; 7],
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// An event for few sockets: on each socket's own stream (with context) where the
+    /// socket agreed to context, else in the shared form.
+    PerSocket,
+    /// An event for many sockets: once, in the shared form.
+    Shared,
+    /// A frame the node makes for one socket (authentication, `page_add`, a replay's
+    /// result): on the socket's own stream when it holds one, else in a block of literals,
+    /// which costs no compressor yet primes the client's window for the stream to come.
+    Reply,
+}
+
+/// What every reply shares: it has no shared form.
+static REPLY: LazyLock<Arc<Deflatable>> = LazyLock::new(|| {
+    Arc::new(Deflatable {
+        route: Route::Reply,
+        alone: false,
+        level: 0,
+        plain: Bytes::new(),
+        wire: Default::default(),
+    })
+});
 
 impl PartialEq for Frame {
     fn eq(&self, other: &Frame) -> bool {
@@ -58,6 +86,15 @@ impl Frame {
     /// A text frame.
     pub fn text(text: &str) -> Frame {
         Frame::encode(OP_TEXT, &[text.as_bytes()])
+    }
+
+    /// A text frame the node makes for one socket alone (authentication, `page_add`, a
+    /// replay's result): it goes compressed on the socket's own context, never shared.
+    pub fn reply(text: &str) -> Frame {
+        Frame {
+            deflatable: Some(REPLY.clone()),
+            ..Frame::text(text)
+        }
     }
 
     /// A ping without payload: the client's pong shows it is still there.
@@ -101,26 +138,40 @@ impl Frame {
         }
     }
 
-    /// This frame, to go compressed to sockets that agreed to it when its payload has at
-    /// least `settings.min_bytes` (`None`: compression is off): per socket when it reaches
-    /// at most `settings.context_fanout` sockets of the node, else in a shared form.
+    /// This event's frame, to go compressed to sockets that agreed to it (`None`:
+    /// compression is off): per socket when it reaches at most `settings.context_fanout`
+    /// sockets of the node (whatever its length: with context even a short one shrinks),
+    /// else in a shared form when its payload has at least `settings.min_bytes`.
     pub fn deflatable(mut self, settings: Option<DeflateSettings>, recipients: usize) -> Frame {
-        if let Some(settings) = settings
-            && self.payload().len() >= settings.min_bytes
-        {
-            self.deflatable = Some(Arc::new(Deflatable {
-                per_socket: recipients <= settings.context_fanout,
-                level: settings.level,
-                wire: Default::default(),
-            }));
-        }
+        let Some(settings) = settings else {
+            return self;
+        };
+        let alone = self.payload().len() >= settings.min_bytes;
+        let route = if recipients <= settings.context_fanout {
+            Route::PerSocket
+        } else if alone {
+            Route::Shared
+        } else {
+            return self;
+        };
+        self.deflatable = Some(Arc::new(Deflatable {
+            route,
+            alone,
+            level: settings.level,
+            plain: self.wire.clone(),
+            wire: Default::default(),
+        }));
         self
     }
 
-    /// Whether this frame goes compressed on the socket's own stream (the socket agreed
-    /// to context, and the event reaches few sockets).
+    /// Whether this frame goes compressed on the socket's own context (the socket agreed
+    /// to context, and the frame is a reply or an event that reaches few sockets).
     fn goes_per_socket(&self, agreement: &Agreement) -> bool {
-        agreement.server_context && self.deflatable.as_ref().is_some_and(|d| d.per_socket)
+        agreement.server_context
+            && self
+                .deflatable
+                .as_ref()
+                .is_some_and(|d| d.route != Route::Shared)
     }
 
     /// Whether this is a compressed frame (RSV1).
@@ -128,18 +179,30 @@ impl Frame {
         self.wire.first().is_some_and(|first| first & 0x40 != 0)
     }
 
-    /// The frame compressed on a socket's own stream; itself (plain) when that gains
-    /// nothing.
-    pub fn compressed_on(&self, stream: &mut SocketDeflater) -> Frame {
+    /// The frame compressed on a socket's own context: an event on its stream, a reply
+    /// on its stream or in a block of literals; itself (plain) when zlib fails.
+    fn compressed_on(self, context: &mut SocketContext) -> Frame {
         let payload = self.payload();
-        match stream.compress(payload) {
-            Some(compressed) => {
-                let wire = Frame::encode_with(0x80 | 0x40 | OP_TEXT, &[&compressed]);
-                deflate::count(Mode::PerSocket, payload.len(), compressed.len());
-                Frame::framed(wire)
+        let compressed = match &self.deflatable {
+            Some(deflatable) if deflatable.route == Route::Reply => {
+                Some(context.compress_reply(payload))
             }
-            None => Frame::framed(self.wire.clone()),
+            _ => context.compress(payload),
+        };
+        match compressed {
+            Some(compressed) => {
+                deflate::count(Mode::PerSocket, payload.len(), compressed.len());
+                Frame::framed(Frame::encode_with(0x80 | 0x40 | OP_TEXT, &[&compressed]))
+            }
+            None => Frame::framed(self.wire),
         }
+    }
+
+    /// The text a shared compressed form carries, which enters its client's window.
+    fn shared_text(&self) -> Option<&[u8]> {
+        let deflatable = self.deflatable.as_ref()?;
+        (self.is_compressed() && deflatable.route != Route::Reply)
+            .then(|| payload_of(&deflatable.plain))
     }
 
     /// The frame as it goes to a socket with this agreement: compressed in the shared form
@@ -148,7 +211,7 @@ impl Frame {
         let Some(deflatable) = &self.deflatable else {
             return self;
         };
-        if self.goes_per_socket(agreement) {
+        if self.goes_per_socket(agreement) || !deflatable.alone {
             return self;
         }
         let payload = self.payload();
@@ -170,21 +233,18 @@ impl Frame {
                     payload.len(),
                     wire.len().saturating_sub(header),
                 );
-                Frame::framed(wire.clone())
+                Frame {
+                    wire: wire.clone(),
+                    deflatable: self.deflatable.clone(),
+                }
             }
             None => self,
         }
     }
 
-    /// The payload: what follows the header (a server's frames carry no mask).
+    /// The payload: what follows the header.
     fn payload(&self) -> &[u8] {
-        let header = match self.wire.get(1).map(|b| b & 0x7f) {
-            Some(126) => 4,
-            Some(127) => 10,
-            Some(_) => 2,
-            None => return &[],
-        };
-        self.wire.get(header..).unwrap_or_default()
+        payload_of(&self.wire)
     }
 
     fn encode(opcode: u8, parts: &[&[u8]]) -> Frame {
@@ -225,6 +285,17 @@ impl Frame {
     pub fn is_empty(&self) -> bool {
         self.wire.is_empty()
     }
+}
+
+/// A server frame's payload: what follows the header (a server's frames carry no mask).
+fn payload_of(wire: &[u8]) -> &[u8] {
+    let header = match wire.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    wire.get(header..).unwrap_or_default()
 }
 
 impl From<String> for Frame {
@@ -289,10 +360,10 @@ struct State {
     /// arrives later (its publication reached this node after the history was read, or
     /// the node delivered it late) is one the client has already.
     seen_through: u64,
-    /// The socket's own deflate stream (permessage-deflate with context): frames are
-    /// compressed on it as they are queued, in the order they go on the wire. Made when
-    /// first needed, dropped when the socket idles ([`Outbox::idle`]).
-    own_stream: Option<SocketDeflater>,
+    /// The socket's own compression (permessage-deflate with context): frames are
+    /// compressed on it as they are queued, in the order they go on the wire. Its stream
+    /// is made when first needed and dropped when the socket idles ([`Outbox::idle`]).
+    own_context: Option<SocketContext>,
 }
 
 impl State {
@@ -356,38 +427,50 @@ impl Outbox {
     }
 
     /// The frame as it goes on the wire now, after everything queued before it: compressed
-    /// on the socket's own stream, or, for a frame in the shared form, with the stream
-    /// reset (the client's window then holds bytes the stream did not send).
+    /// on the socket's own context, or, for a frame in the shared form, taken into that
+    /// context (the client's window now holds its text).
     fn wire_form(&self, state: &mut State, frame: Frame) -> Frame {
         let Some((agreement, settings)) = self.deflate.get() else {
             return frame;
         };
-        if frame.goes_per_socket(agreement) {
-            let stream = state.own_stream.get_or_insert_with(|| {
-                let window = settings.window_bits.min(agreement.server_window_bits);
-                SocketDeflater::new(settings.level, window)
-            });
-            return frame.compressed_on(stream);
+        if !agreement.server_context {
+            return frame;
         }
-        if frame.is_compressed()
-            && let Some(stream) = &mut state.own_stream
-        {
-            stream.reset();
+        let goes_per_socket = frame.goes_per_socket(agreement);
+        let shared_text = frame.shared_text();
+        if !goes_per_socket && shared_text.is_none() {
+            return frame;
         }
-        frame
+        let context = state.own_context.get_or_insert_with(|| {
+            let window = settings.window_bits.min(agreement.server_window_bits);
+            SocketContext::new(settings.level, window)
+        });
+        if let Some(text) = shared_text {
+            context.inflated_elsewhere(text);
+            return frame;
+        }
+        frame.compressed_on(context)
     }
 
     /// Whether the socket holds its own deflate stream.
     pub fn holds_stream(&self) -> bool {
-        self.deflate.get().is_some() && self.lock().own_stream.is_some()
+        self.deflate.get().is_some()
+            && self
+                .lock()
+                .own_context
+                .as_ref()
+                .is_some_and(SocketContext::holds_stream)
     }
 
-    /// The socket has been idle: its own deflate stream is dropped (the next message
-    /// starts a new one), so an idle socket holds no compressor.
+    /// The socket has been idle: its own deflate stream is dropped (the next event starts
+    /// a new one from the window's tail), so an idle socket holds no compressor.
     pub fn idle(&self) {
         let mut state = self.lock();
-        if state.frames.is_empty() && state.held.is_none() {
-            state.own_stream = None;
+        if state.frames.is_empty()
+            && state.held.is_none()
+            && let Some(context) = &mut state.own_context
+        {
+            context.idle();
         }
     }
 
@@ -714,33 +797,38 @@ mod tests {
         );
     }
 
+    const SETTINGS: DeflateSettings = DeflateSettings {
+        context_fanout: 8,
+        window_bits: 11,
+        min_bytes: 64,
+        level: 6,
+    };
+
     fn compressing(limit_bytes: usize, server_context: bool) -> Outbox {
         let outbox = Outbox::new(limit_bytes);
-        let settings = DeflateSettings {
-            context_fanout: 8,
-            window_bits: 11,
-            min_bytes: 64,
-            level: 6,
-        };
         outbox.compress(
             Agreement {
                 server_window_bits: 15,
                 server_context,
             },
-            settings,
+            SETTINGS,
         );
         outbox
     }
 
     fn big_event(n: usize, recipients: usize) -> Frame {
-        let settings = DeflateSettings {
-            context_fanout: 8,
-            window_bits: 11,
-            min_bytes: 64,
-            level: 6,
-        };
         let payload = format!(r#"{{"type":"rows","n":{n},"text":"{}"}}"#, "x".repeat(5000));
-        Frame::event(&payload, 0).deflatable(Some(settings), recipients)
+        Frame::event(&payload, 0).deflatable(Some(SETTINGS), recipients)
+    }
+
+    /// About 1.3 KB that deflate shrinks little on its own, the same for every `n` but
+    /// `n`: with context, an event after another is a few bytes.
+    fn row_event(n: usize, recipients: usize) -> Frame {
+        let text: String = (0..400u64)
+            .map(|i| format!("{:x}", i.wrapping_mul(2654435761) >> 20 & 0xfff))
+            .collect();
+        let payload = format!(r#"{{"type":"rows","n":{n},"text":"{text}"}}"#);
+        Frame::event(&payload, 0).deflatable(Some(SETTINGS), recipients)
     }
 
     #[test]
@@ -759,22 +847,90 @@ mod tests {
         assert_eq!(plain.push(big_event(1, 1)), Pushed::Overflowed);
     }
 
+    /// What a client that keeps its inflater across messages reads from these frames.
+    fn inflated(frames: &[Frame]) -> Vec<String> {
+        let mut inflater = flate2::Decompress::new(false);
+        frames
+            .iter()
+            .map(|frame| {
+                if !frame.is_compressed() {
+                    return String::from_utf8_lossy(frame.payload()).into_owned();
+                }
+                let input = [frame.payload(), &[0, 0, 0xff, 0xff][..]].concat();
+                let mut out = Vec::with_capacity(64 * 1024);
+                inflater
+                    .decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+                    .expect("inflates");
+                String::from_utf8(out).expect("text")
+            })
+            .collect()
+    }
+
     #[test]
-    fn a_socket_stream_is_reset_by_a_shared_frame_and_dropped_when_idle() {
+    fn a_socket_keeps_its_context_across_replies_shared_frames_and_idling() {
+        let outbox = compressing(1 << 20, true);
+        let reply = r#"{"type":"page_add","page":"table","parameters":{"table_id":1}}"#;
+        outbox.push(Frame::reply(reply));
+        assert!(!outbox.holds_stream(), "a reply makes no stream");
+        outbox.push(row_event(0, 1));
+        assert!(outbox.holds_stream());
+        // A shared frame between two of the socket's own: the client's window holds it,
+        // and so does the stream.
+        outbox.push(row_event(1, 100));
+        outbox.push(row_event(2, 1));
+        let frames: Vec<Frame> = outbox.lock().frames.drain(..).collect();
+        assert!(frames.iter().all(Frame::is_compressed));
+        assert_eq!(
+            frames[0].payload().len(),
+            reply.len() + 2,
+            "a block of literals"
+        );
+        assert!(
+            frames[3].len() * 4 < frames[2].len(),
+            "the third event refers back to the shared one: {} {}",
+            frames[3].len(),
+            frames[2].len()
+        );
+        let idle_before = frames.clone();
+        outbox.idle();
+        assert!(!outbox.holds_stream());
+        // After idling, a new stream starts from the tail of the client's window.
+        outbox.push(row_event(3, 1));
+        outbox.push(Frame::reply(reply));
+        let after: Vec<Frame> = outbox.lock().frames.drain(..).collect();
+        let all: Vec<Frame> = idle_before.into_iter().chain(after).collect();
+        let texts = inflated(&all);
+        assert_eq!(texts[0], reply);
+        for (text, n) in texts[1..5].iter().zip(0..) {
+            assert_eq!(text.as_bytes(), row_event(n, 1).payload());
+        }
+        assert_eq!(texts[5], reply);
+        assert!(all[5].payload().len() < reply.len(), "on the stream");
+    }
+
+    #[test]
+    fn a_stream_waits_for_the_queue_before_it_goes() {
         let outbox = compressing(1 << 20, true);
         outbox.push(big_event(0, 1));
-        assert!(outbox.holds_stream());
-        // A shared frame between two of the socket's own: the stream must not refer back
-        // past it, so the next frame is compressed as if the stream were new.
-        outbox.push(big_event(1, 100));
-        outbox.push(big_event(2, 1));
-        let frames: Vec<Frame> = outbox.lock().frames.iter().cloned().collect();
-        assert!(frames.iter().all(Frame::is_compressed));
-        assert_eq!(frames[0].len(), frames[2].len(), "a fresh stream each time");
         outbox.idle();
         assert!(outbox.holds_stream(), "frames still wait: kept");
         outbox.lock().frames.clear();
         outbox.idle();
         assert!(!outbox.holds_stream());
+    }
+
+    #[test]
+    fn without_context_replies_go_plain_and_short_events_plain_or_per_socket() {
+        let outbox = compressing(1 << 20, false);
+        outbox.push(Frame::reply(r#"{"type":"pong"}"#));
+        outbox.push(Frame::event(r#"{"type":"x"}"#, 0).deflatable(Some(SETTINGS), 100));
+        assert!(outbox.lock().frames.iter().all(|f| !f.is_compressed()));
+        let context = compressing(1 << 20, true);
+        context.push(Frame::event(r#"{"type":"x"}"#, 0).deflatable(Some(SETTINGS), 1));
+        context.push(Frame::event(r#"{"type":"x"}"#, 0).deflatable(Some(SETTINGS), 100));
+        let frames: Vec<Frame> = context.lock().frames.drain(..).collect();
+        assert!(frames[0].is_compressed(), "few sockets: with context");
+        assert!(!frames[1].is_compressed(), "many, and short: plain");
+        assert_eq!(inflated(&frames), [r#"{"type":"x"}"#; 2]);
     }
 }

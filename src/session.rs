@@ -67,7 +67,7 @@ impl Session {
     }
 
     fn send(&self, text: String) {
-        self.conn.outbox.push(Frame::from(text));
+        self.conn.outbox.push(Frame::reply(&text));
     }
 
     /// Handles one text frame. A frame that cannot be understood is answered with an
@@ -131,12 +131,12 @@ impl Session {
         let metrics = &self.ctx.metrics;
         let refresh = |reason: RefreshReason, latest: i64| {
             metrics.replay_refreshed(reason);
-            Frame::from(server::replay_result(true, latest))
+            Frame::reply(&server::replay_result(true, latest))
         };
         let overloaded = || {
             if supports_retry {
                 metrics.replay_retries.fetch_add(1, Ordering::Relaxed);
-                Frame::from(server::replay_retry(replay_retry_after_ms()))
+                Frame::reply(&server::replay_retry(replay_retry_after_ms()))
             } else {
                 refresh(RefreshReason::Overloaded, history::NO_REPLAY_AVAILABLE)
             }
@@ -146,7 +146,7 @@ impl Session {
                 let latest = tokio::time::timeout(replays.timeout, replays.store.latest()).await;
                 let answer = match (cursor, latest) {
                     (Cursor::FirstConnect, Ok(Ok(latest))) => {
-                        Frame::from(server::replay_result(false, latest as i64))
+                        Frame::reply(&server::replay_result(false, latest as i64))
                     }
                     (_, Ok(Ok(latest))) => refresh(RefreshReason::LostCursor, latest as i64),
                     (_, Ok(Err(error))) => {
@@ -197,7 +197,7 @@ impl Session {
                     .iter()
                     .map(|(id, payload)| (*id, self.ctx.hub.event_frame(payload, *id, 1)))
                     .collect();
-                let result = Frame::from(server::replay_result(false, latest_event_id as i64));
+                let result = Frame::reply(&server::replay_result(false, latest_event_id as i64));
                 let sent = self.conn.outbox.release(frames, result, after);
                 metrics.replays_served.fetch_add(1, Ordering::Relaxed);
                 metrics

@@ -238,7 +238,7 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         // Counted after joining, so two racing connections cannot both slip in.
         conn.outbox.close(CloseReason::TooManyConnections);
     }
-    conn.outbox.push(Frame::from(server::authenticated(
+    conn.outbox.push(Frame::reply(&server::authenticated(
         &web_socket_id,
         ctx.session.replays.is_some(),
     )));

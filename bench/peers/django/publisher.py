@@ -34,6 +34,13 @@ def parse_args():
         '{"group": G, "payload": "<text>"}: the text goes to table-G as it is (--groups, '
         "--count and --size are then unused)",
     )
+    parser.add_argument(
+        "--event-ids",
+        action="store_true",
+        help="with --file: append an event id to each payload as its last key, "
+        '`,"_event_id":N`, from a counter in the layer\'s Redis (one sequence per '
+        "deployment), as Baserow's backend does when it records events for replay",
+    )
     args = parser.parse_args()
     if args.groups < 1:
         parser.error("--groups must be at least 1")
@@ -60,6 +67,11 @@ async def publish_file(args):
     with open(args.file) as f:
         events = [json.loads(line) for line in f if line.strip()]
     layer = get_channel_layer()
+    ids = None
+    if args.event_ids:
+        from redis.asyncio import Redis
+
+        ids = Redis.from_url(os.environ["REDIS_URL"])
     interval = 1 / args.rate if args.rate > 0 else 0
     start = time.monotonic()
     try:
@@ -68,11 +80,17 @@ async def publish_file(args):
                 delay = start + n * interval - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            text = event["payload"]
+            if ids is not None:
+                event_id = await ids.incr("bench:event-id")
+                text = f'{text.rstrip()[:-1]},"_event_id":{event_id}}}'
             await layer.group_send(
-                f"table-{event['group']}", {"type": "broadcast_to_group", "text": event["payload"]}
+                f"table-{event['group']}", {"type": "broadcast_to_group", "text": text}
             )
         return len(events), time.monotonic() - start
     finally:
+        if ids is not None:
+            await ids.aclose()
         await layer.close_pools()
 
 

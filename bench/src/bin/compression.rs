@@ -64,6 +64,11 @@ enum Scenario {
         watchers: usize,
         #[arg(long, default_value_t = 100.0)]
         rate: f64,
+        /// After subscribing, ask for the replay baseline as Baserow's browser client does
+        /// on its first connect (`replay_events` with `last_seen_id` -1; its answer, like
+        /// the authentication and `page_add` frames, is not counted).
+        #[arg(long)]
+        baseline: bool,
     },
     /// S1 with subscribers offering permessage-deflate: as `loadgen fanout-search`.
     Fanout {
@@ -115,7 +120,14 @@ async fn main() -> Result<(), String> {
             stream_name,
             watchers,
             rate,
-        } => wire(&args, setup, stream, stream_name, *watchers, *rate).await,
+            baseline,
+        } => {
+            let socket = WireSocket {
+                watchers: *watchers,
+                baseline: *baseline,
+            };
+            wire(&args, setup, stream, stream_name, socket, *rate).await
+        }
         Scenario::Fanout {
             scenario,
             rates,
@@ -264,14 +276,24 @@ async fn publish_events(setup: &Setup, events: &[Event], rate: f64) -> Result<()
     Ok(())
 }
 
+/// How the wire part's sockets are set up.
+#[derive(Clone, Copy)]
+struct WireSocket {
+    /// Sockets on each group.
+    watchers: usize,
+    /// Whether each asks for the replay baseline after subscribing.
+    baseline: bool,
+}
+
 async fn wire(
     args: &Args,
     setup: Setup,
     stream: &str,
     stream_name: &str,
-    watchers: usize,
+    socket: WireSocket,
     rate: f64,
 ) -> Result<(), String> {
+    let WireSocket { watchers, baseline } = socket;
     let events = read_stream(stream)?;
     let mut groups: Vec<usize> = events.iter().map(|e| e.group).collect();
     groups.sort_unstable();
@@ -290,6 +312,12 @@ async fn wire(
             let user_id = 1 + index as i64;
             let mut ws = load::connect(&setup, index, user_id).await?;
             ws.subscribe_table(group).await?;
+            if baseline {
+                ws.send_text(r#"{"type":"replay_events","last_seen_id":-1,"supports_retry":true}"#)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ws.await_answer(b"replay_events_result", &[]).await?;
+            }
             index += 1;
             let mut expected = expected.clone();
             let base = ws.wire_bytes;

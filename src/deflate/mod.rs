@@ -21,12 +21,16 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 
 use crate::protocol::CloseReason;
 
+mod socket;
+
+pub use socket::SocketContext;
+
 /// The extension's name in `Sec-WebSocket-Extensions`.
 const NAME: &str = "permessage-deflate";
 /// Window sizes a client may name (RFC 7692 §7.1.2).
 const WINDOW_BITS: std::ops::RangeInclusive<u8> = 8..=15;
 /// What a sync flush ends a message with; RFC 7692 leaves it off the wire.
-const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+pub(crate) const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
 /// Whether and how the node compresses (`--compression`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,60 +193,6 @@ pub fn compress(payload: &[u8], level: u32, window_bits: u8) -> Option<Vec<u8>> 
     (out.len() < payload.len()).then_some(out)
 }
 
-/// One socket's own deflate stream (context takeover): each message may refer back into
-/// the ones before it, within the window.
-pub struct SocketDeflater {
-    stream: zlib_rs::Deflate,
-}
-
-/// zlib's memLevel, 1 (smallest) to 9: the buffers of pending output, small for short JSON
-/// messages. (zlib-rs keeps a 128 KiB hash table whatever it is.)
-const SOCKET_MEM_LEVEL: i32 = 1;
-
-impl SocketDeflater {
-    /// A stream with a window of `window_bits` (9 to 15).
-    pub fn new(level: u32, window_bits: u8) -> SocketDeflater {
-        let config = zlib_rs::DeflateConfig {
-            level: level.min(9) as i32,
-            window_bits: -i32::from(window_bits.clamp(9, 15)),
-            mem_level: SOCKET_MEM_LEVEL,
-            ..zlib_rs::DeflateConfig::default()
-        };
-        SocketDeflater {
-            stream: zlib_rs::Deflate::new_with_config(config),
-        }
-    }
-
-    /// A message's payload compressed on this stream; `None` when it would not come out
-    /// smaller (it then goes plain, which the client's window does not take in, so the
-    /// stream must forget it: [`SocketDeflater::reset`]).
-    pub fn compress(&mut self, payload: &[u8]) -> Option<Vec<u8>> {
-        let mut out = vec![0u8; payload.len() + payload.len() / 1024 * 5 + 64];
-        let (before_in, before_out) = (self.stream.total_in(), self.stream.total_out());
-        self.stream
-            .compress(payload, &mut out, zlib_rs::DeflateFlush::SyncFlush)
-            .ok()?;
-        let consumed = (self.stream.total_in() - before_in) as usize;
-        out.truncate((self.stream.total_out() - before_out) as usize);
-        if consumed != payload.len() || !out.ends_with(&TAIL) {
-            self.reset();
-            return None;
-        }
-        out.truncate(out.len() - TAIL.len());
-        if out.len() >= payload.len() {
-            self.reset();
-            return None;
-        }
-        Some(out)
-    }
-
-    /// Forgets the messages so far: the client's window holds bytes this stream did not
-    /// send (a shared frame).
-    pub fn reset(&mut self) {
-        self.stream.reset();
-    }
-}
-
 /// Inflates one compressed client message, stopping with 1009 as soon as it passes
 /// `max_bytes`: a small frame that inflates to gigabytes costs at most that much work.
 pub fn inflate(compressed: &[u8], max_bytes: usize) -> Result<Vec<u8>, CloseReason> {
@@ -357,32 +307,6 @@ mod tests {
             response,
             "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
         );
-    }
-
-    #[test]
-    fn a_socket_stream_refers_back_to_earlier_messages() {
-        let row = |n: u32| {
-            format!(
-                r#"{{"type":"rows_updated","table_id":7,"rows":[{{"id":{n},"field_1":"same text"}}]}}"#
-            )
-        };
-        let mut stream = SocketDeflater::new(6, 11);
-        let mut inflater = Decompress::new(false);
-        let mut sizes = Vec::new();
-        for n in 0..5 {
-            let plain = row(n);
-            let compressed = stream.compress(plain.as_bytes()).expect("smaller");
-            sizes.push(compressed.len());
-            // The client keeps its inflater across messages (context takeover).
-            let mut out = Vec::with_capacity(4096);
-            let mut input = compressed.clone();
-            input.extend_from_slice(&TAIL);
-            inflater
-                .decompress_vec(&input, &mut out, FlushDecompress::Sync)
-                .expect("inflates");
-            assert_eq!(out, plain.as_bytes());
-        }
-        assert!(sizes[4] < sizes[0] / 2, "{sizes:?}");
     }
 
     #[test]
