@@ -123,8 +123,8 @@ def test_every_offer_form_gets_frames_that_inflate_to_the_published_payloads(nod
         assert socket.recv() == {**update, "_event_id": event_id}
     sent = metric(node, compressed) - before[0]
     took = metric(node, plain) - before[1]
-    # The small one went plain (under the 64-byte minimum); the rest went compressed, to a
-    # fraction of their size.
+    # Everything went compressed, to a fraction of its size (without context, the small
+    # one went plain: under the 64-byte minimum).
     assert took > len(json.dumps(ROWS)), took
     assert 0 < sent < took / 3, (sent, took)
     # The client's own messages may be compressed too.
@@ -172,6 +172,41 @@ def test_an_event_for_many_sockets_is_compressed_once_for_all(node):
     assert metric(node, own) == before[1]
     assert metric(node, shared) > before[0]
     for socket in sockets:
+        socket.close()
+
+
+def test_replies_shared_frames_and_the_socket_s_own_stream_share_one_window(node):
+    """One socket gets, in turn, replies the node makes for it alone, events for many
+    sockets (the shared form) and events for it alone (its own stream): a real client
+    that keeps one inflater for them all reads every one of them exactly, and the socket's
+    own events refer back to whatever came before them."""
+    crowd = [open_socket(node, 4)[0] for _ in range(19)]
+    me, answered = open_socket(node, 5)
+    assert answered == "permessage-deflate; client_no_context_takeover"
+    for socket in [*crowd, me]:
+        assert socket.subscribe("table", table_id=30)["type"] == "page_add"
+    assert me.subscribe("table", table_id=31)["type"] == "page_add"
+    own = 'channelgate_deflate_compressed_bytes_total{mode="per_socket"}'
+    with Client(node.target, api_key=API_KEY) as client:
+        for n in range(1, 4):
+            crowd_id = client.publish_to_group("table-30", row_update(n))
+            for socket in [*crowd, me]:
+                assert socket.recv() == {**row_update(n), "_event_id": crowd_id}
+            # The same update to this socket alone refers back to the shared one.
+            before = metric(node, own)
+            mine = client.publish_to_group("table-31", row_update(n))
+            assert me.recv() == {**row_update(n), "_event_id": mine}
+            assert metric(node, own) - before < len(json.dumps(row_update(n))) / 4
+            me.send({"type": "ping"})
+            assert me.recv() == {"type": "pong"}
+    # Every id after the first is one it got live: the replay sends none of them again.
+    me.send({"type": "replay_events", "last_seen_id": crowd_id - 1, "supports_retry": True})
+    assert me.recv() == {
+        "type": "replay_events_result",
+        "force_refresh": False,
+        "latest_event_id": crowd_id - 1,
+    }
+    for socket in [*crowd, me]:
         socket.close()
 
 
