@@ -199,12 +199,13 @@ def test_replies_shared_frames_and_the_socket_s_own_stream_share_one_window(node
             assert metric(node, own) - before < len(json.dumps(row_update(n))) / 4
             me.send({"type": "ping"})
             assert me.recv() == {"type": "pong"}
-    # Every id after the first is one it got live: the replay sends none of them again.
+    # Both ids after the cursor are ones it got live: the replay sends neither again, and
+    # its result (a reply) names the newest.
     me.send({"type": "replay_events", "last_seen_id": crowd_id - 1, "supports_retry": True})
     assert me.recv() == {
         "type": "replay_events_result",
         "force_refresh": False,
-        "latest_event_id": crowd_id - 1,
+        "latest_event_id": mine,
     }
     for socket in [*crowd, me]:
         socket.close()
