@@ -5,7 +5,6 @@
 //! reads too slowly fills its queue and is closed with [`CloseReason::SlowConsumer`], so it
 //! never delays others nor grows memory without bound.
 
-use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
@@ -344,7 +343,9 @@ const LIVE_IDS_KEPT: usize = 256;
 
 #[derive(Default)]
 struct State {
-    frames: VecDeque<Frame>,
+    /// Frames in wire order. A plain vector, not a deque: the writer takes them all at
+    /// once, by swapping it with its own emptied batch, so no frame is ever moved twice.
+    frames: Vec<Frame>,
     bytes: usize,
     close: Option<CloseReason>,
     writer: Option<Waker>,
@@ -494,7 +495,7 @@ impl Outbox {
         };
         if state.bytes + state.held_bytes + frame.len() > self.limit_bytes {
             state.close = Some(CloseReason::SlowConsumer);
-            state.frames = VecDeque::new();
+            state.frames = Vec::new();
             state.bytes = 0;
             state.held = None;
             state.held_bytes = 0;
@@ -525,7 +526,7 @@ impl Outbox {
 
     fn queue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: Frame) -> Pushed {
         state.bytes += frame.len();
-        state.frames.push_back(frame);
+        state.frames.push(frame);
         // Only the first frame wakes: a writer with frames queued has not parked for
         // frames since (it may wait on the socket, and the queue's overflow). Waking under
         // the lock is a push onto the scheduler's queue, cheaper than taking the waker out.
@@ -585,7 +586,7 @@ impl Outbox {
         {
             let frame = self.wire_form(&mut state, frame);
             state.bytes += frame.len();
-            state.frames.push_back(frame);
+            state.frames.push(frame);
         }
         if was_empty {
             state.wake_parked();
@@ -618,11 +619,15 @@ impl Outbox {
         poll_fn(|cx| {
             let mut state = self.lock();
             if !state.frames.is_empty() {
-                batch.extend(state.frames.drain(..));
+                if batch.is_empty() {
+                    std::mem::swap(batch, &mut state.frames);
+                } else {
+                    batch.append(&mut state.frames);
+                }
                 state.bytes = 0;
                 if state.frames.capacity() > 64 {
                     // Give back what a burst grew, so idle connections stay small.
-                    state.frames = VecDeque::new();
+                    state.frames = Vec::new();
                 }
                 return Poll::Ready(None);
             }
