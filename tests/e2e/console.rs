@@ -83,6 +83,14 @@ async fn post_json(addr: &str, path: &str, headers: &[(&str, &str)], body: &Valu
 }
 
 const BEARER: &str = "Bearer e2e-console-token-0123456789";
+/// Every page, asset and API answer the token guards.
+const GUARDED: [&str; 5] = [
+    "/console/",
+    "/console/console.js",
+    "/console/console.css",
+    "/console/api/setup",
+    "/console/api/state",
+];
 
 #[tokio::test]
 async fn without_dev_or_a_token_there_is_no_console() {
@@ -105,13 +113,7 @@ async fn with_a_token_every_console_request_needs_it() {
     let node = TestNode::start_with(&["--console-token", CONSOLE_TOKEN]).await;
     let addr = node.node.ws_addr.to_string();
     let publish = json!({"target": "group", "group": "table-1", "payload": "{\"type\":\"x\"}"});
-    for path in [
-        "/console/",
-        "/console/console.js",
-        "/console/console.css",
-        "/console/api/setup",
-        "/console/api/state",
-    ] {
+    for path in GUARDED {
         let answer = get(&addr, path, &[]).await;
         assert_eq!(answer.status, 401, "{path}");
         assert!(
@@ -238,13 +240,7 @@ async fn the_console_shows_no_secret() {
     assert_eq!(published.status, 200, "{}", published.body);
 
     let mut answers = Vec::new();
-    for path in [
-        "/console/",
-        "/console/console.js",
-        "/console/console.css",
-        "/console/api/setup",
-        "/console/api/state",
-    ] {
+    for path in GUARDED {
         let answer = get(&addr, path, &bearer).await;
         assert_eq!(answer.status, 200, "{path}");
         answers.push((path, answer));
