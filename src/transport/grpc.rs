@@ -283,16 +283,21 @@ pub fn oversize_is_resource_exhausted<B>(
     http::Response::from_parts(parts, OversizeCode(body))
 }
 
+/// The names [`rewrite_oversize`] looks up, parsed once: a lookup by `&str` parses the name
+/// on every response.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
 fn rewrite_oversize(headers: &mut http::HeaderMap) {
-    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+    let too_large = headers.get(&GRPC_STATUS).is_some_and(|s| s == "11")
         && headers
-            .get("grpc-message")
+            .get(&GRPC_MESSAGE)
             .and_then(|m| m.to_str().ok())
             // Percent-encoded on the wire.
             .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
     if too_large {
         headers.insert(
-            "grpc-status",
+            &GRPC_STATUS,
             http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
         );
     }
