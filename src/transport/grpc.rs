@@ -185,6 +185,9 @@ impl GatewayApi {
     ) -> Result<T, Status> {
         let mut cut = self.calls_cut.clone();
         tokio::select! {
+            // The bus first: it usually answers at once, and then the stop signal is never
+            // polled (polling it registers a waiter, and dropping it takes that out again).
+            biased;
             answer = publish => answer.map_err(publish_status),
             _ = cut.wait_for(|cut| *cut) => Err(publish_status(PublishError::Unknown(
                 "the node stopped before the bus answered".into(),
