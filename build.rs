@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("channelgate_descriptor.bin"))
+        // prost's codec with per-call buffers sized for our messages (src/proto/codec.rs).
+        .codec_path("crate::proto::codec::SmallBuffers")
         .compile_protos(
             &[
                 "proto/channelgate/v1/gateway.proto",

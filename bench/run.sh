@@ -64,7 +64,8 @@
 #              target/bench/BENCHMARKS-$ONLY.md]
 #
 # `bash bench/callgrind.sh` counts instructions per delivery instead, which the machine's
-# noise cannot move.
+# noise cannot move; `bash bench/ingest-callgrind.sh` counts them per Publish call (S6's
+# cost, in BENCHMARKS.md "Publish cost in instructions (callgrind)").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ${ONLY:-} == presence ]]; then exec bash bench/presence.sh; fi

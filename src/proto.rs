@@ -2,6 +2,8 @@
 //!
 //! A leaf: every layer may use these types, and this module uses none of them.
 
+pub mod codec;
+
 tonic::include_proto!("channelgate.v1");
 
 /// Descriptors of the contract, for gRPC reflection.

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use channelgate::proto::gateway_client::GatewayClient;
 use channelgate::proto::{PublishBatchRequest, PublishRequest};
 use serde_json::json;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 use crate::load::{self, Counter, Histogram, Setup};
@@ -383,8 +384,21 @@ pub struct CountPlan {
     pub in_flight: usize,
     pub size: usize,
     pub keys: bool,
+    /// Sent as `authorization: Bearer <api key>` with every call.
+    pub api_key: Option<String>,
     /// Labels the result.
     pub label: String,
+}
+
+/// `request` with `authorization: Bearer <api key>` when there is a key.
+fn authorized<T>(request: T, bearer: &Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    if let Some(bearer) = bearer {
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
+    }
+    request
 }
 
 /// UNAVAILABLE answers [`count`] retries, in all, before it counts them as failures.
@@ -410,12 +424,25 @@ pub async fn count(setup: Setup, plan: CountPlan) -> Result<(), String> {
     let calls = Arc::new(Calls::default());
     let retries = Arc::new(AtomicU64::new(0));
     let seed = key_seed();
+    let bearer = match &plan.api_key {
+        Some(key) => Some(
+            format!("Bearer {key}")
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|e| format!("--api-key: {e}"))?,
+        ),
+        None => None,
+    };
     let (user_before, kernel_before) = load::proc_times(&setup.server_pids);
     let started = Instant::now();
     let mut callers = Vec::with_capacity(plan.in_flight);
     for _ in 0..plan.in_flight {
-        let (mut grpc, next, calls, retries) =
-            (grpc.clone(), next.clone(), calls.clone(), retries.clone());
+        let (mut grpc, next, calls, retries, bearer) = (
+            grpc.clone(),
+            next.clone(),
+            calls.clone(),
+            retries.clone(),
+            bearer.clone(),
+        );
         let (events, batch, size, keys) = (plan.events, plan.batch as u64, plan.size, plan.keys);
         let groups = plan.groups.max(1) as u64;
         callers.push(tokio::spawn(async move {
@@ -441,11 +468,13 @@ pub async fn count(setup: Setup, plan: CountPlan) -> Result<(), String> {
                 let answer = loop {
                     calls.calls.fetch_add(1, Ordering::Relaxed);
                     let answer = if batch == 1 {
-                        grpc.publish(requests[0].clone()).await.map(|_| ())
+                        let request = authorized(requests[0].clone(), &bearer);
+                        grpc.publish(request).await.map(|_| ())
                     } else {
                         let request = PublishBatchRequest {
                             events: requests.clone(),
                         };
+                        let request = authorized(request, &bearer);
                         grpc.publish_batch(request).await.map(|_| ())
                     };
                     match answer {

@@ -236,6 +236,10 @@ enum Scenario {
         size: usize,
         #[arg(long)]
         keys: bool,
+        /// Sends `authorization: Bearer <api key>` with every call (for a node started with
+        /// `--api-key`).
+        #[arg(long)]
+        api_key: Option<String>,
         /// Labels the result.
         #[arg(long, default_value = "")]
         label: String,
@@ -452,6 +456,7 @@ async fn main() -> Result<(), String> {
             in_flight,
             size,
             keys,
+            api_key,
             label,
         } => {
             if args.target.system != load::System::Channelgate {
@@ -464,6 +469,7 @@ async fn main() -> Result<(), String> {
                 in_flight: *in_flight,
                 size: *size,
                 keys: *keys,
+                api_key: api_key.clone(),
                 label: label.clone(),
             };
             return ingest::count(setup()?, plan).await;

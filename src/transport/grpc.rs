@@ -14,6 +14,7 @@ use crate::event::{self, InvalidEvent};
 use crate::metrics::Metrics;
 use crate::proto;
 use crate::proto::gateway_server::{Gateway, GatewayServer};
+use crate::transport::api_key::ApiKeyCheck;
 
 /// The backend-facing API of one node.
 pub struct GatewayApi {
@@ -185,6 +186,9 @@ impl GatewayApi {
     ) -> Result<T, Status> {
         let mut cut = self.calls_cut.clone();
         tokio::select! {
+            // The bus first: it usually answers at once, and then the stop signal is never
+            // polled (polling it registers a waiter, and dropping it takes that out again).
+            biased;
             answer = publish => answer.map_err(publish_status),
             _ = cut.wait_for(|cut| *cut) => Err(publish_status(PublishError::Unknown(
                 "the node stopped before the bus answered".into(),
@@ -232,46 +236,6 @@ fn check_user_ids(field: &str, user_ids: &[i64]) -> Result<(), Status> {
     }
 }
 
-/// Checks `authorization: Bearer <key>` in constant time when an API key is configured.
-#[derive(Clone)]
-pub struct ApiKeyCheck {
-    expected: Option<Arc<[u8]>>,
-}
-
-impl ApiKeyCheck {
-    pub fn new(api_key: Option<&str>) -> Self {
-        ApiKeyCheck {
-            expected: api_key.map(|key| format!("Bearer {key}").into_bytes().into()),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for ApiKeyCheck {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else {
-            return Ok(request);
-        };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes())
-            .unwrap_or_default();
-        let same = given.len() == expected.len()
-            && given
-                .iter()
-                .zip(expected.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated(
-                "missing or wrong API key: send `authorization: Bearer <api key>`",
-            ))
-        }
-    }
-}
-
 /// gRPC's code for a message over the size limit is RESOURCE_EXHAUSTED; tonic answers
 /// OUT_OF_RANGE, in the headers or (once a call has begun) in the trailers. A `Server`
 /// layer maps each response through this.
@@ -283,16 +247,21 @@ pub fn oversize_is_resource_exhausted<B>(
     http::Response::from_parts(parts, OversizeCode(body))
 }
 
+/// The names [`rewrite_oversize`] looks up, parsed once: a lookup by `&str` parses the name
+/// on every response.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+
 fn rewrite_oversize(headers: &mut http::HeaderMap) {
-    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+    let too_large = headers.get(&GRPC_STATUS).is_some_and(|s| s == "11")
         && headers
-            .get("grpc-message")
+            .get(&GRPC_MESSAGE)
             .and_then(|m| m.to_str().ok())
             // Percent-encoded on the wire.
             .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
     if too_large {
         headers.insert(
-            "grpc-status",
+            &GRPC_STATUS,
             http::HeaderValue::from(tonic::Code::ResourceExhausted as i32),
         );
     }
@@ -333,9 +302,9 @@ pub fn gateway_service(
     api: Arc<GatewayApi>,
     api_key: Option<&str>,
     max_message_bytes: usize,
-) -> tonic::service::interceptor::InterceptedService<GatewayServer<GatewayApi>, ApiKeyCheck> {
+) -> ApiKeyCheck<GatewayServer<GatewayApi>> {
     let server = GatewayServer::from_arc(api)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
-    tonic::service::interceptor::InterceptedService::new(server, ApiKeyCheck::new(api_key))
+    ApiKeyCheck::new(server, api_key)
 }

@@ -1,5 +1,6 @@
 //! The node's edges: the WebSocket/HTTP listener and the gRPC API.
 
+pub mod api_key;
 pub mod frames;
 pub mod grpc;
 pub mod http;
