@@ -9,6 +9,17 @@ use serde_json::{Map, Value};
 /// The user id of anonymous connections.
 pub const ANONYMOUS_USER_ID: i64 = 0;
 
+/// Whether a secret a client sent (an API key, a console token) is the expected one, in a
+/// time that does not depend on where they differ.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 /// Seconds of clock skew tolerated on `exp`.
 const EXPIRY_LEEWAY_SECS: u64 = 10;
 

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use crate::identity::same_secret;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 
 /// The session cookie's name.
@@ -102,7 +103,7 @@ impl Gate {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .filter_map(|v| v.strip_prefix("Bearer "))
-            .any(|given| same(given.trim().as_bytes(), token.as_bytes()));
+            .any(|given| same_secret(given.trim().as_bytes(), token.as_bytes()));
         bearer || cookie(headers).is_some_and(|session| self.valid_session(session))
     }
 
@@ -111,7 +112,7 @@ impl Gate {
         let (ConsoleAccess::Token(token), Some((key, _))) = (&self.access, &self.keys) else {
             return None;
         };
-        if !same(given.trim().as_bytes(), token.as_bytes()) {
+        if !same_secret(given.trim().as_bytes(), token.as_bytes()) {
             return None;
         }
         let claims = serde_json::json!({
@@ -151,16 +152,6 @@ fn cookie(headers: &http::HeaderMap) -> Option<&str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value)
-}
-
-/// Compares in time that does not depend on where the inputs differ.
-fn same(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::identity::same_secret;
 use futures_util::future::{Either, Ready, ready};
 use tonic::Status;
 use tonic::body::Body;
@@ -29,16 +30,6 @@ impl<S> ApiKeyCheck<S> {
             expected: api_key.map(|key| format!("Bearer {key}").into_bytes().into()),
         }
     }
-}
-
-/// Whether `given` is `expected`, in a time that does not depend on where they differ.
-fn same(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
 }
 
 /// The answer to a call without the right key, as tonic gives a status.
@@ -67,7 +58,7 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map_or(&[][..], |v| v.as_bytes());
-            if !same(given, expected) {
+            if !same_secret(given, expected) {
                 return Either::Right(ready(Ok(unauthenticated())));
             }
         }
@@ -85,10 +76,10 @@ mod tests {
 
     #[test]
     fn keys_compare_whole() {
-        assert!(same(b"Bearer k", b"Bearer k"));
-        assert!(!same(b"Bearer k", b"Bearer j"));
-        assert!(!same(b"Bearer k", b"Bearer kk"));
-        assert!(!same(b"", b"Bearer k"));
+        assert!(same_secret(b"Bearer k", b"Bearer k"));
+        assert!(!same_secret(b"Bearer k", b"Bearer j"));
+        assert!(!same_secret(b"Bearer k", b"Bearer kk"));
+        assert!(!same_secret(b"", b"Bearer k"));
     }
 
     #[test]
