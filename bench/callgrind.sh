@@ -24,6 +24,7 @@
 #                             # VARIANTS="channelgate-off channelgate-on raw"
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
 sockets=${SOCKETS:-1000}
 groups=${NGROUPS:-10}
@@ -36,13 +37,8 @@ mkdir -p "$out"
 ulimit -n 20000
 cargo build --release -q -p channelgate -p channelgate-bench
 # What was counted, for the table.
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git status --porcelain -- src bench Cargo.toml Cargo.lock 2>/dev/null) ]]; then
-  commit+=" with uncommitted changes"
-fi
+commit=$(commit_label)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 600); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
 pid=
 stop() { # Stops the server with SIGTERM (callgrind then writes its counts), at most a minute;
@@ -75,13 +71,13 @@ instructions() {
         --history "${variant#channelgate-}" --ping-interval-ms 3600000 --handshake-timeout-ms 120000 \
         --ws-addr "127.0.0.1:$ws" --grpc-addr "127.0.0.1:$grpc" >"$out/server.log" 2>&1 &
       pid=$!
-      wait_port "$ws"; wait_port "$grpc" ;;
+      wait_port "$ws" 60; wait_port "$grpc" 60 ;;
     raw)
       system=raw
       TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --collect-systime=yes --callgrind-out-file="$file" \
         ./target/release/rawcast "127.0.0.1:$ws" >"$out/server.log" 2>&1 &
       pid=$!
-      wait_port "$ws" ;;
+      wait_port "$ws" 60 ;;
     *) echo "unknown variant $variant (channelgate-off, channelgate-on, raw)" >&2; return 1 ;;
   esac
   timeout 900 ./target/release/loadgen --system "$system" --ws-addr "127.0.0.1:$ws" \

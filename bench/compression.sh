@@ -33,6 +33,7 @@
 # bench/compression_report.py into target/bench/compression.md (REPORT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 parts=${PARTS:-"wire s1 memory"}
 wire_rounds=${WIRE_ROUNDS:-2}
 s1_rounds=${S1_ROUNDS:-3}
@@ -68,8 +69,6 @@ cleanup() {
   pids=()
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 400); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 # Starts SYSTEM (channelgate-off|-shared|-auto|-auto15|-auto-nohistory, uvicorn, daphne)
 # on core 0, one worker; sets ws_port, grpc_port, server_pid and gen_system.
@@ -91,19 +90,19 @@ start() {
         --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
         >target/bench/channelgate-compression.log 2>&1 &
       server_pid=$!; pids+=("$server_pid"); gen_system=channelgate
-      wait_port "$ws_port"; wait_port "$grpc_port" ;;
+      wait_port "$ws_port" 20; wait_port "$grpc_port" 20 ;;
     uvicorn|uvicorn-ids|daphne)
       local redis_port; redis_port=$(free_port)
       taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
       pids+=($!)
-      wait_port "$redis_port"
+      wait_port "$redis_port" 20
       export REDIS_URL="redis://127.0.0.1:$redis_port/0" JWT_SECRET="$secret"
       local server=${system%-ids}
       publisher_flags=()
       [[ $system == *-ids ]] && publisher_flags=(--event-ids)
       taskset -c 0 bash bench/peers/django/run.sh "$ws_port" "$server" >"target/bench/$system.log" 2>&1 &
       server_pid=$!; pids+=("$server_pid"); gen_system=django
-      wait_port "$ws_port" ;;
+      wait_port "$ws_port" 20 ;;
     *) echo "unknown system $system" >&2; exit 2 ;;
   esac
 }

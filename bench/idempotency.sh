@@ -35,6 +35,7 @@
 # JSON lines of every run in target/bench/idempotency/runs.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 parts=${PARTS:-"callgrind commandstats memory"}
 read -r low high <<<"${EVENTS:-2000 4000}"
 groups=${NGROUPS:-0}
@@ -53,13 +54,8 @@ if [[ " $parts " == *" callgrind "* ]]; then
   command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
 fi
 if [[ ${BUILD:-1} != 0 ]]; then cargo build --release -q -p channelgate -p channelgate-bench; fi
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git status --porcelain -- src bench Cargo.toml Cargo.lock 2>/dev/null) ]]; then
-  commit+=" with uncommitted changes"
-fi
+commit=$(commit_label)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 600); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 cpu_ticks() { local stat fields; stat=$(cat "/proc/$1/stat"); read -ra fields <<<"${stat##*) }"; echo $((fields[11] + fields[12])); }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 info_field() { redis-cli -p "$1" info "$2" | tr -d '\r' | awk -F: -v k="$3" '$1 == k { print $2 }'; }
@@ -98,7 +94,7 @@ start_redis() { # [callgrind-file]
     redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >"$out/redis.log" 2>&1 &
   fi
   redis_pid=$!
-  wait_port "$redis_port"
+  wait_port "$redis_port" 60
 }
 
 # One channelgate node of one worker on a free port, under callgrind when a file is
@@ -115,7 +111,7 @@ start_node() { # callgrind-file-or-empty flags...
     "${cmd[@]}" >"$out/node.log" 2>&1 &
   fi
   node_pid=$!
-  wait_port "$ws"; wait_port "$grpc"
+  wait_port "$ws" 60; wait_port "$grpc" 60
 }
 
 loadgen() { # label publish-count flags...

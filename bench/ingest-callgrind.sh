@@ -22,6 +22,7 @@
 # (`--inclusive=yes`); the figure goes to standard output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
 read -r low high <<<"${EVENTS:-1000 3000}"
 groups=${NGROUPS:-0}
@@ -38,13 +39,8 @@ out=target/bench/ingest-callgrind
 mkdir -p "$out"
 ulimit -n 20000
 if [[ ${BUILD:-1} != 0 ]]; then cargo build --release -q -p channelgate -p channelgate-bench; fi
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [[ -n $(git status --porcelain -- src bench Cargo.toml Cargo.lock 2>/dev/null) ]]; then
-  commit+=" with uncommitted changes"
-fi
+commit=$(commit_label)
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 600); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
 pid=
 stop() { # SIGTERM, so that callgrind writes its counts; at most a minute.
@@ -73,7 +69,7 @@ count() {
     --handshake-timeout-ms 120000 --ws-addr "127.0.0.1:$ws" --grpc-addr "127.0.0.1:$grpc" \
     "${flags[@]}" >"$out/node.log" 2>&1 &
   pid=$!
-  wait_port "$ws"; wait_port "$grpc"
+  wait_port "$ws" 60; wait_port "$grpc" 60
   timeout 900 ./target/release/loadgen --system channelgate --ws-addr "127.0.0.1:$ws" \
     --grpc-addr "127.0.0.1:$grpc" --jwt-secret "$secret" \
     publish-count --groups "$groups" --events "$events" "${key_args[@]}" >"$out/loadgen.log" 2>&1 \

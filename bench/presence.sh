@@ -15,6 +15,7 @@
 # the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 rounds=${ROUNDS:-3}
 sockets=${SOCKETS:-1000}
 senders=${SENDERS:-10}
@@ -34,8 +35,6 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=(); }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 # What every node gets: one worker on core 0, room for every member and a margin.
 node=(taskset -c 0 ./target/release/channelgate --dev --jwt-secret "$secret" --workers 1
@@ -47,7 +46,7 @@ start_one() {
   "${node[@]}" --presence "$1" --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
     >target/bench/presence-node.log 2>&1 &
   server_pids=($!); pids+=($!)
-  wait_port "$ws_port"; wait_port "$grpc_port"
+  wait_port "$ws_port" 10; wait_port "$grpc_port" 10
   ws_addrs=127.0.0.1:$ws_port
 }
 
@@ -59,14 +58,14 @@ start_two() {
   ws_ports=("$(free_port)" "$(free_port)"); grpc_ports=("$(free_port)" "$(free_port)")
   taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
   server_pids=($!); pids+=($!)
-  wait_port "$redis_port"
+  wait_port "$redis_port" 10
   for n in 0 1; do
     "${node[@]}" --presence on --redis-url "redis://127.0.0.1:$redis_port/" --node-id "node-$n" \
       --ws-addr "127.0.0.1:${ws_ports[n]}" --grpc-addr "127.0.0.1:${grpc_ports[n]}" \
       >"target/bench/presence-node-$n.log" 2>&1 &
     server_pids+=($!); pids+=($!)
   done
-  for n in 0 1; do wait_port "${ws_ports[n]}"; wait_port "${grpc_ports[n]}"; done
+  for n in 0 1; do wait_port "${ws_ports[n]}" 10; wait_port "${grpc_ports[n]}" 10; done
   ws_addrs=127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}
 }
 

@@ -14,6 +14,7 @@
 # target/bench/rawcast.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 rounds=${ROUNDS:-2}
 workers=${WORKERS:-1}
 rates=${RATES:-40000,65000,80000}
@@ -29,8 +30,6 @@ cores=0
 (( workers > 1 )) && cores=0-1
 
 cargo build --release -q -p channelgate -p channelgate-bench
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 400); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 server_pid=
 cleanup() { [[ -z $server_pid ]] || { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; server_pid=; }; }
 trap cleanup EXIT
@@ -44,7 +43,7 @@ run() { # label round
     taskset -c "$cores" ./target/release/channelgate --dev --jwt-secret "$secret" --workers "$workers" \
       --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" >target/bench/channelgate.log 2>&1 &
     server_pid=$!
-    wait_port "$grpc_port"
+    wait_port "$grpc_port" 20
   else
     system=raw
     local design buffer batch
@@ -54,7 +53,7 @@ run() { # label round
       >target/bench/raw.log 2>&1 &
     server_pid=$!
   fi
-  wait_port "$ws_port"
+  wait_port "$ws_port" 20
   echo "== $label, round $round" >&2
   timeout 300 taskset -c 1 ./target/release/loadgen --system "$system" --jwt-secret "$secret" \
     --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" --server-pid "$server_pid" \

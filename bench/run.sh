@@ -68,6 +68,7 @@
 # cost, in BENCHMARKS.md "Publish cost in instructions (callgrind)").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/common.sh
 if [[ ${ONLY:-} == presence ]]; then exec bash bench/presence.sh; fi
 if [[ ${ONLY:-} == compression ]]; then exec bash bench/compression.sh; fi
 root=$(pwd)
@@ -140,8 +141,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 server_pid=
 # Starts one system with WORKERS tokio workers on CORES (taskset's list) on fresh ports
@@ -172,14 +171,14 @@ start_system() {
       redis_port=$(free_port)
       taskset -c "$cores" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
       pids+=($!)
-      wait_port "$redis_port"
+      wait_port "$redis_port" 10
       export REDIS_URL="redis://127.0.0.1:$redis_port/0" JWT_SECRET="$secret"
       taskset -c "$cores" bash bench/peers/django/run.sh "$ws_port" >target/bench/django.log 2>&1 &
       server_pid=$!; pids+=("$server_pid") ;;
     *) echo "unknown system $system (SYSTEMS: channelgate, raw, django)" >&2; exit 2 ;;
   esac
-  wait_port "$ws_port"
-  if [[ $system == channelgate ]]; then wait_port "$grpc_port"; fi
+  wait_port "$ws_port" 10
+  if [[ $system == channelgate ]]; then wait_port "$grpc_port" 10; fi
 }
 
 # A redis-server and two channelgate nodes on it, one worker each: node A and redis-server
@@ -193,7 +192,7 @@ start_cluster() {
   local redis_port; redis_port=$(free_port)
   taskset -c "$cores_a" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
   redis_pid=$!; pids+=("$redis_pid")
-  wait_port "$redis_port"
+  wait_port "$redis_port" 10
   node_pids=()
   for n in 0 1; do
     taskset -c "${cores[n]}" ./target/release/channelgate --dev --jwt-secret "$secret" --node-id "node-$n" \
@@ -202,7 +201,7 @@ start_cluster() {
       >"target/bench/node-$n.log" 2>&1 &
     node_pids+=($!); pids+=($!)
   done
-  for n in 0 1; do wait_port "${ws_ports[n]}"; wait_port "${grpc_ports[n]}"; done
+  for n in 0 1; do wait_port "${ws_ports[n]}" 10; wait_port "${grpc_ports[n]}" 10; done
 }
 
 # The load generator on core 1 against channelgate, addresses and pids given as flags;
@@ -379,7 +378,7 @@ if redis_cluster_runs; then
       taskset -c 0 redis-server --port "${redis_ports[0]}" --bind 127.0.0.1 --save "" --appendonly no \
         >"$run_dir/redis.log" 2>&1 &
       redis_pids=($!); pids+=($!)
-      wait_port "${redis_ports[0]}"
+      wait_port "${redis_ports[0]}" 10
       bus_flags=(--redis-url "redis://127.0.0.1:${redis_ports[0]}/")
     else
       base=$(free_cluster_base)
@@ -398,7 +397,7 @@ if redis_cluster_runs; then
         >"$run_dir/node-$n.log" 2>&1 &
       node_pids+=($!); pids+=($!)
     done
-    for n in 0 1; do wait_port "${ws_ports[n]}"; wait_port "${grpc_ports[n]}"; done
+    for n in 0 1; do wait_port "${ws_ports[n]}" 10; wait_port "${grpc_ports[n]}" 10; done
   }
 
   s5_bus() { # bus round
@@ -503,7 +502,7 @@ if ingest_runs; then
                 >"$run_dir/node-$n.log" 2>&1 &
               node_pids+=($!); pids+=($!)
             done
-            for n in 0 1; do wait_port "${ws_ports[n]}"; wait_port "${grpc_ports[n]}"; done
+            for n in 0 1; do wait_port "${ws_ports[n]}" 10; wait_port "${grpc_ports[n]}" 10; done
             pid_flags=()
             for pid in "${node_pids[@]}" "${cluster_pids[@]}"; do pid_flags+=(--server-pid "$pid"); done
             loadgen_cg --ws-addr "127.0.0.1:${ws_ports[0]},127.0.0.1:${ws_ports[1]}" \

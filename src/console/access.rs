@@ -9,8 +9,9 @@
 
 use std::sync::Arc;
 
-use crate::identity::same_secret;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+
+use crate::identity::same_secret;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "channelgate_console";

@@ -1,0 +1,23 @@
+# What the bench's scripts share; each sources it from the repository's root.
+
+# A TCP port nobody listens on now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Waits until something listens on PORT, at most SECS seconds [30] (a server under
+# valgrind takes a while).
+wait_port() { # port [secs]
+  local tries=$(( ${2:-30} * 20 ))
+  for _ in $(seq "$tries"); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "port $1 never opened" >&2
+  return 1
+}
+
+# The commit being measured, for a table's heading.
+commit_label() {
+  local commit
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [[ -n $(git status --porcelain -- src bench Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+    commit+=" with uncommitted changes"
+  fi
+  echo "$commit"
+}
