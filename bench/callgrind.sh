@@ -39,18 +39,9 @@ cargo build --release -q -p channelgate -p channelgate-bench
 # What was counted, for the table.
 commit=$(commit_label)
 
-
 pid=
-stop() { # Stops the server with SIGTERM (callgrind then writes its counts), at most a minute;
-  # not SIGINT, which a background job of a script ignores unless it handles it itself.
-  [[ -n $pid ]] || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "the server did not stop within a minute; killed" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
+stop() { # the server, so that callgrind writes its counts
+  stop_pid "$pid"
   pid=
 }
 trap stop EXIT

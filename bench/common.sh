@@ -21,3 +21,18 @@ commit_label() {
   fi
   echo "$commit"
 }
+
+# Stops PID with SIGTERM (a server under callgrind then writes its counts; not SIGINT,
+# which a background job of a script ignores unless it handles it itself), waiting at most
+# a minute before SIGKILL.
+stop_pid() { # pid
+  local pid=$1
+  [[ -n $pid ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "process $pid did not stop within a minute; killed" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}

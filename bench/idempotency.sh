@@ -62,17 +62,6 @@ info_field() { redis-cli -p "$1" info "$2" | tr -d '\r' | awk -F: -v k="$3" '$1 
 
 node_pid= redis_pid= redis_port=
 # Stops a process with SIGTERM (callgrind then writes its counts), at most a minute.
-stop_pid() {
-  local pid=$1
-  [[ -n $pid ]] || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "process $pid did not stop within a minute; killed" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
 stop_all() {
   stop_pid "$node_pid"; node_pid=
   if [[ -n $redis_pid ]]; then

@@ -41,17 +41,9 @@ ulimit -n 20000
 if [[ ${BUILD:-1} != 0 ]]; then cargo build --release -q -p channelgate -p channelgate-bench; fi
 commit=$(commit_label)
 
-
 pid=
-stop() { # SIGTERM, so that callgrind writes its counts; at most a minute.
-  [[ -n $pid ]] || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "the node did not stop within a minute; killed" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
+stop() { # the server, so that callgrind writes its counts
+  stop_pid "$pid"
   pid=
 }
 trap stop EXIT

@@ -35,7 +35,6 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; pids=(); }
 trap cleanup EXIT
 
-
 # What every node gets: one worker on core 0, room for every member and a margin.
 node=(taskset -c 0 ./target/release/channelgate --dev --jwt-secret "$secret" --workers 1
   --presence-max-members $((sockets + 100)))

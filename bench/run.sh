@@ -141,7 +141,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-
 server_pid=
 # Starts one system with WORKERS tokio workers on CORES (taskset's list) on fresh ports
 # (reusing ports would meet the last run's TIME_WAIT sockets); sets ws_port, grpc_port and
