@@ -9,6 +9,9 @@
 #   bash bench/rawcast.sh   # ROUNDS=2 WORKERS=1 RATES=40000,65000,80000 RATE_SECS=4
 #                           # DESIGNS="select-16k-1024 tasks-128k-256 select-128k-256 tasks-16k-1024"
 #                           # CHANNELGATE=1 (0 leaves it out)
+#                           # GATEWAYS="channelgate+ping-interval-ms=3600000 ..." (more
+#                           # channelgate runs beside its defaults, each `+name=value`
+#                           # given as `--name value`)
 #
 # Results: bench/results/rawcast.jsonl (RESULTS); a table on standard output and in
 # target/bench/rawcast.md.
@@ -38,10 +41,14 @@ trap cleanup EXIT
 run() { # label round
   local label=$1 round=$2 ws_port grpc_port system
   ws_port=$(free_port); grpc_port=$(free_port)
-  if [[ $label == channelgate ]]; then
+  if [[ $label == channelgate* ]]; then
     system=channelgate
+    local extra=() part parts
+    IFS=+ read -ra parts <<<"${label#channelgate}"
+    for part in "${parts[@]}"; do [[ -n $part ]] && extra+=("--${part%%=*}" "${part#*=}"); done
     taskset -c "$cores" ./target/release/channelgate --dev --jwt-secret "$secret" --workers "$workers" \
-      --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" >target/bench/channelgate.log 2>&1 &
+      "${extra[@]}" --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
+      >target/bench/channelgate.log 2>&1 &
     server_pid=$!
     wait_port "$grpc_port" 20
   else
@@ -65,6 +72,7 @@ run() { # label round
 
 labels=($designs)
 (( with_channelgate )) && labels+=(channelgate)
+labels+=(${GATEWAYS:-})
 n=${#labels[@]}
 for round in $(seq "$rounds"); do
   for (( i = 0; i < n; i++ )); do run "${labels[(i + round - 1) % n]}" "$round"; done
