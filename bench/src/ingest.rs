@@ -49,6 +49,26 @@ pub struct Plan {
 
 /// A key for event `n` of a run seeded with `seed`: 32 hex characters that look random,
 /// like a client's `uuid.uuid4().hex`, and differ for every event of the run.
+/// Publish requests numbered `numbers`, to the groups round robin, each payload stamped
+/// with its send time; with `key_seed`, each with its idempotency key.
+fn numbered_requests(
+    numbers: std::ops::Range<u64>,
+    groups: u64,
+    size: usize,
+    key_seed: Option<u64>,
+) -> Vec<PublishRequest> {
+    numbers
+        .map(|n| {
+            let group = (n % groups) as usize;
+            let mut request = load::publish_request(group, load::payload(n, group, size));
+            if let Some(seed) = key_seed {
+                request.idempotency_key = idempotency_key(seed, n);
+            }
+            request
+        })
+        .collect()
+}
+
 pub(crate) fn idempotency_key(seed: u64, n: u64) -> String {
     fn mix(mut z: u64) -> u64 {
         // splitmix64's finaliser: a bijection, so distinct inputs give distinct halves.
@@ -207,17 +227,12 @@ async fn phase(
         callers.push(tokio::spawn(async move {
             while Instant::now() < deadline {
                 let first = next.fetch_add(batch as u64, Ordering::Relaxed);
-                let mut events: Vec<PublishRequest> = (first..first + batch as u64)
-                    .map(|n| {
-                        let group = (n % groups) as usize;
-                        let mut request =
-                            load::publish_request(group, load::payload(n, group, size));
-                        if keys {
-                            request.idempotency_key = idempotency_key(seed, n);
-                        }
-                        request
-                    })
-                    .collect();
+                let mut events = numbered_requests(
+                    first..first + batch as u64,
+                    groups,
+                    size,
+                    keys.then_some(seed),
+                );
                 calls.calls.fetch_add(1, Ordering::Relaxed);
                 let answer = if batch == 1 {
                     let request = events.pop().unwrap_or_default();
@@ -452,17 +467,7 @@ pub async fn count(setup: Setup, plan: CountPlan) -> Result<(), String> {
                     break;
                 }
                 let last = (first + batch).min(events);
-                let requests: Vec<PublishRequest> = (first..last)
-                    .map(|n| {
-                        let group = (n % groups) as usize;
-                        let mut request =
-                            load::publish_request(group, load::payload(n, group, size));
-                        if keys {
-                            request.idempotency_key = idempotency_key(seed, n);
-                        }
-                        request
-                    })
-                    .collect();
+                let requests = numbered_requests(first..last, groups, size, keys.then_some(seed));
                 // UNAVAILABLE means not published (retry freely): a node under callgrind
                 // can be that slow to find its Redis ready. Retried, the same keys, counted.
                 let answer = loop {

@@ -688,6 +688,55 @@ fn sustains(result: &Step, max_p99_ms: f64) -> bool {
 const MAX_STEPS_DOWN: u32 = 3;
 
 /// What a fan-out run (S1, S3, S5) measures.
+/// The flags of a fan-out run, shared by the load generators.
+#[derive(clap::Args)]
+pub struct FanoutArgs {
+    #[arg(long)]
+    pub scenario: String,
+    /// Fixed rates in deliveries per second, comma-separated, measured in this order.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
+    #[arg(long, default_value_t = 4.0)]
+    pub rate_secs: f64,
+    /// The server's worker threads (only labels the result).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    #[arg(long, default_value_t = 10_000)]
+    pub conns: usize,
+    #[arg(long, default_value_t = 100)]
+    pub groups: usize,
+    /// Deliveries per second of the search's first step (with `--rates`: the least it
+    /// goes on from when every fixed rate held).
+    #[arg(long, default_value_t = 20_000.0)]
+    pub start_rate: f64,
+    #[arg(long, default_value_t = 100.0)]
+    pub max_p99_ms: f64,
+    #[arg(long, default_value_t = 3.0)]
+    pub step_secs: f64,
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+}
+
+impl FanoutArgs {
+    /// The run these flags describe, with its connect-storm label and round.
+    pub fn plan(&self, storm_scenario: Option<String>, round: Option<u32>) -> FanoutPlan {
+        FanoutPlan {
+            scenario: self.scenario.clone(),
+            storm_scenario,
+            conns: self.conns,
+            groups: self.groups,
+            size: self.size,
+            rates: self.rates.clone(),
+            rate_secs: self.rate_secs,
+            start_rate: self.start_rate,
+            step_secs: self.step_secs,
+            max_p99_ms: self.max_p99_ms,
+            workers: self.workers,
+            round,
+        }
+    }
+}
+
 pub struct FanoutPlan {
     pub scenario: String,
     /// Also report the opening of the sockets as this connect storm (S4).

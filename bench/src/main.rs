@@ -53,33 +53,11 @@ enum Scenario {
     /// from `--start-rate`, with p50/p99 at half the best. `--ws-addr` may list several
     /// nodes, comma-separated.
     FanoutSearch {
-        #[arg(long)]
-        scenario: String,
-        /// Fixed rates in deliveries per second, comma-separated, measured in this order.
-        #[arg(long, value_delimiter = ',')]
-        rates: Vec<f64>,
-        #[arg(long, default_value_t = 4.0)]
-        rate_secs: f64,
-        /// The server's worker threads (only labels the result).
-        #[arg(long)]
-        workers: Option<u32>,
+        #[command(flatten)]
+        fanout: load::FanoutArgs,
         /// Labels the result.
         #[arg(long)]
         round: Option<u32>,
-        #[arg(long, default_value_t = 10_000)]
-        conns: usize,
-        #[arg(long, default_value_t = 100)]
-        groups: usize,
-        /// Deliveries per second of the search's first step (with `--rates`: the least it
-        /// goes on from when every fixed rate held).
-        #[arg(long, default_value_t = 20_000.0)]
-        start_rate: f64,
-        #[arg(long, default_value_t = 100.0)]
-        max_p99_ms: f64,
-        #[arg(long, default_value_t = 3.0)]
-        step_secs: f64,
-        #[arg(long, default_value_t = 200)]
-        size: usize,
         /// Also report the opening of the sockets as this connect-storm scenario (S4).
         #[arg(long)]
         storm_scenario: Option<String>,
@@ -380,33 +358,11 @@ async fn main() -> Result<(), String> {
             grpc_addr,
         } => return serve_authorizer(http_addr, grpc_addr).await,
         Scenario::FanoutSearch {
-            scenario,
-            rates,
-            rate_secs,
-            workers,
+            fanout,
             round,
-            conns,
-            groups,
-            start_rate,
-            max_p99_ms,
-            step_secs,
-            size,
             storm_scenario,
         } => {
-            let plan = load::FanoutPlan {
-                scenario: scenario.clone(),
-                storm_scenario: storm_scenario.clone(),
-                conns: *conns,
-                groups: *groups,
-                size: *size,
-                rates: rates.clone(),
-                rate_secs: *rate_secs,
-                start_rate: *start_rate,
-                step_secs: *step_secs,
-                max_p99_ms: *max_p99_ms,
-                workers: *workers,
-                round: *round,
-            };
+            let plan = fanout.plan(storm_scenario.clone(), *round);
             return load::fanout(setup()?, plan).await;
         }
         Scenario::Fanout {

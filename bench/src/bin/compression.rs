@@ -72,26 +72,8 @@ enum Scenario {
     },
     /// S1 with subscribers offering permessage-deflate: as `loadgen fanout-search`.
     Fanout {
-        #[arg(long)]
-        scenario: String,
-        #[arg(long, value_delimiter = ',')]
-        rates: Vec<f64>,
-        #[arg(long, default_value_t = 4.0)]
-        rate_secs: f64,
-        #[arg(long)]
-        workers: Option<u32>,
-        #[arg(long, default_value_t = 10_000)]
-        conns: usize,
-        #[arg(long, default_value_t = 100)]
-        groups: usize,
-        #[arg(long, default_value_t = 20_000.0)]
-        start_rate: f64,
-        #[arg(long, default_value_t = 100.0)]
-        max_p99_ms: f64,
-        #[arg(long, default_value_t = 2.0)]
-        step_secs: f64,
-        #[arg(long, default_value_t = 200)]
-        size: usize,
+        #[command(flatten)]
+        fanout: load::FanoutArgs,
     },
     /// `conns` sockets, each in a group of its own: RSS per connection idle, after `events`
     /// row updates each (about 1.4 KB, each socket's own, so compressed per socket), and
@@ -128,33 +110,8 @@ async fn main() -> Result<(), String> {
             };
             wire(&args, setup, stream, stream_name, socket, *rate).await
         }
-        Scenario::Fanout {
-            scenario,
-            rates,
-            rate_secs,
-            workers,
-            conns,
-            groups,
-            start_rate,
-            max_p99_ms,
-            step_secs,
-            size,
-        } => {
-            let plan = load::FanoutPlan {
-                scenario: scenario.clone(),
-                storm_scenario: None,
-                conns: *conns,
-                groups: *groups,
-                size: *size,
-                rates: rates.clone(),
-                rate_secs: *rate_secs,
-                start_rate: *start_rate,
-                step_secs: *step_secs,
-                max_p99_ms: *max_p99_ms,
-                workers: *workers,
-                round: Some(args.round),
-            };
-            load::fanout(setup, plan).await
+        Scenario::Fanout { fanout } => {
+            load::fanout(setup, fanout.plan(None, Some(args.round))).await
         }
         Scenario::Memory {
             conns,
