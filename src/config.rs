@@ -352,7 +352,7 @@ pub struct Options {
     pub compression_min_bytes: Option<usize>,
 
     /// zlib's compression level, 1 (fastest) to 9. With context, 9 sends 3 to 7 % fewer
-    /// bytes than 6, for 1.2x to 1.4x the CPU of each compression [default: 9]
+    /// bytes than 6 in the bench, for more CPU per compression [default: 9]
     #[arg(long, env = "CHANNELGATE_COMPRESSION_LEVEL", value_name = "1-9")]
     pub compression_level: Option<u32>,
 

@@ -11,9 +11,10 @@
 //!   compression per delivery. The stream is made when the socket first needs it and
 //!   dropped when it idles, so an idle socket holds no compressor.
 //!
-//! A shared frame in between resets the socket's stream: the client's window then holds
-//! bytes the stream never saw. The node asks `client_no_context_takeover` of the client, so
-//! that an inflater lives only while a compressed client message is read.
+//! Whatever compressed a message, its text enters the client's window, and the socket's
+//! context ([`SocketContext`]) follows that window: a shared frame in between is taken into
+//! the stream rather than starting it over. The node asks `client_no_context_takeover` of
+//! the client, so that an inflater lives only while a compressed client message is read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
