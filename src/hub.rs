@@ -1,9 +1,11 @@
 //! The hub: a node's connections, their pages, the channel groups and the users index,
 //! and fan-out of events to them.
 //!
-//! No network I/O happens here: delivering an event means pushing one shared frame into
-//! each recipient's [`Outbox`]. Groups and users are sharded by hash so that unrelated
-//! joins and fan-outs do not contend on one lock.
+//! Delivering an event means pushing one shared frame into each recipient's [`Outbox`].
+//! The hub knows no sockets: the frames of sockets whose writers were idle are written
+//! through each outbox's [`crate::sink::Sink`] when the fan-out's [`Unflushed`] is flushed,
+//! after the caller let go of its locks. Groups and users are sharded by hash so that
+//! unrelated joins and fan-outs do not contend on one lock.
 //!
 //! Lock order (outer to inner): the presence state (it asks whether a connection still
 //! holds a space), a connection's pages, a group shard, a group's members, an outbox.
@@ -107,8 +109,18 @@ pub struct Connection {
 
 impl Connection {
     /// Queues an event's frame for this connection, counting overflows.
-    fn send(&self, frame: &Frame, id: u64, counters: &HubCounters) -> bool {
-        match self.outbox.push_event(frame.clone(), id) {
+    fn send(
+        self: &Arc<Self>,
+        frame: &Frame,
+        id: u64,
+        counters: &HubCounters,
+        unflushed: &mut Unflushed,
+    ) -> bool {
+        let (pushed, flush) = self.outbox.push_unflushed(frame.clone(), id);
+        if flush {
+            unflushed.0.push(self.clone());
+        }
+        match pushed {
             Pushed::Queued => true,
             Pushed::Overflowed => {
                 counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
@@ -116,6 +128,26 @@ impl Connection {
             }
             Pushed::Closed => false,
         }
+    }
+}
+
+/// Connections whose frames a fan-out queued without waking their idle writers. They are
+/// written from where the fan-out ran, once the caller has let go of the locks that order
+/// events ([`Unflushed::flush`]); a drop flushes too, so no frame is left waiting.
+#[derive(Default)]
+pub struct Unflushed(Vec<Arc<Connection>>);
+
+impl Unflushed {
+    pub fn flush(&mut self) {
+        for conn in self.0.drain(..) {
+            conn.outbox.flush();
+        }
+    }
+}
+
+impl Drop for Unflushed {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -446,6 +478,15 @@ impl Hub {
 
     /// Delivers an event to this node's recipients; returns how many frames were queued.
     pub fn deliver(&self, event: &Event) -> usize {
+        let mut unflushed = Unflushed::default();
+        let queued = self.queue(event, &mut unflushed);
+        unflushed.flush();
+        queued
+    }
+
+    /// Queues an event for this node's recipients, leaving the frames of idle writers to
+    /// `unflushed`; returns how many frames were queued.
+    pub fn queue(&self, event: &Event, unflushed: &mut Unflushed) -> usize {
         if event.lost {
             return self.close_where_events_were_lost(&event.target);
         }
@@ -470,7 +511,7 @@ impl Hub {
                 };
                 let members = lock(&members);
                 let frame = &self.event_frame(payload, id, members.list.len());
-                self.send_all(&members.list, frame, id, |c| {
+                self.send_all(&members.list, frame, id, unflushed, |c| {
                     skip_socket(c) || exclude_user_ids.contains(&c.user_id)
                 })
             }
@@ -486,7 +527,9 @@ impl Hub {
                         shard
                             .iter()
                             .filter(|(user_id, _)| !exclude_user_ids.contains(user_id))
-                            .map(|(_, conns)| self.send_all(conns, frame, id, skip_socket))
+                            .map(|(_, conns)| {
+                                self.send_all(conns, frame, id, unflushed, skip_socket)
+                            })
                             .sum::<usize>()
                     })
                     .sum()
@@ -496,7 +539,9 @@ impl Hub {
                 let frame = &self.event_frame(payload, id, user_ids.len());
                 user_ids
                     .iter()
-                    .map(|user_id| self.send_to_user(*user_id, id, || frame.clone(), skip_socket))
+                    .map(|user_id| {
+                        self.send_to_user(*user_id, id, || frame.clone(), unflushed, skip_socket)
+                    })
                     .sum()
             }
             Target::Individual { payloads } => payloads
@@ -506,6 +551,7 @@ impl Hub {
                         *user_id,
                         id,
                         || self.event_frame(payload, id, 1),
+                        unflushed,
                         skip_socket,
                     )
                 })
@@ -524,10 +570,11 @@ impl Hub {
         user_id: i64,
         id: u64,
         frame: impl FnOnce() -> Frame,
+        unflushed: &mut Unflushed,
         skip: impl Fn(&Connection) -> bool,
     ) -> usize {
         match self.users.shard(&user_id).get(&user_id) {
-            Some(conns) => self.send_all(conns, &frame(), id, skip),
+            Some(conns) => self.send_all(conns, &frame(), id, unflushed, skip),
             None => 0,
         }
     }
@@ -537,12 +584,13 @@ impl Hub {
         conns: &[Arc<Connection>],
         frame: &Frame,
         id: u64,
+        unflushed: &mut Unflushed,
         skip: impl Fn(&Connection) -> bool,
     ) -> usize {
         conns
             .iter()
             .filter(|c| !skip(c))
-            .filter(|c| c.send(frame, id, &self.counters))
+            .filter(|c| c.send(frame, id, &self.counters, unflushed))
             .count()
     }
 

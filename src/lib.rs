@@ -26,6 +26,7 @@ pub mod proto;
 pub mod protocol;
 pub mod rate_limit;
 pub mod session;
+pub mod sink;
 pub mod transport;
 
 use std::net::SocketAddr;

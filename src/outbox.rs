@@ -4,8 +4,13 @@
 //! at once and hands it to the kernel in as few vectored writes as it takes. A client that
 //! reads too slowly fills its queue and is closed with [`CloseReason::SlowConsumer`], so it
 //! never delays others nor grows memory without bound.
+//!
+//! Fan-out may also write for an idle writer ([`Outbox::flush`]): most events find every
+//! writer idle, and a write made where the event is costs no task wake-up and poll per
+//! socket, which was half of a delivery's user-space instructions.
 
 use std::future::poll_fn;
+use std::io;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
@@ -13,6 +18,7 @@ use bytes::Bytes;
 
 use crate::deflate::{self, Agreement, DeflateSettings, Mode, SocketContext};
 use crate::protocol::CloseReason;
+use crate::sink::{Sink, Written, write_some};
 
 /// One WebSocket frame as it goes on the wire, shared by every recipient (reference
 /// counted, never copied). A server's frames are not masked, so an event is framed once
@@ -303,6 +309,15 @@ impl From<String> for Frame {
     }
 }
 
+/// Whom a frame queued in an empty outbox wakes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    /// The writer, now.
+    Now,
+    /// The writer only when it is busy; an idle one is left to [`Outbox::flush`].
+    Busy,
+}
+
 /// What became of a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -349,9 +364,17 @@ struct State {
     bytes: usize,
     close: Option<CloseReason>,
     writer: Option<Waker>,
-    /// Whether the writer is waiting for frames; it keeps its waker here between waits,
-    /// so a delivery costs a wake, not a waker clone and drop as well.
+    /// Whether the writer is waiting; it keeps its waker here between waits, so a
+    /// delivery costs a wake, not a waker clone and drop as well.
     parked: bool,
+    /// Whether the writer waits for frames holding none: it has nothing on its way to the
+    /// socket, so a frame written by someone else cannot overtake one of its own.
+    writer_idle: bool,
+    /// The socket, for [`Outbox::flush`]; dropped when the connection ends.
+    sink: Option<Arc<dyn Sink>>,
+    /// Whether the first queued frame is the rest of one whose beginning a flush wrote: it
+    /// goes out whatever else is dropped, or the stream would be garbled.
+    first_begun: bool,
     live_ids: LiveIds,
     /// While a replay runs, the event frames that arrive meanwhile (with their ids), to be
     /// sent once the replay is queued.
@@ -411,6 +434,17 @@ impl Outbox {
     /// Queues a frame, or closes the connection as a slow consumer when it would not fit.
     pub fn push(&self, frame: Frame) -> Pushed {
         self.push_event(frame, 0)
+    }
+
+    /// The socket that [`Outbox::flush`] writes to.
+    pub fn attach(&self, sink: Arc<dyn Sink>) {
+        self.lock().sink = Some(sink);
+    }
+
+    /// The connection is over: the socket is let go, and only its task held it then.
+    pub fn detach(&self) {
+        let sink = self.lock().sink.take();
+        drop(sink);
     }
 
     /// Compresses event frames from now on, as the socket agreed at its handshake.
@@ -479,13 +513,58 @@ impl Outbox {
     /// runs, the frame waits until the replay is queued. The queue counts the bytes that
     /// go out: a compressed frame by its compressed size.
     pub fn push_event(&self, frame: Frame, id: u64) -> Pushed {
+        self.push_with(frame, id, Wake::Now).0
+    }
+
+    /// Queues an event's frame as [`Outbox::push_event`] does, without waking an idle
+    /// writer: `true` when the caller must [`Outbox::flush`] (the frames then wait for
+    /// it). Fan-out flushes once it has let go of its locks.
+    pub fn push_unflushed(&self, frame: Frame, id: u64) -> (Pushed, bool) {
+        self.push_with(frame, id, Wake::Busy)
+    }
+
+    /// Writes what is queued straight to the socket when the writer is idle, and in as
+    /// few system calls as it takes; what the socket does not take at once (it pushes
+    /// back, or failed) is left to the writer, woken for it. Only under the lock, so
+    /// nothing else writes meanwhile: an idle writer takes frames under it too.
+    pub fn flush(&self) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        if state.frames.is_empty() {
+            return;
+        }
+        if state.writer_idle
+            && let Some(sink) = &state.sink
+        {
+            let mut written = Written::default();
+            let result = write_some(&**sink, &state.frames, &mut written);
+            let done: usize = state.frames.drain(..written.frames).map(|f| f.len()).sum();
+            state.bytes -= done + written.bytes;
+            if let Some(first) = state.frames.first_mut()
+                && written.bytes > 0
+            {
+                *first = Frame::framed(first.wire().slice(written.bytes..));
+                state.first_begun = true;
+            }
+            match result {
+                Ok(()) if state.frames.is_empty() => return,
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                // The writer meets the error itself and ends the connection.
+                Err(error) => tracing::debug!(%error, "socket write failed in fan-out"),
+            }
+        }
+        state.wake_parked();
+    }
+
+    fn push_with(&self, frame: Frame, id: u64, wake: Wake) -> (Pushed, bool) {
         let frame = self.shared_form(frame);
         let mut state = self.lock();
         if state.close.is_some() {
-            return Pushed::Closed;
+            return (Pushed::Closed, false);
         }
         if id != 0 && id <= state.seen_through {
-            return Pushed::Queued;
+            return (Pushed::Queued, false);
         }
         // Held frames take their wire form when the replay is released, in wire order.
         let frame = if id != 0 && state.held.is_some() {
@@ -495,8 +574,12 @@ impl Outbox {
         };
         if state.bytes + state.held_bytes + frame.len() > self.limit_bytes {
             state.close = Some(CloseReason::SlowConsumer);
-            state.frames = Vec::new();
-            state.bytes = 0;
+            let begun = match std::mem::take(&mut state.first_begun) {
+                true => state.frames.drain(..).next(),
+                false => None,
+            };
+            state.bytes = begun.as_ref().map_or(0, Frame::len);
+            state.frames = begun.into_iter().collect();
             state.held = None;
             state.held_bytes = 0;
             let writer = state.writer.take();
@@ -504,14 +587,14 @@ impl Outbox {
             if let Some(writer) = writer {
                 writer.wake();
             }
-            return Pushed::Overflowed;
+            return (Pushed::Overflowed, false);
         }
         if id != 0 {
             let state = &mut *state;
             if let Some(held) = &mut state.held {
                 state.held_bytes += frame.len();
                 held.push((id, frame));
-                return Pushed::Queued;
+                return (Pushed::Queued, false);
             }
             if let LiveIds::Kept(ids) = &mut state.live_ids {
                 if ids.len() < LIVE_IDS_KEPT {
@@ -521,19 +604,28 @@ impl Outbox {
                 }
             }
         }
-        self.queue(state, frame)
+        self.queue(state, frame, wake)
     }
 
-    fn queue(&self, mut state: std::sync::MutexGuard<'_, State>, frame: Frame) -> Pushed {
+    fn queue(
+        &self,
+        mut state: std::sync::MutexGuard<'_, State>,
+        frame: Frame,
+        wake: Wake,
+    ) -> (Pushed, bool) {
         state.bytes += frame.len();
         state.frames.push(frame);
         // Only the first frame wakes: a writer with frames queued has not parked for
         // frames since (it may wait on the socket, and the queue's overflow). Waking under
         // the lock is a push onto the scheduler's queue, cheaper than taking the waker out.
-        if state.frames.len() == 1 {
-            state.wake_parked();
+        if state.frames.len() > 1 {
+            return (Pushed::Queued, false);
         }
-        Pushed::Queued
+        if wake == Wake::Busy && state.writer_idle && state.sink.is_some() {
+            return (Pushed::Queued, true);
+        }
+        state.wake_parked();
+        (Pushed::Queued, false)
     }
 
     /// A replay begins: event frames are held back from now on, until [`Outbox::release`].
@@ -625,6 +717,8 @@ impl Outbox {
                     batch.append(&mut state.frames);
                 }
                 state.bytes = 0;
+                state.writer_idle = false;
+                state.first_begun = false;
                 if state.frames.capacity() > 64 {
                     // Give back what a burst grew, so idle connections stay small.
                     state.frames = Vec::new();
@@ -632,9 +726,11 @@ impl Outbox {
                 return Poll::Ready(None);
             }
             if let Some(reason) = state.close {
+                state.writer_idle = false;
                 return Poll::Ready(Some(reason));
             }
             state.park(cx);
+            state.writer_idle = true;
             Poll::Pending
         })
         .await
@@ -937,5 +1033,141 @@ mod tests {
         assert!(frames[0].is_compressed(), "few sockets: with context");
         assert!(!frames[1].is_compressed(), "many, and short: plain");
         assert_eq!(inflated(&frames), [r#"{"type":"x"}"#; 2]);
+    }
+
+    /// Counts wake-ups, to tell whether a writer was woken.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// An outbox on a real socket, and the socket's other end.
+    async fn on_a_socket(limit_bytes: usize) -> (Outbox, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, theirs) = tokio::join!(ours, listener.accept());
+        let outbox = Outbox::new(limit_bytes);
+        outbox.attach(Arc::new(ours.unwrap()));
+        (outbox, theirs.unwrap().0)
+    }
+
+    /// Reads until `n` bytes came.
+    async fn read_bytes(peer: &mut tokio::net::TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0; n];
+        peer.read_exact(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn fan_out_writes_for_an_idle_writer_without_waking_it() {
+        let (outbox, mut peer) = on_a_socket(1 << 20).await;
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut batch = Vec::new();
+        let mut writer = std::pin::pin!(outbox.next_batch(&mut batch));
+        assert!(
+            writer
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending()
+        );
+
+        let (pushed, flush) = outbox.push_unflushed(frame(1), 7);
+        assert_eq!((pushed, flush), (Pushed::Queued, true));
+        // Queued behind it before the flush: goes in the same write, after it.
+        assert_eq!(outbox.push(Frame::ping()), Pushed::Queued);
+        outbox.flush();
+
+        let expected = [frame(1).wire().to_vec(), Frame::ping().wire().to_vec()].concat();
+        assert_eq!(read_bytes(&mut peer, expected.len()).await, expected);
+        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(outbox.lock().frames.is_empty());
+        assert_eq!(outbox.lock().bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn what_a_socket_does_not_take_is_left_to_the_writer_whole() {
+        let (outbox, mut peer) = on_a_socket(64 << 20).await;
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        // More than the socket's buffers hold while the peer reads nothing.
+        let big = Frame::text(&"x".repeat(16 << 20));
+        let expected = [big.wire().to_vec(), frame(2).wire().to_vec()].concat();
+        let mut batch = Vec::new();
+        let written = {
+            let mut writer = std::pin::pin!(outbox.next_batch(&mut batch));
+            assert!(
+                writer
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_pending()
+            );
+            let (_, flush) = outbox.push_unflushed(big.clone(), 1);
+            outbox.push_unflushed(frame(2), 2);
+            assert!(flush);
+            outbox.flush();
+            assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+            let written = expected.len() - outbox.lock().bytes;
+            assert!(
+                written > 0 && written < big.len(),
+                "{written} bytes went at once"
+            );
+            assert_eq!(writer.await, None);
+            written
+        };
+        // The writer's batch starts where the socket stopped.
+        let rest: Vec<u8> = batch.iter().flat_map(|f| f.wire().to_vec()).collect();
+        assert_eq!(rest, expected[written..]);
+        assert_eq!(read_bytes(&mut peer, written).await, expected[..written]);
+    }
+
+    #[tokio::test]
+    async fn an_overflow_keeps_the_rest_of_a_frame_begun_on_the_wire() {
+        let (outbox, mut peer) = on_a_socket(20 << 20).await;
+        let waker = Waker::from(Arc::new(Wakes::default()));
+        let big = Frame::text(&"x".repeat(16 << 20));
+        let mut batch = Vec::new();
+        let written = {
+            let mut writer = std::pin::pin!(outbox.next_batch(&mut batch));
+            assert!(
+                writer
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_pending()
+            );
+            outbox.push_unflushed(big.clone(), 1);
+            outbox.push_unflushed(frame(2), 2);
+            outbox.flush();
+            let written = big.len() + frame(2).len() - outbox.lock().bytes;
+            // The peer still reads nothing: the next big frame does not fit.
+            assert_eq!(outbox.push_event(big.clone(), 3), Pushed::Overflowed);
+            assert_eq!(writer.await, None);
+            written
+        };
+        // Frame 2 and frame 3 are dropped; the rest of frame 1 is not.
+        let rest: Vec<u8> = batch.iter().flat_map(|f| f.wire().to_vec()).collect();
+        assert_eq!(rest, big.wire()[written..]);
+        assert_eq!(read_bytes(&mut peer, written).await, big.wire()[..written]);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_while_the_writer_holds_a_batch() {
+        let (outbox, peer) = on_a_socket(1 << 20).await;
+        outbox.push(frame(1));
+        let mut batch = Vec::new();
+        assert_eq!(outbox.next_batch(&mut batch).await, None);
+        // The writer has frame 1 in hand, not yet written: frame 2 must wait for it.
+        assert_eq!(outbox.push_unflushed(frame(2), 2), (Pushed::Queued, false));
+        outbox.flush();
+        let mut byte = [0u8; 1];
+        assert!(
+            matches!(peer.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        );
+        assert_eq!(outbox.lock().frames.len(), 1);
     }
 }

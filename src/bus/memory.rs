@@ -11,7 +11,7 @@ use super::{Bus, BusUnavailable, PublishError};
 use crate::control::{Answers, ControlHandler, Request};
 use crate::event::Event;
 use crate::history::{self, memory::MemoryHistory};
-use crate::hub::Hub;
+use crate::hub::{Hub, Unflushed};
 use crate::idempotency::{IdempotencySettings, Remembered};
 
 /// One node, no network: an event is in every recipient's queue when `publish` returns,
@@ -44,44 +44,57 @@ impl MemoryBus {
     }
 
     /// Publishes the event unless its idempotency key was published within the window;
-    /// returns its id, or the first one's.
-    fn publish_once(&self, mut event: Event) -> u64 {
+    /// returns its id, or the first one's. Its frames for idle writers wait in `unflushed`.
+    fn publish_once(&self, mut event: Event, unflushed: &mut Unflushed) -> u64 {
         let Some(key) = event.idempotency_key.take() else {
-            return self.deliver(event);
+            return self.deliver(event, unflushed);
         };
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if let Some(id) = keys.get(&key, now) {
             return id;
         }
-        let id = self.deliver(event);
+        let id = self.deliver(event, unflushed);
         keys.insert(key, id, now);
         id
     }
 
-    fn deliver(&self, event: Event) -> u64 {
+    fn deliver(&self, event: Event, unflushed: &mut Unflushed) -> u64 {
         match &self.history {
             Some(history) if event.record => {
-                history.record(event, |event| self.hub.deliver(event)).0
+                history
+                    .record(event, |event| self.hub.queue(event, unflushed))
+                    .0
             }
             _ => {
-                self.hub.deliver(&event);
+                self.hub.queue(&event, unflushed);
                 0
             }
         }
+    }
+
+    /// Publishes `events` in order, then writes to the sockets whose writers were idle,
+    /// after one yield: publishes that arrived together queue first, so each socket gets
+    /// all their frames in one write.
+    async fn publish_all(&self, events: impl IntoIterator<Item = Event>) -> Vec<u64> {
+        let mut unflushed = Unflushed::default();
+        let ids = events
+            .into_iter()
+            .map(|event| self.publish_once(event, &mut unflushed))
+            .collect();
+        tokio::task::yield_now().await;
+        unflushed.flush();
+        ids
     }
 }
 
 impl Bus for MemoryBus {
     fn publish(&self, event: Event) -> BoxFuture<'_, Result<u64, PublishError>> {
-        Box::pin(std::future::ready(Ok(self.publish_once(event))))
+        Box::pin(async move { Ok(self.publish_all([event]).await[0]) })
     }
 
     fn publish_batch(&self, events: Vec<Event>) -> BoxFuture<'_, Result<Vec<u64>, PublishError>> {
-        Box::pin(std::future::ready(Ok(events
-            .into_iter()
-            .map(|event| self.publish_once(event))
-            .collect())))
+        Box::pin(async move { Ok(self.publish_all(events).await) })
     }
 
     fn ask_all(&self, request: Request) -> BoxFuture<'_, Result<Answers, BusUnavailable>> {

@@ -29,6 +29,7 @@ use crate::outbox::{Frame, Outbox};
 use crate::protocol::{CloseReason, FrameError, server};
 use crate::rate_limit::TokenBucket;
 use crate::session::{Session, SessionContext};
+use crate::sink::{Sink, Written, write_some};
 use crate::transport::frames::{Decoder, Message};
 use crate::transport::race::{self, First};
 
@@ -222,7 +223,7 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
             return;
         }
     };
-    let tcp = parts.io.into_inner();
+    let tcp = Arc::new(parts.io.into_inner());
     // Copied out and dropped: the slice would hold hyper's whole read buffer (8 KiB and
     // more) for the socket's life.
     let early = Bytes::copy_from_slice(&parts.read_buf);
@@ -243,6 +244,8 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         ctx.session.replays.is_some(),
     )));
     let session = Session::new(ctx.session.clone(), conn.clone());
+    // Fan-out writes to the socket itself while the writer below is idle.
+    conn.outbox.attach(tcp.clone());
 
     let heard = Heard::new();
     let writer = write_loop(&tcp, &conn.outbox);
@@ -268,6 +271,7 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
             let _ = tokio::time::timeout(CLOSE_LINGER, &mut writer).await;
         }
     }
+    conn.outbox.detach();
     hub.disconnect(&conn);
 }
 
@@ -445,9 +449,10 @@ async fn write_loop(tcp: &TcpStream, outbox: &Outbox) -> CloseReason {
             tracing::debug!(%error, "socket write failed");
             return CloseReason::Normal;
         }
-        if written.bytes > 0
-            && let Some(frame) = batch.get(written.frames)
-        {
+        // Cut short by an overflow: the frame at the head may have begun on the wire, here
+        // or in a fan-out's flush before the batch was taken. It is finished before the
+        // close, or the stream would be garbled.
+        if let Some(frame) = batch.get(written.frames) {
             unfinished = Some(Frame::framed(frame.wire().slice(written.bytes..)));
         }
         batch.clear();
@@ -456,31 +461,6 @@ async fn write_loop(tcp: &TcpStream, outbox: &Outbox) -> CloseReason {
             batch = Vec::new();
         }
     }
-}
-
-/// How far a write got: whole frames, then bytes of the next.
-#[derive(Default)]
-struct Written {
-    frames: usize,
-    bytes: usize,
-}
-
-/// Frames handed to the kernel per write.
-const FRAMES_PER_WRITE: usize = 64;
-/// A small write's slice table, cheaper to fill than the full one.
-const FEW_FRAMES: usize = 8;
-
-/// One vectored write of up to `N` frames, the first `skip` bytes of the first left out.
-fn write_vectored<const N: usize>(
-    tcp: &TcpStream,
-    frames: &[Frame],
-    skip: usize,
-) -> io::Result<usize> {
-    let mut slices = [IoSlice::new(&[]); N];
-    for (i, frame) in frames.iter().take(N).enumerate() {
-        slices[i] = IoSlice::new(&frame.wire()[if i == 0 { skip } else { 0 }..]);
-    }
-    tcp.try_write_vectored(&slices[..frames.len().min(N)])
 }
 
 /// Writes `frames` in as few system calls as the socket takes, recording progress.
@@ -496,30 +476,14 @@ async fn write_frames(tcp: &TcpStream, frames: &[Frame], written: &mut Written) 
     Ok(())
 }
 
-/// One vectored write of what is left. Not async: the slices stay on the stack, out of
-/// the socket task's state, which every idle connection carries.
-fn write_some(tcp: &TcpStream, frames: &[Frame], written: &mut Written) -> io::Result<()> {
-    let left = &frames[written.frames..];
-    let mut n = match left {
-        // Most writes are one frame: a plain send, and no slice table to fill.
-        [frame] => tcp.try_write(&frame.wire()[written.bytes..])?,
-        _ if left.len() <= FEW_FRAMES => write_vectored::<FEW_FRAMES>(tcp, left, written.bytes)?,
-        _ => write_vectored::<FRAMES_PER_WRITE>(tcp, left, written.bytes)?,
-    };
-    if n == 0 {
-        return Err(io::ErrorKind::WriteZero.into());
+impl Sink for TcpStream {
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, bytes)
     }
-    while n > 0 {
-        let rest = frames[written.frames].len() - written.bytes;
-        if n < rest {
-            written.bytes += n;
-            break;
-        }
-        n -= rest;
-        written.frames += 1;
-        written.bytes = 0;
+
+    fn try_write_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, slices)
     }
-    Ok(())
 }
 
 /// Bytes read from a socket per system call, on the stack of a synchronous function:

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use redis::aio::PubSubSink;
 use tokio::sync::mpsc;
 
@@ -16,8 +16,11 @@ use super::link::{BACKOFF_MAX, BACKOFF_MIN, COMMAND_TIMEOUT, Link, Shared, WATCH
 use super::subscriptions::{Command, Subscriptions};
 use crate::event::Event;
 use crate::history::{self as event_history, Store as _, StreamKey};
-use crate::hub::Hub;
+use crate::hub::{Hub, Unflushed};
 use crate::protocol::CloseReason;
+
+/// Messages already read from Redis that are dispatched before their frames are written.
+const DISPATCH_AT_ONCE: usize = 64;
 
 /// Why a pub/sub connection ended.
 enum Broken {
@@ -102,13 +105,30 @@ impl Listener {
         loop {
             tokio::select! {
                 message = stream.next() => match message {
-                    Some(message) => {
-                        // Counted gone, the node may hold what a revoke took away and
-                        // have missed requests: it catches up as after a lost connection.
-                        if self.inbox.is_counted_gone() {
-                            return Err(Broken::Lost("this node's heartbeat lapsed".into()));
+                    Some(first) => {
+                        // The messages read with this one are dispatched with it, and a
+                        // socket gets all their frames in one write (`unflushed` flushes
+                        // when dropped, on every way out).
+                        let mut unflushed = Unflushed::default();
+                        let mut next = Some(first);
+                        let mut dispatched = 0;
+                        while let Some(message) = next.take() {
+                            // Counted gone, the node may hold what a revoke took away and
+                            // have missed requests: it catches up as after a lost connection.
+                            if self.inbox.is_counted_gone() {
+                                return Err(Broken::Lost("this node's heartbeat lapsed".into()));
+                            }
+                            let (channel, payload) =
+                                (message.get_channel_name(), message.get_payload_bytes());
+                            self.dispatch(channel, payload, &mut unflushed);
+                            dispatched += 1;
+                            if dispatched < DISPATCH_AT_ONCE {
+                                next = match stream.next().now_or_never() {
+                                    Some(None) => return Err(Broken::Lost("pub/sub connection closed".into())),
+                                    ready => ready.flatten(),
+                                };
+                            }
                         }
-                        self.dispatch(message.get_channel_name(), message.get_payload_bytes())
                     }
                     None => return Err(Broken::Lost("pub/sub connection closed".into())),
                 },
@@ -175,9 +195,11 @@ impl Listener {
         }
         let mut events: Vec<_> = snapshot.streams.iter().flat_map(|s| &s.events).collect();
         events.sort_unstable_by_key(|event| event.id);
+        let mut unflushed = Unflushed::default();
         for event in &events {
-            self.hub.deliver(event);
+            self.hub.queue(event, &mut unflushed);
         }
+        unflushed.flush();
         let closed = close_where_lost(&self.hub, &keys, &snapshot.streams, after);
         self.delivered_through
             .fetch_max(snapshot.latest, Ordering::AcqRel);
@@ -211,17 +233,17 @@ impl Listener {
         Ok(())
     }
 
-    fn dispatch(&self, channel: &str, payload: &[u8]) {
+    fn dispatch(&self, channel: &str, payload: &[u8], unflushed: &mut Unflushed) {
         if self.inbox.take(channel, payload) {
             return;
         }
         match Event::from_bus(payload) {
             Some(event) if event.id == 0 => {
-                self.hub.deliver(&event);
+                self.hub.queue(&event, unflushed);
             }
             Some(event) => {
                 if event.id > self.delivered_through.load(Ordering::Acquire) {
-                    self.hub.deliver(&event);
+                    self.hub.queue(&event, unflushed);
                     self.delivered_through.store(event.id, Ordering::Release);
                 }
             }

@@ -21,7 +21,7 @@ use crate::bus::{BusUnavailable, PublishError};
 use crate::event::{Event, Target};
 use crate::history::lanes::{LANES, Reorder, lane_of_event, lanes_of_stream, split, through_clock};
 use crate::history::{Retention, Snapshot, Store, StreamKey, StreamRead, Unavailable};
-use crate::hub::Hub;
+use crate::hub::{Hub, Unflushed};
 
 /// How long a publish waits for a replica to confirm it.
 const REPLICA_WAIT: Duration = Duration::from_secs(1);
@@ -425,9 +425,11 @@ impl Lanes {
             let mut order = lock(&self.order);
             (order.release(), order.released_through())
         };
+        let mut unflushed = Unflushed::default();
         for event in &ready {
-            hub.deliver(event);
+            hub.queue(event, &mut unflushed);
         }
+        unflushed.flush();
         self.released.send_if_modified(|released| {
             let moved = *released != through;
             *released = through;
