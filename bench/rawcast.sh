@@ -12,6 +12,8 @@
 #                           # GATEWAYS="channelgate+ping-interval-ms=3600000 ..." (more
 #                           # channelgate runs beside its defaults, each `+name=value`
 #                           # given as `--name value`)
+#                           # BASE=path/to/an/older/channelgate (runs it beside, with its
+#                           # defaults, as `channelgate@base`: a change against its parent)
 #
 # Results: bench/results/rawcast.jsonl (RESULTS); a table on standard output and in
 # target/bench/rawcast.md.
@@ -43,10 +45,11 @@ run() { # label round
   ws_port=$(free_port); grpc_port=$(free_port)
   if [[ $label == channelgate* ]]; then
     system=channelgate
-    local extra=() part parts
+    local extra=() part parts bin=./target/release/channelgate
+    [[ $label == channelgate@base ]] && bin=$BASE
     IFS=+ read -ra parts <<<"${label#channelgate}"
-    for part in "${parts[@]}"; do [[ -n $part ]] && extra+=("--${part%%=*}" "${part#*=}"); done
-    taskset -c "$cores" ./target/release/channelgate --dev --jwt-secret "$secret" --workers "$workers" \
+    for part in "${parts[@]}"; do [[ -n $part && $part != @base ]] && extra+=("--${part%%=*}" "${part#*=}"); done
+    taskset -c "$cores" "$bin" --dev --jwt-secret "$secret" --workers "$workers" \
       "${extra[@]}" --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
       >target/bench/channelgate.log 2>&1 &
     server_pid=$!
@@ -73,6 +76,7 @@ run() { # label round
 labels=($designs)
 (( with_channelgate )) && labels+=(channelgate)
 labels+=(${GATEWAYS:-})
+[[ -z ${BASE:-} ]] || labels+=(channelgate@base)
 n=${#labels[@]}
 for round in $(seq "$rounds"); do
   for (( i = 0; i < n; i++ )); do run "${labels[(i + round - 1) % n]}" "$round"; done
