@@ -17,6 +17,7 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
@@ -559,13 +560,30 @@ async fn read_loop(
 }
 
 /// One read, decoded; `None` at the end of the stream.
+///
+/// A read that fills less than the buffer has drained the socket, so tokio is told the
+/// socket would block, as its own `poll_read` does: the reader then waits for the next
+/// edge from epoll rather than making a second read only to learn it would block (a pong,
+/// or any client frame, costs one system call, not two).
 fn read_some(
     tcp: &TcpStream,
     decoder: &mut Decoder,
     incoming: &mut Vec<Message>,
 ) -> io::Result<Option<Result<(), CloseReason>>> {
     let mut buf = [0u8; READ_CHUNK];
-    match tcp.try_read(&mut buf)? {
+    let mut drained = 0;
+    let read = tcp.try_io(Interest::READABLE, || match tcp.try_read(&mut buf)? {
+        n if n > 0 && n < READ_CHUNK => {
+            drained = n;
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        n => Ok(n),
+    });
+    let n = match read {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock && drained > 0 => drained,
+        read => read?,
+    };
+    match n {
         0 => Ok(None),
         n => Ok(Some(decoder.feed(&buf[..n], incoming))),
     }
