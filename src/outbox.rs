@@ -1063,63 +1063,65 @@ mod tests {
         got
     }
 
+    /// Runs `meanwhile` while the writer waits idle for frames; then, if it was given any,
+    /// lets the writer take its batch. Returns what `meanwhile` returned and how often the
+    /// writer was woken meanwhile.
+    async fn while_idle<R>(
+        outbox: &Outbox,
+        batch: &mut Vec<Frame>,
+        meanwhile: impl FnOnce() -> R,
+    ) -> (R, usize) {
+        let wakes = Arc::new(Wakes::default());
+        let waker = Waker::from(wakes.clone());
+        let mut writer = std::pin::pin!(outbox.next_batch(batch));
+        let idle = writer.as_mut().poll(&mut Context::from_waker(&waker));
+        assert!(idle.is_pending());
+        let result = meanwhile();
+        let woken = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        if !outbox.lock().frames.is_empty() {
+            assert_eq!(writer.await, None);
+        }
+        (result, woken)
+    }
+
     #[tokio::test]
     async fn fan_out_writes_for_an_idle_writer_without_waking_it() {
         let (outbox, mut peer) = on_a_socket(1 << 20).await;
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(wakes.clone());
         let mut batch = Vec::new();
-        let mut writer = std::pin::pin!(outbox.next_batch(&mut batch));
-        assert!(
-            writer
-                .as_mut()
-                .poll(&mut Context::from_waker(&waker))
-                .is_pending()
-        );
-
-        let (pushed, flush) = outbox.push_unflushed(frame(1), 7);
-        assert_eq!((pushed, flush), (Pushed::Queued, true));
-        // Queued behind it before the flush: goes in the same write, after it.
-        assert_eq!(outbox.push(Frame::ping()), Pushed::Queued);
-        outbox.flush();
-
+        let (_, woken) = while_idle(&outbox, &mut batch, || {
+            let (pushed, flush) = outbox.push_unflushed(frame(1), 7);
+            assert_eq!((pushed, flush), (Pushed::Queued, true));
+            // Queued behind it before the flush: goes in the same write, after it.
+            assert_eq!(outbox.push(Frame::ping()), Pushed::Queued);
+            outbox.flush();
+        })
+        .await;
         let expected = [frame(1).wire().to_vec(), Frame::ping().wire().to_vec()].concat();
         assert_eq!(read_bytes(&mut peer, expected.len()).await, expected);
-        assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 0);
-        assert!(outbox.lock().frames.is_empty());
+        assert_eq!(woken, 0);
+        assert!(batch.is_empty() && outbox.lock().frames.is_empty());
         assert_eq!(outbox.lock().bytes, 0);
     }
 
     #[tokio::test]
     async fn what_a_socket_does_not_take_is_left_to_the_writer_whole() {
         let (outbox, mut peer) = on_a_socket(64 << 20).await;
-        let wakes = Arc::new(Wakes::default());
-        let waker = Waker::from(wakes.clone());
         // More than the socket's buffers hold while the peer reads nothing.
         let big = Frame::text(&"x".repeat(16 << 20));
         let expected = [big.wire().to_vec(), frame(2).wire().to_vec()].concat();
         let mut batch = Vec::new();
-        let written = {
-            let mut writer = std::pin::pin!(outbox.next_batch(&mut batch));
-            assert!(
-                writer
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&waker))
-                    .is_pending()
-            );
-            let (_, flush) = outbox.push_unflushed(big.clone(), 1);
+        let (written, woken) = while_idle(&outbox, &mut batch, || {
+            assert!(outbox.push_unflushed(big.clone(), 1).1);
             outbox.push_unflushed(frame(2), 2);
-            assert!(flush);
             outbox.flush();
-            assert_eq!(wakes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
-            let written = expected.len() - outbox.lock().bytes;
-            assert!(
-                written > 0 && written < big.len(),
-                "{written} bytes went at once"
-            );
-            assert_eq!(writer.await, None);
-            written
-        };
+            expected.len() - outbox.lock().bytes
+        })
+        .await;
+        assert_eq!(woken, 1);
+        assert!(
+            written > 0 && written < big.len(),
+            "{written} bytes at once"
+        );
         // The writer's batch starts where the socket stopped.
         let rest: Vec<u8> = batch.iter().flat_map(|f| f.wire().to_vec()).collect();
         assert_eq!(rest, expected[written..]);
@@ -1129,26 +1131,18 @@ mod tests {
     #[tokio::test]
     async fn an_overflow_keeps_the_rest_of_a_frame_begun_on_the_wire() {
         let (outbox, mut peer) = on_a_socket(20 << 20).await;
-        let waker = Waker::from(Arc::new(Wakes::default()));
         let big = Frame::text(&"x".repeat(16 << 20));
         let mut batch = Vec::new();
-        let written = {
-            let mut writer = std::pin::pin!(outbox.next_batch(&mut batch));
-            assert!(
-                writer
-                    .as_mut()
-                    .poll(&mut Context::from_waker(&waker))
-                    .is_pending()
-            );
+        let (written, _) = while_idle(&outbox, &mut batch, || {
             outbox.push_unflushed(big.clone(), 1);
             outbox.push_unflushed(frame(2), 2);
             outbox.flush();
             let written = big.len() + frame(2).len() - outbox.lock().bytes;
             // The peer still reads nothing: the next big frame does not fit.
             assert_eq!(outbox.push_event(big.clone(), 3), Pushed::Overflowed);
-            assert_eq!(writer.await, None);
             written
-        };
+        })
+        .await;
         // Frame 2 and frame 3 are dropped; the rest of frame 1 is not.
         let rest: Vec<u8> = batch.iter().flat_map(|f| f.wire().to_vec()).collect();
         assert_eq!(rest, big.wire()[written..]);
