@@ -3,7 +3,9 @@
 the ratios of channelgate to each peer, with the machine and the date.
 
 S1 and S3 lead with deliveries per server CPU-second (medians over rounds, with their
-min-max spread), beside the highest sustained rate and latency at fixed rates."""
+min-max spread), beside the highest sustained rate and latency at fixed rates. The sections
+of the page this run did not make (other scripts' measurements, scenarios left out) are
+kept where they were."""
 
 import datetime
 import json
@@ -889,8 +891,49 @@ def main():
     replay_speed(rows, out)
     replay_storm(rows, out)
     callgrind_section(out)
+    try:
+        with open(target) as f:
+            out = keep_other_sections(f.read().split("\n"), out)
+    except OSError:
+        pass
     with open(target, "w") as f:
-        f.write("\n".join(out) + "\n")
+        f.write("\n".join(out).rstrip("\n") + "\n")
+
+
+def sections(lines):
+    """The page cut at its `##` and `###` headings: (key, lines), the first keyed None. A
+    `###` is keyed with its `##`, as several sections have subsections of the same name."""
+    cut, part = [(None, [])], None
+    for line in lines:
+        if line.startswith("## "):
+            part = line.strip()
+            cut.append((part, []))
+        elif line.startswith("### "):
+            cut.append((f"{part} / {line.strip()}", []))
+        cut[-1][1].append(line)
+    return cut
+
+
+def keep_other_sections(old, new):
+    """The new page with the sections of the old one that this run did not make: those other
+    scripts measured (compression, the raw broadcaster's designs, ...) and the tables of
+    scenarios this run left out. Each stays after the section it followed, or goes last."""
+    made = {heading for heading, _ in sections(new) if heading}
+    kept, after = {}, None
+    for heading, lines in sections(old):
+        if heading is None or heading in made:
+            after = heading if heading else after
+            continue
+        kept.setdefault(after, []).append(lines)
+    page = []
+    for heading, lines in sections(new):
+        page += lines
+        for block in kept.pop(heading, []) if heading else []:
+            page += block
+    for blocks in kept.values():
+        for block in blocks:
+            page += block
+    return page
 
 
 if __name__ == "__main__":
