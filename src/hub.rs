@@ -138,6 +138,10 @@ impl Connection {
 pub struct Unflushed(Vec<Arc<Connection>>);
 
 impl Unflushed {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn flush(&mut self) {
         for conn in self.0.drain(..) {
             conn.outbox.flush();
@@ -587,6 +591,8 @@ impl Hub {
         unflushed: &mut Unflushed,
         skip: impl Fn(&Connection) -> bool,
     ) -> usize {
+        // One allocation for the event's recipients, not one per doubling.
+        unflushed.0.reserve(conns.len());
         conns
             .iter()
             .filter(|c| !skip(c))

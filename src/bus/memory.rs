@@ -74,16 +74,18 @@ impl MemoryBus {
     }
 
     /// Publishes `events` in order, then writes to the sockets whose writers were idle,
-    /// after one yield: publishes that arrived together queue first, so each socket gets
-    /// all their frames in one write.
+    /// after one yield when there are some: publishes that arrived together queue first,
+    /// so each socket gets all their frames in one write.
     async fn publish_all(&self, events: impl IntoIterator<Item = Event>) -> Vec<u64> {
         let mut unflushed = Unflushed::default();
         let ids = events
             .into_iter()
             .map(|event| self.publish_once(event, &mut unflushed))
             .collect();
-        tokio::task::yield_now().await;
-        unflushed.flush();
+        if !unflushed.is_empty() {
+            tokio::task::yield_now().await;
+            unflushed.flush();
+        }
         ids
     }
 }
