@@ -105,31 +105,7 @@ impl Listener {
         loop {
             tokio::select! {
                 message = stream.next() => match message {
-                    Some(first) => {
-                        // The messages read with this one are dispatched with it, and a
-                        // socket gets all their frames in one write (`unflushed` flushes
-                        // when dropped, on every way out).
-                        let mut unflushed = Unflushed::default();
-                        let mut next = Some(first);
-                        let mut dispatched = 0;
-                        while let Some(message) = next.take() {
-                            // Counted gone, the node may hold what a revoke took away and
-                            // have missed requests: it catches up as after a lost connection.
-                            if self.inbox.is_counted_gone() {
-                                return Err(Broken::Lost("this node's heartbeat lapsed".into()));
-                            }
-                            let (channel, payload) =
-                                (message.get_channel_name(), message.get_payload_bytes());
-                            self.dispatch(channel, payload, &mut unflushed);
-                            dispatched += 1;
-                            if dispatched < DISPATCH_AT_ONCE {
-                                next = match stream.next().now_or_never() {
-                                    Some(None) => return Err(Broken::Lost("pub/sub connection closed".into())),
-                                    ready => ready.flatten(),
-                                };
-                            }
-                        }
-                    }
+                    Some(first) => self.dispatch_read(first, &mut stream)?,
                     None => return Err(Broken::Lost("pub/sub connection closed".into())),
                 },
                 _ = watchdog.tick() => {
@@ -228,6 +204,39 @@ impl Listener {
                         .await
                         .map_err(|e| e.to_string())?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Dispatches `first` and the messages already read with it (up to
+    /// [`DISPATCH_AT_ONCE`]), then writes their frames: a socket gets them in one write.
+    /// `unflushed` flushes when dropped, on every way out.
+    fn dispatch_read(
+        &self,
+        first: redis::Msg,
+        stream: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin),
+    ) -> Result<(), Broken> {
+        let mut unflushed = Unflushed::default();
+        let mut next = Some(first);
+        let mut dispatched = 0;
+        while let Some(message) = next.take() {
+            // Counted gone, the node may hold what a revoke took away and have missed
+            // requests: it catches up as after a lost connection.
+            if self.inbox.is_counted_gone() {
+                return Err(Broken::Lost("this node's heartbeat lapsed".into()));
+            }
+            self.dispatch(
+                message.get_channel_name(),
+                message.get_payload_bytes(),
+                &mut unflushed,
+            );
+            dispatched += 1;
+            if dispatched < DISPATCH_AT_ONCE {
+                next = match stream.next().now_or_never() {
+                    Some(None) => return Err(Broken::Lost("pub/sub connection closed".into())),
+                    ready => ready.flatten(),
+                };
             }
         }
         Ok(())
