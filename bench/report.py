@@ -917,22 +917,17 @@ def sections(lines):
 def keep_other_sections(old, new):
     """The new page with the sections of the old one that this run did not make: those other
     scripts measured (compression, the raw broadcaster's designs, ...) and the tables of
-    scenarios this run left out. Each stays after the section it followed, or goes last."""
+    scenarios this run left out. Each stays after the section it followed."""
     made = {heading for heading, _ in sections(new) if heading}
     kept, after = {}, None
     for heading, lines in sections(old):
         if heading is None or heading in made:
-            after = heading if heading else after
-            continue
-        kept.setdefault(after, []).append(lines)
+            after = heading or after
+        else:
+            kept.setdefault(after, []).extend(lines)
     page = []
     for heading, lines in sections(new):
-        page += lines
-        for block in kept.pop(heading, []) if heading else []:
-            page += block
-    for blocks in kept.values():
-        for block in blocks:
-            page += block
+        page += lines + kept.get(heading, [])
     return page
 
 
