@@ -325,6 +325,7 @@ impl Node {
             connect_check: settings.connect_check,
             handshake_timeout: settings.handshake_timeout,
             ping_interval: settings.ping_interval,
+            ping_grid: tokio::time::Instant::now(),
             inbound_burst: settings.inbound_burst,
             inbound_rate: settings.inbound_rate,
             draining: std::sync::atomic::AtomicBool::new(false),
