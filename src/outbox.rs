@@ -104,7 +104,7 @@ impl Frame {
 
     /// A ping without payload: the client's pong shows it is still there.
     pub fn ping() -> Frame {
-        Frame::encode(OP_PING, &[])
+        Frame::framed(Bytes::from_static(&[0x80 | OP_PING, 0]))
     }
 
     /// The answer to a client's ping, with its payload.
@@ -375,6 +375,8 @@ struct State {
     /// Whether the first queued frame is the rest of one whose beginning a flush wrote: it
     /// goes out whatever else is dropped, or the stream would be garbled.
     first_begun: bool,
+    /// A ping waits to go with the next frame queued ([`Outbox::owe_ping`]).
+    ping_owed: bool,
     live_ids: LiveIds,
     /// While a replay runs, the event frames that arrive meanwhile (with their ids), to be
     /// sent once the replay is queued.
@@ -434,6 +436,28 @@ impl Outbox {
     /// Queues a frame, or closes the connection as a slow consumer when it would not fit.
     pub fn push(&self, frame: Frame) -> Pushed {
         self.push_event(frame, 0)
+    }
+
+    /// A ping is due. It goes with the next frame queued, in the same write, rather than
+    /// in a system call of its own (and the pong comes back while the node is busy with
+    /// that frame's event); [`Outbox::pay_ping`] sends it alone if no frame came. A writer
+    /// with frames on their way takes it with them at once.
+    pub fn owe_ping(&self) {
+        {
+            let mut state = self.lock();
+            if state.frames.is_empty() && state.writer_idle && state.close.is_none() {
+                state.ping_owed = true;
+                return;
+            }
+        }
+        self.push(Frame::ping());
+    }
+
+    /// Sends an owed ping that no frame took along.
+    pub fn pay_ping(&self) {
+        if std::mem::take(&mut self.lock().ping_owed) {
+            self.push(Frame::ping());
+        }
     }
 
     /// The socket that [`Outbox::flush`] writes to.
@@ -612,12 +636,18 @@ impl Outbox {
         frame: Frame,
         wake: Wake,
     ) -> (Pushed, bool) {
+        let first = state.frames.is_empty();
         state.bytes += frame.len();
         state.frames.push(frame);
+        if std::mem::take(&mut state.ping_owed) {
+            let ping = Frame::ping();
+            state.bytes += ping.len();
+            state.frames.push(ping);
+        }
         // Only the first frame wakes: a writer with frames queued has not parked for
         // frames since (it may wait on the socket, and the queue's overflow). Waking under
         // the lock is a push onto the scheduler's queue, cheaper than taking the waker out.
-        if state.frames.len() > 1 {
+        if !first {
             return (Pushed::Queued, false);
         }
         if wake == Wake::Busy && state.writer_idle && state.sink.is_some() {
@@ -1162,5 +1192,56 @@ mod tests {
             matches!(peer.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         );
         assert_eq!(outbox.lock().frames.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_due_ping_goes_out_with_the_next_event_in_its_write() {
+        let (outbox, mut peer) = on_a_socket(1 << 20).await;
+        let mut batch = Vec::new();
+        let (_, woken) = while_idle(&outbox, &mut batch, || {
+            outbox.owe_ping();
+            // Nothing goes on its own: the ping waits for a frame to ride with.
+            let mut byte = [0u8; 1];
+            assert!(
+                matches!(peer.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            );
+            assert_eq!(outbox.push_unflushed(frame(1), 1), (Pushed::Queued, true));
+            outbox.flush();
+            // Paid already: nothing more to send.
+            outbox.pay_ping();
+        })
+        .await;
+        assert_eq!(woken, 0);
+        let expected = [frame(1).wire().to_vec(), Frame::ping().wire().to_vec()].concat();
+        assert_eq!(read_bytes(&mut peer, expected.len()).await, expected);
+        assert!(batch.is_empty() && outbox.lock().frames.is_empty());
+        assert_eq!(outbox.lock().bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn a_due_ping_no_event_took_along_is_sent_alone() {
+        let (outbox, _peer) = on_a_socket(1 << 20).await;
+        let mut batch = Vec::new();
+        let (_, woken) = while_idle(&outbox, &mut batch, || {
+            outbox.owe_ping();
+            outbox.pay_ping();
+        })
+        .await;
+        // The writer was woken for it and took it.
+        assert_eq!(woken, 1);
+        assert_eq!(batch, vec![Frame::ping()]);
+    }
+
+    #[tokio::test]
+    async fn a_ping_due_while_frames_wait_goes_with_them_at_once() {
+        let outbox = Outbox::new(1 << 20);
+        outbox.push(frame(1));
+        outbox.owe_ping();
+        let mut batch = Vec::new();
+        assert_eq!(outbox.next_batch(&mut batch).await, None);
+        assert_eq!(batch, vec![frame(1), Frame::ping()]);
+        // Nothing left owed.
+        outbox.pay_ping();
+        assert!(outbox.lock().frames.is_empty());
     }
 }

@@ -306,22 +306,34 @@ impl Heard {
 }
 
 /// Pings the client every `every` from `first`; one that sent nothing for two intervals (no
-/// pong, no frame) is dead or half-open, and its connection ends.
+/// pong, no frame) is dead or half-open, and its connection ends. A ping goes with the
+/// first frame the socket gets within a grace of an eighth of the interval, alone after it.
 async fn keep_alive(
     outbox: &Outbox,
     heard: &Heard,
     first: tokio::time::Instant,
     every: Duration,
 ) -> CloseReason {
-    // The grid's own period, so that every tick stays on a slot.
-    let mut tick = tokio::time::interval_at(first, PingSlots::of(every).period());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let slots = PingSlots::of(every);
+    let mut due = first;
+    let wait = tokio::time::sleep_until(due);
+    tokio::pin!(wait);
     loop {
-        tick.tick().await;
+        wait.as_mut().await;
         if heard.silent_for() > every * 2 {
             return CloseReason::Unresponsive;
         }
-        outbox.push(Frame::ping());
+        outbox.owe_ping();
+        wait.as_mut().reset(due + slots.grace());
+        wait.as_mut().await;
+        outbox.pay_ping();
+        // On to the next ping, on the grid; a worker held up past it skips it.
+        let now = tokio::time::Instant::now();
+        due += slots.period();
+        while due <= now {
+            due += slots.period();
+        }
+        wait.as_mut().reset(due);
     }
 }
 
@@ -348,6 +360,12 @@ impl PingSlots {
     /// The interval, rounded down to whole slots (by less than the slot count in nanoseconds).
     fn period(&self) -> Duration {
         self.each * self.count
+    }
+
+    /// How long a due ping waits for a frame to go with: an eighth of the interval, in
+    /// whole slots, so that it is sent alone on the grid too.
+    fn grace(&self) -> Duration {
+        self.each * (self.count / 8).max(1)
     }
 }
 
@@ -704,6 +722,10 @@ mod tests {
             assert!(slots.each >= Duration::from_millis(1), "{ms}");
             assert!(slots.period() <= every, "{ms}");
             assert!(every - slots.period() < Duration::from_micros(1), "{ms}");
+            assert!(
+                slots.grace() >= slots.each && slots.grace() <= every / 8 + slots.each,
+                "{ms}"
+            );
             let grid = tokio::time::Instant::now();
             let first = first_ping_after(grid, grid, every, 7);
             assert!(first > grid && first <= grid + every, "{ms}");
