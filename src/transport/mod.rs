@@ -4,5 +4,6 @@ pub mod api_key;
 pub mod frames;
 pub mod grpc;
 pub mod http;
+mod keepalive;
 mod race;
 pub mod ws;
