@@ -38,35 +38,28 @@ impl Heard {
     }
 }
 
-/// Pings the client every `every` from `first`; one that sent nothing for two intervals (no
-/// pong, no frame) is dead or half-open, and its connection ends. A ping goes with the
-/// first frame the socket gets within a grace of an eighth of the interval, alone after it.
+/// Pings the client every `every`, on the slot of the node's grid (from `grid`) that its
+/// connection's id picks; one that sent nothing for two intervals (no pong, no frame) is
+/// dead or half-open, and its connection ends. A ping goes with the first frame the socket
+/// gets within a grace of an eighth of the interval, alone after it.
 pub(super) async fn keep_alive(
     outbox: &Outbox,
     heard: &Heard,
-    first: tokio::time::Instant,
+    grid: tokio::time::Instant,
     every: Duration,
+    conn_id: u64,
 ) -> CloseReason {
-    let slots = PingSlots::of(every);
-    let mut due = first;
-    let wait = tokio::time::sleep_until(due);
-    tokio::pin!(wait);
+    let grace = PingSlots::of(every).grace();
     loop {
-        wait.as_mut().await;
+        // The next of this socket's slots: a worker held up past one skips it.
+        let due = next_ping(grid, tokio::time::Instant::now(), every, conn_id);
+        tokio::time::sleep_until(due).await;
         if heard.silent_for() > every * 2 {
             return CloseReason::Unresponsive;
         }
         outbox.owe_ping();
-        wait.as_mut().reset(due + slots.grace());
-        wait.as_mut().await;
+        tokio::time::sleep_until(due + grace).await;
         outbox.pay_ping();
-        // On to the next ping, on the grid; a worker held up past it skips it.
-        let now = tokio::time::Instant::now();
-        due += slots.period();
-        while due <= now {
-            due += slots.period();
-        }
-        wait.as_mut().reset(due);
     }
 }
 
@@ -90,11 +83,6 @@ impl PingSlots {
         }
     }
 
-    /// The interval, rounded down to whole slots (by less than the slot count in nanoseconds).
-    fn period(&self) -> Duration {
-        self.each * self.count
-    }
-
     /// How long a due ping waits for a frame to go with: an eighth of the interval, in
     /// whole slots, so that it is sent alone on the grid too.
     fn grace(&self) -> Duration {
@@ -102,19 +90,11 @@ impl PingSlots {
     }
 }
 
-/// When a connection's first ping goes: within its first interval, on the slot of the grid
-/// that its id picks. The sockets of a connect storm (a deploy, a network blip) would
+/// When a connection's next ping goes: the first slot after `now` of those its id picks,
+/// so within one interval. The sockets of a connect storm (a deploy, a network blip) would
 /// otherwise ping, and read their pongs, all in the same instant of every interval: a burst
 /// of work that shows as a latency spike for every event published then.
-pub(super) fn first_ping(
-    grid: tokio::time::Instant,
-    every: Duration,
-    conn_id: u64,
-) -> tokio::time::Instant {
-    first_ping_after(grid, tokio::time::Instant::now(), every, conn_id)
-}
-
-fn first_ping_after(
+fn next_ping(
     grid: tokio::time::Instant,
     now: tokio::time::Instant,
     every: Duration,
@@ -155,7 +135,7 @@ mod tests {
             (6, 3_600_001),
         ] {
             let now = grid + Duration::from_millis(joined_ms);
-            let first = first_ping_after(grid, now, EVERY, conn_id);
+            let first = next_ping(grid, now, EVERY, conn_id);
             assert!(
                 first > now && first <= now + EVERY,
                 "{conn_id}: {:?}",
@@ -174,7 +154,7 @@ mod tests {
         let grid = tokio::time::Instant::now();
         let now = grid + Duration::from_millis(1234);
         let firsts: Vec<_> = (0..10_000u64)
-            .map(|conn_id| first_ping_after(grid, now, EVERY, conn_id))
+            .map(|conn_id| next_ping(grid, now, EVERY, conn_id))
             .collect();
         let instants: HashSet<_> = firsts.iter().collect();
         assert_eq!(instants.len(), 80);
@@ -195,15 +175,17 @@ mod tests {
             let every = Duration::from_millis(ms);
             let slots = PingSlots::of(every);
             assert!(slots.each >= Duration::from_millis(1), "{ms}");
-            assert!(slots.period() <= every, "{ms}");
-            assert!(every - slots.period() < Duration::from_micros(1), "{ms}");
             assert!(
                 slots.grace() >= slots.each && slots.grace() <= every / 8 + slots.each,
                 "{ms}"
             );
             let grid = tokio::time::Instant::now();
-            let first = first_ping_after(grid, grid, every, 7);
+            let first = next_ping(grid, grid, every, 7);
             assert!(first > grid && first <= grid + every, "{ms}");
+            // The ping after it: one interval on, rounded down to whole slots.
+            let period = next_ping(grid, first, every, 7) - first;
+            assert!(period <= every, "{ms}");
+            assert!(every - period < Duration::from_micros(1), "{ms}");
         }
     }
 }

@@ -31,7 +31,7 @@ use crate::rate_limit::TokenBucket;
 use crate::session::{Session, SessionContext};
 use crate::sink::{Sink, Written, write_some};
 use crate::transport::frames::{Decoder, Message};
-use crate::transport::keepalive::{Heard, first_ping, keep_alive};
+use crate::transport::keepalive::{Heard, keep_alive};
 use crate::transport::race::{self, First};
 
 /// How long a closing socket may take to write its close frame.
@@ -257,8 +257,13 @@ pub async fn run(ctx: Arc<WsContext>, upgrade: Upgrade) {
         decoder = decoder.inflating();
     }
     let reader = read_loop(&tcp, early, decoder, &conn.outbox, &session, &ctx, &heard);
-    let first_ping = first_ping(ctx.ping_grid, ctx.ping_interval, conn.id);
-    let pinger = keep_alive(&conn.outbox, &heard, first_ping, ctx.ping_interval);
+    let pinger = keep_alive(
+        &conn.outbox,
+        &heard,
+        ctx.ping_grid,
+        ctx.ping_interval,
+        conn.id,
+    );
     tokio::pin!(writer, reader, pinger);
     match race::first(writer.as_mut(), reader.as_mut(), pinger.as_mut()).await {
         First::Writer(_) => {
