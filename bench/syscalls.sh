@@ -24,7 +24,7 @@ read -ra systems <<<"${SYSTEMS:-raw channelgate}"
 results=${RESULTS:-bench/results/syscalls.jsonl}
 secret=bench-secret
 events=task-clock,context-switches
-for call in sendto writev recvfrom epoll_wait; do events+=",syscalls:sys_enter_$call"; done
+for call in sendto writev recvfrom epoll_wait futex; do events+=",syscalls:sys_enter_$call"; done
 mkdir -p bench/results target/bench
 : >"$results"
 ulimit -n 20000
@@ -101,10 +101,10 @@ print(f"S1 at {int(sys.argv[2]):,} deliveries/s, {sys.argv[3]} worker(s); median
       "(min–max); perf's counts over 8 s of the second fixed step")
 print()
 cols = ["deliveries_per_cpu_sec", "p99_ms", "task-clock", "context-switches", "sendto", "writev",
-        "recvfrom", "epoll_wait"]
+        "recvfrom", "epoll_wait", "futex"]
 print("| system | deliveries per server CPU-second | p99 (ms) | task-clock (ms) | context switches "
-      "| sendto | writev | recvfrom | epoll_wait | lost |")
-print("|---" * 10 + "|")
+      "| sendto | writev | recvfrom | epoll_wait | futex | lost |")
+print("|---" * 11 + "|")
 by = {}
 for r in rows:
     by.setdefault(r["system"], []).append(r)

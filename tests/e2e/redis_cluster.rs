@@ -317,6 +317,15 @@ impl RedisCluster {
         primaries
     }
 
+    /// The current replicas, sorted: the live nodes that say they are one.
+    pub async fn replicas(&self) -> Vec<u16> {
+        let primaries = self.primaries().await;
+        self.live_ports()
+            .into_iter()
+            .filter(|port| !primaries.contains(port))
+            .collect()
+    }
+
     /// The slot ranges the node on `port` says it serves (none for a replica).
     pub async fn slots_of(&self, port: u16) -> Vec<(u16, u16)> {
         let view = until(&format!("CLUSTER NODES from {port}"), || self.view(port)).await;

@@ -413,14 +413,28 @@ async fn a_publish_no_replica_confirms_fails_instead_of_being_acknowledged() {
     let mut grpc = a.grpc().await;
     publish(&mut grpc, group_request("table-1", event("e", 0))).await;
 
-    // The replica is frozen: the primary keeps the event, but a failover now could lose
+    // The replicas are frozen: the primary keeps the event, but a failover now could lose
     // it, so the publish is not acknowledged (DEADLINE_EXCEEDED: it may be delivered).
-    cluster.freeze(replicas[0]);
-    let refused = grpc
-        .publish(group_request("table-1", event("e", 12)))
-        .await
-        .expect_err("no replica confirmed the event");
-    cluster.thaw(replicas[0]);
+    // Every replica, not only the one listed: under the load of the whole suite a failover
+    // can move a replica to another primary between that listing and the publish.
+    let frozen = cluster.replicas().await;
+    assert!(frozen.contains(&replicas[0]), "{frozen:?} has {replicas:?}");
+    for &replica in &frozen {
+        cluster.freeze(replica);
+    }
+    let refused = grpc.publish(group_request("table-1", event("e", 12))).await;
+    for &replica in &frozen {
+        cluster.thaw(replica);
+    }
+    let refused = match refused {
+        Err(status) => status,
+        Ok(_) => {
+            let primaries = cluster.primaries().await;
+            panic!(
+                "acknowledged, yet every replica was frozen: {frozen:?}; primaries {primaries:?}"
+            )
+        }
+    };
     // Published, but not confirmed: the outcome is unknown to the caller, who retries
     // with the event's idempotency key.
     assert_eq!(refused.code(), tonic::Code::DeadlineExceeded, "{refused:?}");
