@@ -15,8 +15,8 @@
 #                           # BASE=path/to/an/older/channelgate (runs it beside, with its
 #                           # defaults, as `channelgate@base`: a change against its parent)
 #
-# Results: bench/results/rawcast.jsonl (RESULTS); a table on standard output and in
-# target/bench/rawcast.md.
+# Results: bench/results/rawcast.jsonl (RESULTS); two tables (over the fixed rates, then
+# each rate) on standard output and in target/bench/rawcast.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/common.sh
@@ -103,4 +103,15 @@ for label, runs in by.items():
     kernel = statistics.median([r["kernel_share"] for r in runs if r.get("kernel_share") is not None] or [0])
     print(f"| {label} | {statistics.median(per):,.0f} | {min(per):,.0f}–{max(per):,.0f} | {kernel:.0%} | "
           + " | ".join(cells) + f" | {min(best):,.0f}–{max(best):,.0f} |" if per and best else f"| {label} | n/a |")
+# Per rate, as the issue's table has it: each system's medians with min–max over rounds.
+def spread(xs, f):
+    return f"{f.format(statistics.median(xs))} ({f.format(min(xs))}–{f.format(max(xs))})" if xs else "n/a"
+print()
+print("| S1 rate | system | deliveries per server CPU-second | p99 (ms) | server CPU |")
+print("|---|---|---|---|---|")
+for x in rates:
+    for label, runs in by.items():
+        steps = [s for r in runs for s in r.get("fixed", []) if s["rate"] == x]
+        print(f"| {int(x):,} | {label} | {spread([s['deliveries_per_cpu_sec'] for s in steps], '{:,.0f}')} | "
+              f"{spread([s['p99_ms'] for s in steps], '{:.1f}')} | {spread([s['cpu_percent'] for s in steps], '{:.0f} %')} |")
 PY
