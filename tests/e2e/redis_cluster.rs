@@ -680,6 +680,9 @@ async fn a_local_cluster_starts_spreads_slots_and_fails_over() {
         .query_async(&mut connection)
         .await
         .expect("SET");
+    // WAIT may take its whole 5 s under the suite's load: longer than the client's
+    // default response timeout (500 ms), which would end the call first.
+    connection.set_response_timeout(Duration::from_secs(6));
     let acked: i64 = redis::cmd("WAIT")
         .arg(1)
         .arg(5000)
