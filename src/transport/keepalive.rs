@@ -49,10 +49,11 @@ pub(super) async fn keep_alive(
     every: Duration,
     conn_id: u64,
 ) -> CloseReason {
-    let grace = PingSlots::of(every).grace();
+    let slots = PingSlots::of(every);
+    let grace = slots.grace();
     loop {
         // The next of this socket's slots: a worker held up past one skips it.
-        let due = next_ping(grid, tokio::time::Instant::now(), every, conn_id);
+        let due = slots.next_ping(grid, tokio::time::Instant::now(), conn_id);
         tokio::time::sleep_until(due).await;
         if heard.silent_for() > every * 2 {
             return CloseReason::Unresponsive;
@@ -88,30 +89,31 @@ impl PingSlots {
     fn grace(&self) -> Duration {
         self.each * (self.count / 8).max(1)
     }
-}
 
-/// When a connection's next ping goes: the first slot after `now` of those its id picks,
-/// so within one interval. The sockets of a connect storm (a deploy, a network blip) would
-/// otherwise ping, and read their pongs, all in the same instant of every interval: a burst
-/// of work that shows as a latency spike for every event published then.
-fn next_ping(
-    grid: tokio::time::Instant,
-    now: tokio::time::Instant,
-    every: Duration,
-    conn_id: u64,
-) -> tokio::time::Instant {
-    let slots = PingSlots::of(every);
-    let count = u64::from(slots.count);
-    // Fibonacci hashing: consecutive ids land far apart among the slots.
-    let mine = ((conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) * count) >> 32;
-    let slot_ns = u64::try_from(slots.each.as_nanos())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    let since = u64::try_from(now.saturating_duration_since(grid).as_nanos()).unwrap_or(u64::MAX);
-    // The first slot boundary after now, then on to this connection's slot.
-    let next = since / slot_ns + 1;
-    let ahead = (mine + count - next % count) % count;
-    grid + Duration::from_nanos((next + ahead).saturating_mul(slot_ns))
+    /// When a connection's next ping goes: the first slot after `now` of those its id
+    /// picks, so within one interval. The sockets of a connect storm (a deploy, a network
+    /// blip) would otherwise ping, and read their pongs, all in the same instant of every
+    /// interval: a burst of work that shows as a latency spike for every event published
+    /// then.
+    fn next_ping(
+        &self,
+        grid: tokio::time::Instant,
+        now: tokio::time::Instant,
+        conn_id: u64,
+    ) -> tokio::time::Instant {
+        let count = u64::from(self.count);
+        // Fibonacci hashing: consecutive ids land far apart among the slots.
+        let mine = ((conn_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) * count) >> 32;
+        let slot_ns = u64::try_from(self.each.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let since =
+            u64::try_from(now.saturating_duration_since(grid).as_nanos()).unwrap_or(u64::MAX);
+        // The first slot boundary after now, then on to this connection's slot.
+        let next = since / slot_ns + 1;
+        let ahead = (mine + count - next % count) % count;
+        grid + Duration::from_nanos((next + ahead).saturating_mul(slot_ns))
+    }
 }
 
 #[cfg(test)]
@@ -124,7 +126,8 @@ mod tests {
     #[test]
     fn a_first_ping_comes_within_one_interval_on_a_slot_of_the_grid() {
         let grid = tokio::time::Instant::now();
-        let slot = PingSlots::of(EVERY).each;
+        let slots = PingSlots::of(EVERY);
+        let slot = slots.each;
         assert_eq!(slot, Duration::from_millis(250));
         for (conn_id, joined_ms) in [
             (1, 0),
@@ -135,7 +138,7 @@ mod tests {
             (6, 3_600_001),
         ] {
             let now = grid + Duration::from_millis(joined_ms);
-            let first = next_ping(grid, now, EVERY, conn_id);
+            let first = slots.next_ping(grid, now, conn_id);
             assert!(
                 first > now && first <= now + EVERY,
                 "{conn_id}: {:?}",
@@ -153,8 +156,9 @@ mod tests {
     fn ten_thousand_sockets_ping_at_eighty_instants_an_interval_spread_over_all_of_it() {
         let grid = tokio::time::Instant::now();
         let now = grid + Duration::from_millis(1234);
+        let slots = PingSlots::of(EVERY);
         let firsts: Vec<_> = (0..10_000u64)
-            .map(|conn_id| next_ping(grid, now, EVERY, conn_id))
+            .map(|conn_id| slots.next_ping(grid, now, conn_id))
             .collect();
         let instants: HashSet<_> = firsts.iter().collect();
         assert_eq!(instants.len(), 80);
@@ -180,10 +184,10 @@ mod tests {
                 "{ms}"
             );
             let grid = tokio::time::Instant::now();
-            let first = next_ping(grid, grid, every, 7);
+            let first = slots.next_ping(grid, grid, 7);
             assert!(first > grid && first <= grid + every, "{ms}");
             // The ping after it: one interval on, rounded down to whole slots.
-            let period = next_ping(grid, first, every, 7) - first;
+            let period = slots.next_ping(grid, first, 7) - first;
             assert!(period <= every, "{ms}");
             assert!(every - period < Duration::from_micros(1), "{ms}");
         }
