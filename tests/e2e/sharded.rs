@@ -418,7 +418,10 @@ async fn a_publish_no_replica_confirms_fails_instead_of_being_acknowledged() {
     // Every replica, not only the one listed: under the load of the whole suite a failover
     // can move a replica to another primary between that listing and the publish.
     let frozen = cluster.replicas().await;
-    assert!(frozen.contains(&replicas[0]), "{frozen:?} has {replicas:?}");
+    assert!(
+        frozen.contains(&replicas[0]),
+        "the replicas {frozen:?} include {replicas:?}"
+    );
     for &replica in &frozen {
         cluster.freeze(replica);
     }
