@@ -36,3 +36,25 @@ stop_pid() { # pid
   fi
   wait "$pid" 2>/dev/null || true
 }
+
+# Starts an S1 server in the background on the cores CORES ("0" or "0-1") with WORKERS
+# tokio workers and waits until it listens; its pid goes to $server_pid, its output to
+# target/bench/raw.log or target/bench/channelgate.log. Further arguments are its flags.
+start_rawcast() { # cores workers ws_port [flags...]
+  local cores=$1 workers=$2 ws_port=$3
+  shift 3
+  TOKIO_WORKER_THREADS=$workers taskset -c "$cores" ./target/release/rawcast "127.0.0.1:$ws_port" "$@" \
+    >target/bench/raw.log 2>&1 &
+  server_pid=$!
+  wait_port "$ws_port" 20
+}
+
+start_channelgate() { # binary cores workers ws_port grpc_port jwt_secret [flags...]
+  local bin=$1 cores=$2 workers=$3 ws_port=$4 grpc_port=$5 secret=$6
+  shift 6
+  taskset -c "$cores" "$bin" --dev --jwt-secret "$secret" --workers "$workers" "$@" \
+    --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" >target/bench/channelgate.log 2>&1 &
+  server_pid=$!
+  wait_port "$grpc_port" 20
+  wait_port "$ws_port" 20
+}

@@ -49,21 +49,14 @@ run() { # label round
     [[ $label == channelgate@base ]] && bin=$BASE
     IFS=+ read -ra parts <<<"${label#channelgate}"
     for part in "${parts[@]}"; do [[ -n $part && $part != @base ]] && extra+=("--${part%%=*}" "${part#*=}"); done
-    taskset -c "$cores" "$bin" --dev --jwt-secret "$secret" --workers "$workers" \
-      "${extra[@]}" --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
-      >target/bench/channelgate.log 2>&1 &
-    server_pid=$!
-    wait_port "$grpc_port" 20
+    start_channelgate "$bin" "$cores" "$workers" "$ws_port" "$grpc_port" "$secret" "${extra[@]}"
   else
     system=raw
     local design buffer batch
     IFS=- read -r design buffer batch <<<"$label"
-    TOKIO_WORKER_THREADS=$workers taskset -c "$cores" ./target/release/rawcast "127.0.0.1:$ws_port" \
-      --design "$design" --write-buffer $(( ${buffer%k} * 1024 )) --batch "$batch" \
-      >target/bench/raw.log 2>&1 &
-    server_pid=$!
+    start_rawcast "$cores" "$workers" "$ws_port" \
+      --design "$design" --write-buffer $(( ${buffer%k} * 1024 )) --batch "$batch"
   fi
-  wait_port "$ws_port" 20
   echo "== $label, round $round" >&2
   timeout 300 taskset -c 1 ./target/release/loadgen --system "$system" --jwt-secret "$secret" \
     --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" --server-pid "$server_pid" \

@@ -47,17 +47,10 @@ run() { # system round
   [[ $label == *=* ]] && { bin=${label#*=}; label=${label%%=*}; }
   if [[ $label == raw ]]; then
     kind=raw
-    TOKIO_WORKER_THREADS=$workers taskset -c "$cores" ./target/release/rawcast "127.0.0.1:$ws_port" \
-      >target/bench/raw.log 2>&1 &
-    server_pid=$!
+    start_rawcast "$cores" "$workers" "$ws_port"
   else
-    taskset -c "$cores" "$bin" --dev --jwt-secret "$secret" --workers "$workers" \
-      --ws-addr "127.0.0.1:$ws_port" --grpc-addr "127.0.0.1:$grpc_port" \
-      >target/bench/channelgate.log 2>&1 &
-    server_pid=$!
-    wait_port "$grpc_port" 20
+    start_channelgate "$bin" "$cores" "$workers" "$ws_port" "$grpc_port" "$secret"
   fi
-  wait_port "$ws_port" 20
   echo "== $label, round $round" >&2
   # A search that stops at its first step: only the two fixed steps matter here.
   timeout 300 taskset -c 1 ./target/release/loadgen --system "$kind" --jwt-secret "$secret" \
